@@ -1,0 +1,221 @@
+"""The split step protocol, in process: what the REST services carry, without HTTP.
+
+One synchronous step::
+
+    site k:      tensors_k = SiteStep.forward(x_k, step)          # detached leaves, {name: B, C, *spatial}
+    aggregator:  result = AggregatorStep.step({k: tensors_k}, y)  # loss, {k: {name: dL/d tensors_k[name]}}
+    site k:      SiteStep.backward(result.gradients[k], step)     # backprop into the encoder, optimizer step
+
+In fp32 one step through this protocol equals one autograd pass through the fused
+:class:`~splitunet.networks.SplitUNet` (tested). The tensors that leave a site are detached leaf tensors; the
+gradients returned are exactly the gradient of the loss with respect to what was received (after the site's
+outbound filters, see :mod:`splitunet.filters`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from splitunet.config import SplitUNetConfig, tensor_name
+from splitunet.errors import ProtocolError, WireFormatError
+from splitunet.filters import Direction, FilterChain, FilterContext
+from splitunet.networks.split_unet import ServerDecoder, SiteEncoder
+
+#: ``{name: tensor}`` of one site.
+Bundle = dict[str, torch.Tensor]
+
+
+def expected_site_shapes(
+    config: SplitUNetConfig, batch_size: int, roi: tuple[int, ...]
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors one site sends for a batch: ``{"level{i}": (B, features[i], *roi / 2**i)}``."""
+    roi = config.check_roi(roi)
+    return {
+        tensor_name(level): (batch_size, config.features[level], *(r // 2**level for r in roi))
+        for level in config.sent_levels
+    }
+
+
+@dataclass
+class _Pending:
+    run_id: str
+    step: int
+    outputs: dict[str, torch.Tensor]  # graph-attached encoder outputs
+
+
+class SiteStep:
+    """The site side of the protocol: an encoder, its optimizer and the pending forward.
+
+    Args:
+        encoder: the site's :class:`SiteEncoder`.
+        optimizer: the encoder's optimizer; ``None`` accumulates gradients without stepping (tests, audits).
+        filters: outbound activation filters (defenses) of this site.
+
+    Thread-safe: one lock serialises forward/backward.
+    """
+
+    def __init__(
+        self, encoder: SiteEncoder, optimizer: torch.optim.Optimizer | None = None, filters: FilterChain | None = None
+    ) -> None:
+        self.encoder = encoder
+        self.optimizer = optimizer
+        self.filters = filters or FilterChain()
+        self._pending: _Pending | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def site(self) -> str:
+        return self.encoder.site.name
+
+    def forward(self, x: torch.Tensor, *, step: int, run_id: str = "local", train: bool = True) -> Bundle:
+        """Run the encoder on ``x`` (``B, C_site, *spatial``) and return the detached tensors to send.
+
+        In training the graph is kept until :meth:`backward` for the same ``run_id`` and ``step``; a new training
+        forward replaces an unanswered one. Evaluation runs without a graph and leaves the pending step alone.
+        """
+        with self._lock:
+            context = FilterContext(run_id, step, self.site, Direction.ACTIVATIONS, "train" if train else "eval")
+            if not train:
+                self.encoder.eval()
+                with torch.no_grad():
+                    outputs = self.encoder(x)
+                return self.filters({k: v.detach() for k, v in outputs.items()}, context)
+            self.encoder.train()
+            outputs = self.encoder(x)
+            self._pending = _Pending(run_id, step, outputs)
+            return self.filters({k: v.detach() for k, v in outputs.items()}, context)
+
+    def backward(self, gradients: Mapping[str, torch.Tensor], *, step: int, run_id: str = "local") -> None:
+        """Backpropagate ``gradients`` (``{name: dL/d sent tensor}``) into the encoder and step the optimizer.
+
+        Raises:
+            ProtocolError: no training forward is pending for this ``run_id`` and ``step``.
+            WireFormatError: gradient names or shapes differ from the tensors sent.
+        """
+        with self._lock:
+            pending = self._pending
+            if pending is None or pending.run_id != run_id or pending.step != step:
+                have = None if pending is None else {"run_id": pending.run_id, "step": pending.step}
+                raise ProtocolError(
+                    f"backward for run {run_id!r} step {step} does not match the last training forward "
+                    f"({'none' if have is None else have}); call forward for this step first",
+                    detail={"expected": have, "got": {"run_id": run_id, "step": step}},
+                )
+            check_bundle(gradients, {k: tuple(v.shape) for k, v in pending.outputs.items()}, what="gradients")
+            names = list(pending.outputs)
+            outputs = [pending.outputs[n] for n in names]
+            grads = [gradients[n].to(dtype=outputs[i].dtype, device=outputs[i].device) for i, n in enumerate(names)]
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(outputs, grads)
+            if self.optimizer is not None:
+                self.optimizer.step()
+            self._pending = None
+
+    def pending_step(self) -> tuple[str, int] | None:
+        """``(run_id, step)`` of the forward awaiting its backward, if any."""
+        p = self._pending
+        return None if p is None else (p.run_id, p.step)
+
+
+@dataclass
+class StepResult:
+    """What one aggregator step produced: the loss, the gradient per site and tensor, and the logits."""
+
+    loss: float
+    gradients: dict[str, Bundle]
+    logits: torch.Tensor = field(repr=False)
+
+
+class AggregatorStep:
+    """The label holder's side: fusion, decoder, loss and the gradients returned to the sites.
+
+    Args:
+        decoder: the :class:`ServerDecoder`.
+        loss_fn: ``loss_fn(logits, labels) -> scalar``; logits and labels are ``B, 3, *spatial``.
+        optimizer: the decoder's optimizer; ``None`` accumulates gradients without stepping.
+        filters: outbound gradient filters (defenses against label leakage).
+    """
+
+    def __init__(
+        self,
+        decoder: ServerDecoder,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer | None = None,
+        filters: FilterChain | None = None,
+    ) -> None:
+        self.decoder = decoder
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.filters = filters or FilterChain()
+        self._lock = threading.Lock()
+
+    def _leaves(self, site_tensors: Mapping[str, Mapping[str, torch.Tensor]], grad: bool) -> dict[str, Bundle]:
+        config = self.decoder.config
+        names = [s.name for s in config.sites]
+        if set(site_tensors) != set(names):
+            raise WireFormatError(f"expected tensors from sites {names}, got {sorted(site_tensors)}")
+        reference = next(iter(site_tensors.values()))
+        shapes = {k: tuple(v.shape) for k, v in reference.items()}
+        leaves: dict[str, Bundle] = {}
+        for site in names:
+            check_bundle(site_tensors[site], shapes, what=f"activations of site {site!r}")
+            leaves[site] = {
+                k: v.detach().to(torch.float32).requires_grad_(grad) for k, v in site_tensors[site].items()
+            }
+        return leaves
+
+    def step(
+        self,
+        site_tensors: Mapping[str, Mapping[str, torch.Tensor]],
+        labels: torch.Tensor,
+        *,
+        step: int = 0,
+        run_id: str = "local",
+    ) -> StepResult:
+        """One training step on the received tensors and ``labels`` (``B, 3, *spatial``, float 0/1)."""
+        with self._lock:
+            leaves = self._leaves(site_tensors, grad=True)
+            self.decoder.train()
+            logits = self.decoder(leaves)
+            loss = self.loss_fn(logits, labels)
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.optimizer is not None:
+                self.optimizer.step()
+            gradients: dict[str, Bundle] = {}
+            for site, bundle in leaves.items():
+                grads = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in bundle.items()}
+                context = FilterContext(run_id, step, site, Direction.GRADIENTS)
+                gradients[site] = self.filters(grads, context)
+            return StepResult(loss=float(loss.detach()), gradients=gradients, logits=logits.detach())
+
+    def predict(self, site_tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """Evaluation forward: logits ``B, 3, *spatial`` without a graph."""
+        with self._lock:
+            leaves = self._leaves(site_tensors, grad=False)
+            self.decoder.eval()
+            with torch.no_grad():
+                return self.decoder(leaves)
+
+
+def check_bundle(
+    tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], *, what: str
+) -> None:
+    """Raise :class:`WireFormatError` unless ``tensors`` has exactly the names and shapes in ``shapes``."""
+    if set(tensors) != set(shapes):
+        raise WireFormatError(
+            f"{what}: expected tensors {sorted(shapes)}, got {sorted(tensors)}",
+            detail={"expected": sorted(shapes), "got": sorted(tensors)},
+        )
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise WireFormatError(
+                f"{what}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}",
+                detail={"tensor": name, "expected": list(shape), "got": list(tensors[name].shape)},
+            )
