@@ -65,7 +65,7 @@ class SiteStep:
         self.optimizer = optimizer
         self.filters = filters or FilterChain()
         self._pending: _Pending | None = None
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     @property
     def site(self) -> str:
@@ -77,7 +77,7 @@ class SiteStep:
         In training the graph is kept until :meth:`backward` for the same ``run_id`` and ``step``; a new training
         forward replaces an unanswered one. Evaluation runs without a graph and leaves the pending step alone.
         """
-        with self._lock:
+        with self.lock:
             context = FilterContext(run_id, step, self.site, Direction.ACTIVATIONS, "train" if train else "eval")
             if not train:
                 self.encoder.eval()
@@ -96,7 +96,7 @@ class SiteStep:
             ProtocolError: no training forward is pending for this ``run_id`` and ``step``.
             WireFormatError: gradient names or shapes differ from the tensors sent.
         """
-        with self._lock:
+        with self.lock:
             pending = self._pending
             if pending is None or pending.run_id != run_id or pending.step != step:
                 have = None if pending is None else {"run_id": pending.run_id, "step": pending.step}
@@ -152,7 +152,7 @@ class AggregatorStep:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.filters = filters or FilterChain()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     def _leaves(self, site_tensors: Mapping[str, Mapping[str, torch.Tensor]], grad: bool) -> dict[str, Bundle]:
         config = self.decoder.config
@@ -178,7 +178,7 @@ class AggregatorStep:
         run_id: str = "local",
     ) -> StepResult:
         """One training step on the received tensors and ``labels`` (``B, 3, *spatial``, float 0/1)."""
-        with self._lock:
+        with self.lock:
             leaves = self._leaves(site_tensors, grad=True)
             self.decoder.train()
             logits = self.decoder(leaves)
@@ -197,7 +197,7 @@ class AggregatorStep:
 
     def predict(self, site_tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
         """Evaluation forward: logits ``B, 3, *spatial`` without a graph."""
-        with self._lock:
+        with self.lock:
             leaves = self._leaves(site_tensors, grad=False)
             self.decoder.eval()
             with torch.no_grad():

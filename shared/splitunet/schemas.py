@@ -1,0 +1,126 @@
+"""Request and response bodies of the site API (``/v1`` on a site service).
+
+Both sides import these models: the site service parses them, the aggregator's site client builds them. Tensors
+never travel in JSON: ``forward`` answers and ``backward`` requests are wire bundles (:mod:`splitunet.wire`).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from splitunet.config import SplitUNetConfig
+from splitunet.data.sampling import Sample
+
+#: A run id: letters, digits, ``-`` and ``_`` (it names checkpoint folders).
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+#: Most samples in one forward request.
+MAX_BATCH = 256
+
+
+class Phase(StrEnum):
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+class WireDtypeName(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class WireOptions(BaseModel):
+    """Wire format of a run: dtype of activations and of gradients, optional zstd compression."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activations: WireDtypeName = WireDtypeName.FP16
+    gradients: WireDtypeName = WireDtypeName.FP32
+    compress: bool = False
+
+
+class OptimizerOptions(BaseModel):
+    """Adam settings of one party."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(default=1e-4, gt=0, le=1.0)
+    weight_decay: float = Field(default=1e-5, ge=0, le=1.0)
+
+
+class RunSetup(BaseModel):
+    """``POST /v1/runs``: build this site's encoder for a run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str = Field(pattern=RUN_ID_PATTERN)
+    model: SplitUNetConfig
+    seed: int = Field(default=0, ge=0, lt=2**31)
+    optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
+    wire: WireOptions = Field(default_factory=WireOptions)
+
+
+class RunInfo(BaseModel):
+    """Answer to a run setup: the encoder this site built."""
+
+    run_id: str
+    site: str
+    fingerprint: str
+    parameters: int
+    step: int = 0
+
+
+class ForwardRequest(BaseModel):
+    """``POST /v1/runs/{run_id}/forward``: encode these samples. Answer: an activation bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=0)
+    phase: Phase = Phase.TRAIN
+    samples: list[Sample] = Field(min_length=1, max_length=MAX_BATCH)
+
+    @field_validator("samples")
+    @classmethod
+    def _same_geometry(cls, value: list[Sample]) -> list[Sample]:
+        sizes = {s.size for s in value}
+        kinds = {s.axial_index is None for s in value}
+        if len(sizes) != 1 or len(kinds) != 1:
+            raise ValueError("all samples of one forward must have the same size and be all 2D or all 3D")
+        return value
+
+
+class BackwardAck(BaseModel):
+    """Answer to ``POST /v1/runs/{run_id}/backward``: the step applied."""
+
+    run_id: str
+    step: int
+    applied: bool = True
+
+
+class CheckpointRequest(BaseModel):
+    """``POST /v1/runs/{run_id}/checkpoint`` and ``.../restore``: save or load encoder + optimizer at a step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=0)
+
+
+class CheckpointInfo(BaseModel):
+    run_id: str
+    step: int
+    path: str
+    sha256: str
+
+
+class SiteInfo(BaseModel):
+    """``GET /v1/info``: what a site offers. Never patient IDs."""
+
+    site: str
+    modalities: list[str]
+    version: str
+    device: str
+    defenses: list[str]
+    runs: dict[str, RunInfo]
+    model_policy: dict[str, Any] | None = None

@@ -1,0 +1,186 @@
+"""Settings common to the three services (site, aggregator, audit).
+
+Each service subclasses :class:`ServiceSettings` and sets its own prefix, e.g.::
+
+    class SiteSettings(ServiceSettings):
+        model_config = SettingsConfigDict(env_prefix="SITE_")   # merged with the base config below
+        site_id: str
+
+so ``SITE_PORT=9001``, ``SITE_AUTH_TOKEN_FILE=/run/secrets/site-token`` and nested fields as
+``SITE_MODEL__CUT_LEVEL=2`` configure it. Tests construct ``SiteSettings(...)`` directly; there is no global
+settings object.
+
+Secrets reach a service in one of three ways: directly (``auth_token``; fine for tests), as a file named by
+``auth_token_file`` (one token per line, ``#`` comments allowed: how Kubernetes mounts a Secret), or through
+pydantic-settings' ``secrets_dir`` (``Settings(_secrets_dir="/run/secrets")`` reads the file
+``/run/secrets/<env_prefix>auth_token``). Several tokens may be accepted at once, for rotation.
+
+Auth is never off by accident: with no token configured, construction fails unless ``auth_disabled=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import ssl
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: Default limit of a request body: a batch of 3D fp32 gradients for every level fits with room to spare.
+DEFAULT_MAX_REQUEST_BYTES = 512 * 2**20
+
+
+class LogLevel(StrEnum):
+    CRITICAL = "critical"
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+    DEBUG = "debug"
+    TRACE = "trace"
+
+
+class ClientAuth(StrEnum):
+    """Whether the server asks clients for a TLS certificate (mutual TLS); maps to ``ssl.CERT_*``."""
+
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+    def cert_reqs(self) -> int:
+        table = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+        return table[self.value]
+
+
+def read_secret_file(path: str | Path) -> list[str]:
+    """Read secrets from a file: one per line, surrounding whitespace stripped, blank and ``#`` lines skipped.
+
+    Raises ``ValueError`` naming the file when it cannot be read or holds no secret.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read secret file {str(path)!r}: {exc}") from None
+    lines = (line.strip() for line in text.splitlines())
+    secrets = [line for line in lines if line and not line.startswith("#")]
+    if not secrets:
+        raise ValueError(f"secret file {str(path)!r} holds no secret (one per line expected)")
+    return secrets
+
+
+def _check_token(token: str, source: str) -> str:
+    if not token or not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        raise ValueError(f"{source}: a bearer token must be non-empty printable ASCII without spaces")
+    return token
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has.
+
+    Args:
+        host, port: where uvicorn listens (port 0 picks a free port).
+        log_level: uvicorn's and the ``splitunet``/``services`` loggers' level.
+        auth_token: one accepted bearer token. ``auth_tokens``: more accepted tokens (env: JSON list or
+            comma-separated). ``auth_token_file``: a file of accepted tokens, one per line (re-read when it
+            changes, see :mod:`splitunet.service.auth`).
+        auth_disabled: must be ``True`` to run without any token (development only).
+        max_request_bytes: larger request bodies get 413 before they are read.
+        tls_cert_file, tls_key_file: serve HTTPS with this certificate chain and key (both or neither).
+        tls_ca_file: CA bundle used to verify client certificates.
+        tls_client_auth: ``none`` | ``optional`` | ``required`` (mutual TLS; needs ``tls_ca_file``).
+    """
+
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="ignore", validate_default=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: LogLevel = LogLevel.INFO
+    auth_token: SecretStr | None = None
+    auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    auth_token_file: Path | None = None
+    auth_disabled: bool = False
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, gt=0)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_client_auth: ClientAuth = ClientAuth.NONE
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ServiceSettings:
+        prefix = str(self.model_config.get("env_prefix", "")).upper()
+        tokens = self.accepted_tokens()
+        if not tokens and not self.auth_disabled:
+            raise ValueError(
+                f"no auth token configured: set {prefix}AUTH_TOKEN or {prefix}AUTH_TOKEN_FILE (a mounted "
+                f"secret), or {prefix}AUTH_DISABLED=true for local development only"
+            )
+        if tokens and self.auth_disabled:
+            raise ValueError("auth_disabled=True contradicts the configured auth tokens; remove one of them")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together (or neither)")
+        for name in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file {str(path)!r}")
+        if self.tls_client_auth is not ClientAuth.NONE and (self.tls_ca_file is None or not self.tls_enabled):
+            raise ValueError(
+                f"tls_client_auth={self.tls_client_auth.value} needs tls_cert_file, tls_key_file, tls_ca_file"
+            )
+        return self
+
+    def accepted_tokens(self) -> tuple[str, ...]:
+        """All accepted bearer tokens: ``auth_token``, ``auth_tokens``, then the file's (read now)."""
+        tokens: list[str] = []
+        if self.auth_token is not None:
+            tokens.append(_check_token(self.auth_token.get_secret_value(), "auth_token"))
+        tokens += [_check_token(t.get_secret_value(), "auth_tokens") for t in self.auth_tokens]
+        if self.auth_token_file is not None:
+            tokens += [_check_token(t, "auth_token_file") for t in read_secret_file(self.auth_token_file)]
+        return tuple(dict.fromkeys(tokens))
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_enabled else "http"
+
+    def uvicorn_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config``: bind address, logging and TLS."""
+        kwargs: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "log_level": self.log_level.value,
+            "log_config": self.logging_config(),
+        }
+        if self.tls_enabled:
+            kwargs |= {"ssl_certfile": str(self.tls_cert_file), "ssl_keyfile": str(self.tls_key_file)}
+            if self.tls_ca_file is not None:
+                kwargs["ssl_ca_certs"] = str(self.tls_ca_file)
+            kwargs["ssl_cert_reqs"] = self.tls_client_auth.cert_reqs()
+        return kwargs
+
+    def logging_config(self) -> dict[str, Any]:
+        """uvicorn's logging dict config, extended so the ``splitunet`` and ``services`` loggers print too."""
+        from uvicorn.config import LOGGING_CONFIG
+
+        config = copy.deepcopy(LOGGING_CONFIG)
+        level = "DEBUG" if self.log_level is LogLevel.TRACE else self.log_level.value.upper()
+        for name in ("splitunet", "services"):
+            config["loggers"][name] = {"handlers": ["default"], "level": level, "propagate": False}
+        return config
