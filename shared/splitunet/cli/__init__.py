@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import typer
 
+from splitunet.cli import partition as _partition
 from splitunet.cli import plan as _plan
+from splitunet.cli import serve as _serve
 
 app = typer.Typer(
     name="splitunet",
@@ -19,13 +21,14 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Split-U-Net federation: split learning on vertically partitioned brain MRI."""
 
 
 app.command("plan")(_plan.plan_command)
+app.command("partition")(_partition.partition_command)
+app.command("serve")(_serve.serve_command)
 
 
 def main() -> None:
