@@ -10,9 +10,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from splitunet.config import Fusion, SiteSpec, SkipPolicy, SplitUNetConfig
+from splitunet.losses import LossKind
 from splitunet.schemas import RUN_ID_PATTERN, OptimizerOptions, WireOptions
 
 
@@ -50,6 +51,16 @@ class ModelSpec(BaseModel):
     fusion: Fusion = Fusion.CONCAT
     dropout: float = 0.0
 
+    @model_validator(mode="after")
+    def _check_architecture(self) -> ModelSpec:
+        # Everything but the sites can be checked now (with placeholder sites), so a bad cut level or skip list
+        # is a 422 on POST /v1/jobs rather than a job that fails after contacting the sites.
+        try:
+            SplitUNetConfig.model_validate(self.model_dump())
+        except ValidationError as exc:
+            raise ValueError("; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())) from None
+        return self
+
     def build(self, sites: tuple[SiteSpec, ...]) -> SplitUNetConfig:
         """The full configuration with ``sites`` (validated; raises ``ValueError`` naming a bad parameter)."""
         return SplitUNetConfig.model_validate({**self.model_dump(), "sites": [s.model_dump() for s in sites]})
@@ -64,6 +75,7 @@ class FederationSpec(BaseModel):
         roi: input size per sample: 2 ints (2D, in-plane) or 3 ints (3D patch), multiples of ``2**(depth-1)``.
         batch_size: samples per step.
         steps: training steps.
+        loss: ``dice`` (the BraTS recipe), ``dice_batch`` or ``dice_ce`` (see :mod:`splitunet.losses`).
         site_optimizer, server_optimizer: Adam settings of the encoders and of the decoder.
         val_interval: validate every N steps (0: only at the end).
         val_cases: held-out cases: a number (taken from the aligned cases by ``seed``) or an explicit list.
@@ -84,6 +96,7 @@ class FederationSpec(BaseModel):
     roi: tuple[int, ...] = (128, 128)
     batch_size: int = Field(default=4, ge=1, le=256)
     steps: int = Field(default=100, ge=1, le=10_000_000)
+    loss: LossKind = LossKind.DICE
     site_optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
     server_optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
     val_interval: int = Field(default=0, ge=0)
@@ -147,8 +160,10 @@ class JobStatus(BaseModel):
     aligned_cases: int | None = None
     train_cases: int | None = None
     val_cases: int | None = None
+    val_case_ids: list[str] = Field(default_factory=list)
     validation: dict[str, Any] | None = None
     validation_step: int | None = None
+    validations: list[dict[str, Any]] = Field(default_factory=list)
     checkpoint_step: int | None = None
     bytes_sent: int = 0
     bytes_received: int = 0

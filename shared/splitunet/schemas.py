@@ -124,3 +124,15 @@ class SiteInfo(BaseModel):
     defenses: list[str]
     runs: dict[str, RunInfo]
     model_policy: dict[str, Any] | None = None
+
+
+class AlignedCases(BaseModel):
+    """``POST /v1/alignment``: the aligned cohort (from the PSI); the site then serves only these cases."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    case_ids: list[str] = Field(min_length=1, max_length=1_000_000)
+
+
+class AlignmentAck(BaseModel):
+    aligned: int

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitunet.config import SplitUNetConfig
-from splitunet.losses import default_loss
+from splitunet.losses import LossKind, make_loss
 from splitunet.metrics import RegionMetrics
 from splitunet.networks.factory import make_optimizer, make_split_unet
 from splitunet.protocol import AggregatorStep, SiteStep
@@ -33,6 +33,7 @@ class InProcessFederation:
         seed: initialisation seed (parts are seeded as in :mod:`splitunet.networks.factory`).
         lr_site, lr_server: Adam learning rates of the encoders and of the decoder.
         weight_decay: Adam weight decay for all parts.
+        loss: the loss (see :mod:`splitunet.losses`).
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class InProcessFederation:
         lr_site: float = 1e-4,
         lr_server: float = 1e-4,
         weight_decay: float = 1e-5,
+        loss: LossKind | str = LossKind.DICE,
     ) -> None:
         self.config = config
         self.model = make_split_unet(config, seed)
@@ -52,7 +54,7 @@ class InProcessFederation:
         }
         self.aggregator = AggregatorStep(
             self.model.decoder,
-            default_loss(),
+            make_loss(loss),
             make_optimizer(self.model.decoder.parameters(), lr=lr_server, weight_decay=weight_decay),
         )
 

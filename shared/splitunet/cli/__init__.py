@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import typer
 
+from splitunet.cli import demo as _demo
 from splitunet.cli import partition as _partition
+from splitunet.cli import phantom as _phantom
 from splitunet.cli import plan as _plan
 from splitunet.cli import serve as _serve
 
@@ -26,8 +28,10 @@ def _root() -> None:
     """Split-U-Net federation: split learning on vertically partitioned brain MRI."""
 
 
+app.command("demo")(_demo.demo_command)
 app.command("plan")(_plan.plan_command)
 app.command("partition")(_partition.partition_command)
+app.command("phantom")(_phantom.phantom_command)
 app.command("serve")(_serve.serve_command)
 
 

@@ -1,0 +1,121 @@
+"""Whole-case prediction through the sites' encoders: validation and inference.
+
+The aggregator has no image, so it cannot cut windows out of one. It runs MONAI's
+``sliding_window_inference`` over a placeholder tensor of the case's shape with ``with_coord=True``: each window's
+coordinates become :class:`~splitunet.data.sampling.Sample` s that the sites cut from their own images, encode
+and send; the aggregator decodes the fused tensors and MONAI blends the windows (Gaussian weighting).
+
+- 3D: windows of ``roi`` over the ``(X, Y, Z)`` volume.
+- 2D: every axial slice is one item of a batch ``(Z, 1, X, Y)``; windows of ``roi`` in-plane, batched across
+  slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from monai.inferers import sliding_window_inference
+
+from services.aggregator.site_client import Received, SiteClient
+from splitunet.data.sampling import Sample
+from splitunet.protocol import AggregatorStep
+from splitunet.schemas import Phase
+from splitunet.wire import WireDtype
+
+#: Called with (site name, step, received bundle) for every activation bundle received (the recorder seam).
+OnReceived = Callable[[str, int, Received], None]
+
+
+class SplitPredictor:
+    """Predicts region probabilities of whole cases through the sites.
+
+    Args:
+        clients: one :class:`SiteClient` per site.
+        aggregator: the decoder side (its ``predict``).
+        run_id: the run whose encoders the sites use.
+        roi: window size (2 or 3 ints).
+        batch_size: windows per request.
+        shapes_for: ``batch -> {tensor name: shape}`` the sites must send.
+        dtype: activation wire dtype.
+        pool: the thread pool used to call the sites concurrently.
+        overlap: window overlap fraction.
+    """
+
+    def __init__(
+        self,
+        clients: Mapping[str, SiteClient],
+        aggregator: AggregatorStep,
+        *,
+        run_id: str,
+        roi: Sequence[int],
+        batch_size: int,
+        shapes_for: Callable[[int], dict[str, tuple[int, ...]]],
+        dtype: WireDtype,
+        pool: ThreadPoolExecutor,
+        overlap: float = 0.25,
+        on_received: OnReceived | None = None,
+    ) -> None:
+        self.clients = clients
+        self.aggregator = aggregator
+        self.run_id = run_id
+        self.roi = tuple(int(r) for r in roi)
+        self.batch_size = batch_size
+        self.shapes_for = shapes_for
+        self.dtype = dtype
+        self.pool = pool
+        self.overlap = overlap
+        self.on_received = on_received
+        self.calls = 0
+
+    def predict_case(self, case_id: str, shape: Sequence[int], *, step: int) -> torch.Tensor:
+        """Sigmoid probabilities ``(3, X, Y, Z)`` float32 of a case whose RAS volume shape is ``shape``."""
+        shape = tuple(int(s) for s in shape)
+        if len(self.roi) == 3:
+            placeholder = torch.zeros(1, 1, *shape)
+        else:
+            placeholder = torch.zeros(shape[2], 1, shape[0], shape[1])
+        pads = [max(r - s, 0) // 2 for r, s in zip(self.roi, placeholder.shape[2:])]
+
+        def predictor(window: torch.Tensor, coords: list) -> torch.Tensor:
+            samples = [self._sample(case_id, shape, c, pads) for c in coords]
+            return self._predict_samples(samples, step=step)
+
+        logits = sliding_window_inference(
+            placeholder,
+            roi_size=self.roi,
+            sw_batch_size=self.batch_size,
+            predictor=predictor,
+            overlap=self.overlap,
+            mode="gaussian",
+            with_coord=True,
+        )
+        probs = torch.sigmoid(logits.float())
+        if len(self.roi) == 3:
+            return probs[0]
+        return probs.permute(1, 2, 3, 0).contiguous()  # (Z, 3, X, Y) -> (3, X, Y, Z)
+
+    def _sample(self, case_id: str, shape: tuple[int, ...], coords: list, pads: list[int]) -> Sample:
+        spatial = coords[2:]
+        start = tuple(int(s.start) - p for s, p in zip(spatial, pads))
+        if len(self.roi) == 3:
+            return Sample(case_id=case_id, start=start, size=self.roi, volume_shape=shape)
+        return Sample(
+            case_id=case_id, start=start, size=self.roi, axial_index=int(coords[0].start), volume_shape=shape
+        )
+
+    def _predict_samples(self, samples: list[Sample], *, step: int) -> torch.Tensor:
+        shapes = self.shapes_for(len(samples))
+        futures = {
+            name: self.pool.submit(
+                client.forward, self.run_id, step, samples, phase=Phase.EVAL, shapes=shapes, dtype=self.dtype
+            )
+            for name, client in self.clients.items()
+        }
+        received = {name: f.result() for name, f in futures.items()}
+        if self.on_received is not None:
+            for name, item in received.items():
+                self.on_received(name, step, item)
+        self.calls += 1
+        return self.aggregator.predict({name: r.bundle.tensors for name, r in received.items()})

@@ -1,0 +1,49 @@
+"""The aggregator API, ``/v1``: each route parses, calls one runtime method and returns."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+
+from services.aggregator.runtime import AggregatorRuntime
+from splitunet.federation import FederationSpec, InferRequest, JobCreated, JobStatus
+from splitunet.schemas import RUN_ID_PATTERN
+from splitunet.service.deps import runtime_dep
+
+AggregatorDep = runtime_dep(AggregatorRuntime)
+JobId = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
+
+router = APIRouter(prefix="/v1", tags=["aggregator"])
+
+
+@router.get("/info")
+def info(runtime: AggregatorDep) -> dict:
+    return runtime.info()
+
+
+@router.post("/jobs", status_code=202)
+def create_job(runtime: AggregatorDep, spec: FederationSpec) -> JobCreated:
+    return runtime.jobs.create(spec)
+
+
+@router.get("/jobs")
+def list_jobs(runtime: AggregatorDep) -> list[JobStatus]:
+    return runtime.jobs.list()
+
+
+@router.get("/jobs/{job_id}")
+def get_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
+    return runtime.jobs.status(job_id)
+
+
+@router.post("/jobs/{job_id}/stop")
+def stop_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
+    return runtime.jobs.stop(job_id)
+
+
+@router.post("/infer", response_class=Response, responses={200: {"content": {"application/gzip": {}}}})
+def infer(runtime: AggregatorDep, request: InferRequest) -> Response:
+    data, filename = runtime.jobs.infer(request)
+    return Response(data, media_type="application/gzip",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})

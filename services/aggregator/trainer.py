@@ -1,0 +1,354 @@
+"""One training job at the aggregator: align, set up the sites, train, validate, checkpoint.
+
+Each step (see :mod:`splitunet.protocol` for the exchange itself)::
+
+    plan samples (case, crop, flips) from the labels      -> the same voxels at every party
+    POST forward to every site, concurrently              -> activation bundles (decoded and checked)
+    fuse, decode, loss, backward, optimizer step          -> AggregatorStep.step
+    POST backward to every site, concurrently             -> the sites step their encoders
+
+The job runs in a background thread; :meth:`TrainingJob.status` is safe to call from request threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.aggregator.evaluation import SplitPredictor
+from services.aggregator.labels import LabelStore
+from services.aggregator.site_client import Received, SiteClient
+from splitunet.checkpoint import load_checkpoint, save_checkpoint
+from splitunet.config import SiteSpec, SplitUNetConfig
+from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices
+from splitunet.errors import ConfigurationError, DataError, SplitUNetError
+from splitunet.federation import FederationSpec, JobState, JobStatus
+from splitunet.filters import FilterChain
+from splitunet.losses import make_loss
+from splitunet.metrics import RegionMetrics
+from splitunet.networks.factory import make_optimizer, make_server_decoder
+from splitunet.protocol import AggregatorStep, expected_site_shapes
+from splitunet.recorder import Flow, NullRecorder, Recorder
+from splitunet.schemas import Phase, RunSetup
+from splitunet.wire import WireDtype, frame_sha256
+
+logger = logging.getLogger(__name__)
+
+#: ``(clients, label case ids) -> aligned case ids``: the private set intersection with every site.
+Aligner = Callable[[Mapping[str, SiteClient], Sequence[str]], list[str]]
+
+
+class JobStopped(Exception):
+    """Raised inside the job thread when a stop was requested."""
+
+
+class TrainingJob:
+    """A federation run driven by the aggregator.
+
+    Args:
+        job_id: the job (and run) id.
+        spec: the federation spec.
+        labels: the aggregator's segmentations.
+        clients: one client per site, in fusion order (``spec.sites`` order).
+        aligner: the alignment protocol (PSI).
+        device: torch device of the decoder.
+        state_dir: where this job's checkpoints go (``state_dir/<job_id>``).
+        recorder: receives every bundle that crosses the boundary.
+        gradient_filters: outbound gradient defenses (none by default).
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        spec: FederationSpec,
+        *,
+        labels: LabelStore,
+        clients: Mapping[str, SiteClient],
+        aligner: Aligner,
+        device: torch.device,
+        state_dir: Path,
+        recorder: Recorder | None = None,
+        gradient_filters: FilterChain | None = None,
+        max_workers: int = 0,
+    ) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.labels = labels
+        self.clients = dict(clients)
+        self.aligner = aligner
+        self.device = device
+        self.state_dir = Path(state_dir) / job_id
+        self.recorder = recorder or NullRecorder()
+        self.gradient_filters = gradient_filters or FilterChain()
+        self.pool = ThreadPoolExecutor(max_workers=max_workers or len(self.clients), thread_name_prefix=f"job-{job_id}")
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._status = JobStatus(job_id=job_id, state=JobState.PENDING, steps=spec.steps)
+        self._rng = np.random.default_rng(spec.seed)
+        self.config: SplitUNetConfig | None = None
+        self.aggregator: AggregatorStep | None = None
+        self.train_cases: list[str] = []
+        self.val_cases: list[str] = []
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> JobStatus:
+        with self._lock:
+            return self._status.model_copy(deep=True)
+
+    def _update(self, **changes) -> None:
+        with self._lock:
+            self._status = self._status.model_copy(update=changes)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self._status.state in (JobState.PENDING, JobState.ALIGNING, JobState.RUNNING):
+                self._status = self._status.model_copy(update={"state": JobState.STOPPING})
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise JobStopped
+
+    @property
+    def finished(self) -> bool:
+        return self.status().state in (JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED)
+
+    # ------------------------------------------------------------------ the job
+    def run(self) -> None:
+        """The job thread's body: never raises; the outcome is in :meth:`status`."""
+        started = time.perf_counter()
+        try:
+            self._update(state=JobState.ALIGNING)
+            self.prepare()
+            self._update(state=JobState.RUNNING)
+            self.train()
+            self._update(state=JobState.SUCCEEDED)
+        except JobStopped:
+            logger.info("job %s stopped at step %d", self.job_id, self.status().step)
+            self._update(state=JobState.STOPPED)
+        except SplitUNetError as exc:
+            logger.error("job %s failed: %s", self.job_id, exc.message)
+            self._update(state=JobState.FAILED, error=exc.to_body())
+        except Exception as exc:  # noqa: BLE001 - the job thread must report, not die silently
+            logger.exception("job %s failed", self.job_id)
+            self._update(state=JobState.FAILED, error={"code": "internal", "message": str(exc), "detail": None})
+        finally:
+            timing = dict(self.status().timing)
+            timing["total_s"] = time.perf_counter() - started
+            self._update(timing=timing)
+
+    def close(self) -> None:
+        """Release the job's threads, site clients and recorder (the model stays usable until then)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for client in self.clients.values():
+            client.close()
+        self.recorder.close()
+
+    def prepare(self) -> None:
+        """Query the sites, align the cases privately, split train/validation and set up every party."""
+        t0 = time.perf_counter()
+        infos = dict(zip(self.clients, self.pool.map(lambda c: c.info(), self.clients.values())))
+        sites = tuple(SiteSpec(name=name, modalities=tuple(infos[name].modalities)) for name in self.clients)
+        for name, info in infos.items():
+            if info.site != name:
+                raise ConfigurationError(f"the spec calls a site {name!r} but the service says it is {info.site!r}")
+        self.config = self.spec.model.build(sites)
+        aligned = sorted(self.aligner(self.clients, sorted(self.labels.cases)))
+        self._check_stop()
+        self.train_cases, self.val_cases = self._split(aligned)
+        self._update(aligned_cases=len(aligned), train_cases=len(self.train_cases), val_cases=len(self.val_cases),
+                     val_case_ids=list(self.val_cases))
+        logger.info("job %s: %d aligned cases, %d train, %d validation",
+                    self.job_id, len(aligned), len(self.train_cases), len(self.val_cases))
+
+        decoder = make_server_decoder(self.config, self.spec.seed).to(self.device)
+        opt = self.spec.server_optimizer
+        optimizer = make_optimizer(decoder.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+        self.aggregator = AggregatorStep(decoder, make_loss(self.spec.loss), optimizer, self.gradient_filters)
+        setup = RunSetup(
+            run_id=self.job_id, model=self.config, seed=self.spec.seed,
+            optimizer=self.spec.site_optimizer, wire=self.spec.wire,
+        )
+        list(self.pool.map(lambda c: c.setup_run(setup), self.clients.values()))
+        self._timing("prepare_s", time.perf_counter() - t0)
+
+    def _split(self, aligned: list[str]) -> tuple[list[str], list[str]]:
+        if not aligned:
+            raise DataError("no case is shared by the aggregator and every site; nothing to train on")
+        if isinstance(self.spec.val_cases, list):
+            missing = sorted(set(self.spec.val_cases) - set(aligned))
+            if missing:
+                raise DataError(f"validation cases {missing[:5]} are not aligned across all parties")
+            val = sorted(self.spec.val_cases)
+        else:
+            n = self.spec.val_cases
+            if n >= len(aligned):
+                raise DataError(
+                    f"val_cases={n} leaves no training case among {len(aligned)} aligned cases; lower val_cases"
+                )
+            val = sorted(np.random.default_rng(self.spec.seed).choice(aligned, size=n, replace=False).tolist())
+        train = [c for c in aligned if c not in set(val)]
+        if not train:
+            raise DataError("every aligned case is a validation case; leave some for training")
+        return train, val
+
+    # ------------------------------------------------------------------ training
+    def train(self, start_step: int = 0) -> None:
+        assert self.config is not None and self.aggregator is not None
+        spec = self.spec
+        samples_done, t_train, t0 = 0, 0.0, time.perf_counter()
+        for step in range(start_step + 1, spec.steps + 1):
+            self._check_stop()
+            ts = time.perf_counter()
+            loss = self.train_step(step)
+            t_train += time.perf_counter() - ts
+            samples_done += spec.batch_size
+            elapsed = time.perf_counter() - t0
+            self._update(
+                step=step, loss=loss, steps_per_second=(step - start_step) / elapsed,
+                samples_per_second=samples_done / elapsed,
+            )
+            self.history.append({"step": step, "loss": loss})
+            last = step == spec.steps
+            if (spec.val_interval and step % spec.val_interval == 0) or last:
+                self.validate(step)
+            if (spec.checkpoint_interval and step % spec.checkpoint_interval == 0) or last:
+                self.checkpoint(step)
+        self._timing("train_s", t_train)
+
+    def plan(self, step: int) -> list[Sample]:
+        """The samples of one step: random training cases, foreground-weighted crops or slices, random flips."""
+        spec = self.spec
+        cases = self._rng.choice(self.train_cases, size=spec.batch_size, replace=True)
+        samples: list[Sample] = []
+        for case_id in cases:
+            regions = self.labels.regions(str(case_id))
+            shape = regions.shape[1:]
+            foreground = regions[1] if spec.fg_ratio > 0 else None  # whole tumour
+            if len(spec.roi) == 3:
+                samples += plan_patches(str(case_id), shape, spec.roi, 1, self._rng, foreground=foreground,
+                                        fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob)
+            else:
+                samples += plan_slices(str(case_id), shape, spec.roi, 1, self._rng, foreground=foreground,
+                                       fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob)
+        return samples
+
+    def _labels_for(self, samples: Sequence[Sample]) -> torch.Tensor:
+        arrays = [extract(self.labels.regions(s.case_id), s) for s in samples]
+        return torch.from_numpy(np.stack(arrays).astype(np.float32)).to(self.device)
+
+    def shapes_for(self, batch: int) -> dict[str, tuple[int, ...]]:
+        assert self.config is not None
+        return expected_site_shapes(self.config, batch, self.spec.roi)
+
+    def train_step(self, step: int) -> float:
+        """One split step over HTTP; returns the loss."""
+        assert self.aggregator is not None
+        samples = self.plan(step)
+        labels = self._labels_for(samples)
+        wire = self.spec.wire
+        shapes = self.shapes_for(len(samples))
+        act_dtype, grad_dtype = WireDtype(wire.activations.value), WireDtype(wire.gradients.value)
+        futures = {
+            name: self.pool.submit(c.forward, self.job_id, step, samples, phase=Phase.TRAIN, shapes=shapes,
+                                   dtype=act_dtype)
+            for name, c in self.clients.items()
+        }
+        received = {name: f.result() for name, f in futures.items()}
+        for name, item in received.items():
+            self._record_received(name, step, item, Phase.TRAIN)
+        tensors = {name: {k: v.to(self.device) for k, v in r.bundle.tensors.items()} for name, r in received.items()}
+        result = self.aggregator.step(tensors, labels, step=step, run_id=self.job_id)
+
+        def send(name: str) -> int:
+            client = self.clients[name]
+            data = client.encode_gradients(self.job_id, step, result.gradients[name], dtype=grad_dtype,
+                                           compress=wire.compress)
+            self.recorder.record(run_id=self.job_id, step=step, site=name, flow=Flow.SENT, phase=Phase.TRAIN.value,
+                                 data=data, sha256=frame_sha256(data))
+            client.backward(self.job_id, step, data)
+            return len(data)
+
+        sent = sum(self.pool.map(send, self.clients))
+        received_bytes = sum(len(r.data) for r in received.values())
+        status = self.status()
+        self._update(bytes_sent=status.bytes_sent + sent, bytes_received=status.bytes_received + received_bytes)
+        return result.loss
+
+    def _record_received(self, name: str, step: int, item: Received, phase: Phase) -> None:
+        self.recorder.record(run_id=self.job_id, step=step, site=name, flow=Flow.RECEIVED, phase=phase.value,
+                             data=item.data, sha256=item.bundle.sha256)
+
+    # ------------------------------------------------------------------ validation, inference
+    def predictor(self) -> SplitPredictor:
+        assert self.aggregator is not None
+        return SplitPredictor(
+            self.clients, self.aggregator, run_id=self.job_id, roi=self.spec.roi, batch_size=self.spec.batch_size,
+            shapes_for=self.shapes_for, dtype=WireDtype(self.spec.wire.activations.value), pool=self.pool,
+            on_received=lambda name, step, item: self._record_received(name, step, item, Phase.EVAL),
+        )
+
+    def validate(self, step: int) -> dict:
+        """Dice and HD95 per region over the validation cases (whole cases, through the sites)."""
+        t0 = time.perf_counter()
+        cases = self.val_cases[: self.spec.max_val_cases] if self.spec.max_val_cases else self.val_cases
+        metrics = RegionMetrics(hd95=True)
+        predictor = self.predictor()
+        for case_id in cases:
+            self._check_stop()
+            regions = self.labels.regions(case_id)
+            probs = predictor.predict_case(case_id, regions.shape[1:], step=step)
+            logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
+            metrics.update(logits[None], torch.from_numpy(regions[None].astype(np.float32)))
+        result = metrics.aggregate()
+        history = [*self.status().validations, {"step": step, "dice": result["dice"]}]
+        self._update(validation=result, validation_step=step, validations=history)
+        self._timing("validation_s", self.status().timing.get("validation_s", 0.0) + time.perf_counter() - t0)
+        logger.info("job %s step %d validation Dice %s", self.job_id, step, result["dice"])
+        return result
+
+    def predict_case(self, case_id: str) -> np.ndarray:
+        """Region probabilities ``(3, X, Y, Z)`` of an aligned case (labels give its grid)."""
+        if self.aggregator is None:
+            raise ConfigurationError("the job has no trained model yet")
+        shape = self.labels.shape(case_id)
+        return self.predictor().predict_case(case_id, shape, step=self.status().step).cpu().numpy()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, step: int) -> Path:
+        return self.state_dir / f"aggregator-step-{step:08d}.safetensors"
+
+    def checkpoint(self, step: int) -> None:
+        """Checkpoint the decoder + optimizer + job state, and every site's encoder at the same step."""
+        assert self.aggregator is not None
+        with self.aggregator.lock:
+            save_checkpoint(
+                self.checkpoint_path(step), self.aggregator.decoder, self.aggregator.optimizer,
+                {"job_id": self.job_id, "step": step, "spec": self.spec.model_dump(mode="json"),
+                 "train_cases": self.train_cases, "val_cases": self.val_cases,
+                 "rng": self._rng.bit_generator.state},
+            )
+        list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), self.clients.values()))
+        self._update(checkpoint_step=step)
+
+    def restore(self, step: int) -> None:
+        """Load the decoder, optimizer and sampler state of ``step`` and ask every site to restore its encoder."""
+        assert self.aggregator is not None
+        with self.aggregator.lock:
+            meta = load_checkpoint(self.checkpoint_path(step), self.aggregator.decoder, self.aggregator.optimizer)
+        self._rng.bit_generator.state = meta["rng"]
+        list(self.pool.map(lambda c: c.restore(self.job_id, step), self.clients.values()))
+        self._update(step=step, checkpoint_step=step)
+
+    def _timing(self, key: str, seconds: float) -> None:
+        timing = dict(self.status().timing)
+        timing[key] = seconds
+        self._update(timing=timing)

@@ -1,0 +1,67 @@
+"""Settings of a site service: ``SITE_`` environment variables and mounted secret files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from splitunet.config import MODALITIES, SplitUNetConfig
+from splitunet.data.layout import OnBadCase, canonical_modality
+from splitunet.service.device import DeviceChoice
+from splitunet.service.settings import ServiceSettings
+from splitunet.wire import DEFAULT_MAX_BYTES
+
+
+class SiteSettings(ServiceSettings):
+    """A site's configuration.
+
+    Args:
+        site_id: this site's name; the model configuration must contain a site of this name.
+        modalities: the modalities this site holds (``t1,t1ce`` in the environment); its data folder must have them.
+        data_dir: the site's BraTS-layout folder (only its modalities; other files are ignored).
+        state_dir: where checkpoints are written.
+        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
+        model: optional pinned model configuration (JSON in ``SITE_MODEL``); runs asking for another are refused.
+        on_bad_case: ``raise`` (refuse to start on a bad case) or ``skip`` it (logged and counted).
+        cache_cases: decoded cases kept in memory.
+        torch_threads: intra-op threads of this process (``0``: torch's default).
+        max_bundle_bytes: largest gradient bundle accepted and activation bundle produced.
+        defenses: names of the outbound activation filters (empty until the defense issue lands).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SITE_")
+
+    port: int = Field(default=8101, ge=0, le=65535)
+    site_id: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$")
+    modalities: Annotated[tuple[str, ...], NoDecode]
+    data_dir: Path
+    state_dir: Path = Path("site-state")
+    device: DeviceChoice = DeviceChoice.AUTO
+    model: SplitUNetConfig | None = None
+    on_bad_case: OnBadCase = OnBadCase.RAISE
+    cache_cases: int = Field(default=64, ge=1)
+    torch_threads: int = Field(default=0, ge=0)
+    max_bundle_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0)
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        try:
+            mods = tuple(canonical_modality(v) for v in value)
+        except ValueError as exc:
+            raise ValueError(f"modalities: {exc}") from None
+        if not mods:
+            raise ValueError(f"modalities: a site must hold at least one of {list(MODALITIES)}")
+        return mods
+
+    @field_validator("data_dir")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"data_dir {str(value)!r} is not a folder; point SITE_DATA_DIR at the site's BraTS data")
+        return value

@@ -1,0 +1,221 @@
+"""The main job: a whole federation on this machine, trained through the REST API.
+
+Steps: make (or reuse) a phantom cohort, or take a real BraTS folder; partition it into one folder per site
+(only its modalities) and one for the aggregator (only segmentations); start 4 site services and the aggregator
+as real uvicorn processes on 127.0.0.1; post a job; follow it; segment one held-out case; write
+``WORKDIR/report.json``; stop every process (also on error and Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splitunet.config import MODALITIES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What ``splitunet demo`` runs.
+
+    Args:
+        workdir: output folder (report, logs, partition, checkpoints).
+        quick: the short run (<= 4 minutes on 2 cores).
+        data: a real BraTS folder (2021 or 2023 layout) instead of the phantom.
+        dims: 2 (axial slices) or 3 (patches).
+        cases: phantom cases (default by mode).
+        steps: training steps (default by mode and dims).
+        cache_dir: where generated phantom cohorts are kept between runs.
+    """
+
+    workdir: Path
+    quick: bool = False
+    data: Path | None = None
+    dims: int = 2
+    cases: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {self.dims}")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise ValueError(f"--data {self.data} is not a folder; give a BraTS folder with one sub-folder per case")
+        if self.cases is not None and self.cases < 3:
+            raise ValueError(f"cases must be >= 3 (training and validation), got {self.cases}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "splitunet"
+
+
+#: Phantom volume shape used by the demo (1.0 x 1.0 x 1.0 mm voxels would need 240x240x155; this is ~2.5 mm).
+PHANTOM_SHAPE = (96, 96, 64)
+
+
+def training_plan(options: DemoOptions) -> dict[str, Any]:
+    """The job spec fields (without sites) for the demo's mode."""
+    real = options.data is not None
+    quick = options.quick
+    if options.dims == 2:
+        plan = {
+            "model": {"spatial_dims": 2, "features": [8, 16, 32, 64] if quick else [16, 32, 64, 128], "cut_level": 0},
+            "roi": [192, 192] if real else ([64, 64] if quick else [96, 96]),
+            "batch_size": 8,
+            "steps": 200 if quick else 600,
+            "val_interval": 100 if quick else 200,
+        }
+    else:
+        plan = {
+            "model": {"spatial_dims": 3, "features": [8, 16, 32, 64], "cut_level": 0},
+            "roi": [96, 96, 96] if real else [64, 64, 64],
+            "batch_size": 2,
+            "steps": 60 if quick else 400,
+            "val_interval": 30 if quick else 100,
+        }
+    if options.steps is not None:
+        plan["steps"] = options.steps
+        plan["val_interval"] = min(plan["val_interval"], options.steps)
+    plan |= {
+        "seed": options.seed,
+        "fg_ratio": 0.6,
+        "flip_prob": 0.5,
+        "loss": "dice_ce",
+        "site_optimizer": {"lr": 2e-3, "weight_decay": 1e-5},
+        "server_optimizer": {"lr": 2e-3, "weight_decay": 1e-5},
+        "wire": {"activations": "fp16", "gradients": "fp32", "compress": False},
+    }
+    return plan
+
+
+def phantom_cohort(options: DemoOptions, on_case: Callable[[str], None] | None = None) -> Path:
+    """Generate the demo's phantom cohort once and reuse it (keyed by cases, shape and seed)."""
+    from splitunet.data.phantom import write_cohort
+
+    cases = options.cases or (10 if options.quick else 24)
+    key = hashlib.sha256(json.dumps([cases, PHANTOM_SHAPE, options.seed, 1]).encode()).hexdigest()[:12]
+    root = options.cache_dir / f"phantom-{key}"
+    done = root / ".complete"
+    if done.is_file():
+        return root / "cohort"
+    write_cohort(root / "cohort", cases, seed=options.seed, shape=PHANTOM_SHAPE, on_case=on_case)
+    done.write_text(json.dumps({"cases": cases, "shape": PHANTOM_SHAPE, "seed": options.seed}))
+    return root / "cohort"
+
+
+@dataclass
+class DemoResult:
+    report: dict[str, Any]
+    report_path: Path
+    pids: list[int]
+
+
+def run_demo(
+    options: DemoOptions,
+    *,
+    on_status: Callable[[dict[str, Any]], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    on_case: Callable[[str], None] | None = None,
+) -> DemoResult:
+    """Run the main job; see the module docstring. Callbacks report progress to the CLI."""
+    from splitunet.data.partition import partition_cohort
+    from splitunet.launcher import LocalFederation
+    from splitunet.service.client import PeerClient, PeerTimeouts
+
+    phase = on_phase or (lambda _: None)
+    t_start = time.perf_counter()
+    workdir = Path(options.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
+
+    phase("data")
+    t0 = time.perf_counter()
+    source = Path(options.data) if options.data is not None else phantom_cohort(options, on_case)
+    from splitunet.data.layout import discover_cases
+
+    n_cases = len(discover_cases(source))
+    n_val = max(1, min(2 if options.quick else 4, n_cases // 4))
+    partition = partition_cohort(source, workdir / "partition", val_fraction=n_val / n_cases, seed=options.seed)
+    timing["data_s"] = time.perf_counter() - t0
+
+    plan = training_plan(options)
+    phase("start")
+    t0 = time.perf_counter()
+    with LocalFederation(workdir) as federation:
+        sites = []
+        for m in MODALITIES:
+            proc = federation.start_site(m, [m], partition.site_dir(m))
+            sites.append({"name": m, "url": proc.url, "token_file": str(federation.site_token_file)})
+        aggregator = federation.start_aggregator(partition.aggregator_dir)
+        federation.wait_ready(timeout_s=180)
+        timing["startup_s"] = time.perf_counter() - t0
+
+        spec = {"sites": sites, "val_cases": list(partition.validation) or n_val, **plan}
+        client = PeerClient(aggregator.url, name="aggregator", token=federation.aggregator_token,
+                            timeouts=PeerTimeouts(connect=5, read=600, write=60, pool=10))
+        with client:
+            phase("train")
+            job = client.post_json("/v1/jobs", spec)
+            job_id = job["job_id"]
+            while True:
+                status = client.get_json(f"/v1/jobs/{job_id}")
+                if on_status is not None:
+                    on_status(status)
+                if status["state"] in ("succeeded", "failed", "stopped"):
+                    break
+                time.sleep(0.5)
+            if status["state"] != "succeeded":
+                error = status.get("error") or {}
+                raise RuntimeError(
+                    f"the training job ended {status['state']}: {error.get('message', 'no message')}\n"
+                    f"aggregator log:\n{aggregator.log_tail()}"
+                )
+            phase("infer")
+            t0 = time.perf_counter()
+            val_case = (status.get("val_case_ids") or list(partition.case_ids))[0]
+            response = client.request("POST", "/v1/infer", json={"case_id": val_case, "job_id": job_id},
+                                      accept="application/gzip")
+            out = workdir / "inference" / f"{val_case}_pred.nii.gz"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(response.content)
+            timing["inference_s"] = time.perf_counter() - t0
+        pids = federation.pids()
+
+    timing.update({f"job_{k}": v for k, v in status.get("timing", {}).items()})
+    timing["total_s"] = time.perf_counter() - t_start
+    validation = status.get("validation") or {}
+    report = {
+        "dice": {"split": validation.get("dice")},
+        "hd95": {"split": validation.get("hd95")},
+        "validation_step": status.get("validation_step"),
+        "validation_history": status.get("validations"),
+        "timing": timing,
+        "throughput": {"steps_per_second": status.get("steps_per_second"),
+                       "samples_per_second": status.get("samples_per_second")},
+        "traffic_bytes": {"aggregator_received": status.get("bytes_received"),
+                          "aggregator_sent": status.get("bytes_sent")},
+        "cases": {"aligned": status.get("aligned_cases"), "train": status.get("train_cases"),
+                  "validation": status.get("val_cases")},
+        "final_loss": status.get("loss"),
+        "data": str(options.data) if options.data is not None else f"phantom {PHANTOM_SHAPE}",
+        "mode": "quick" if options.quick else "default",
+        "job": {k: v for k, v in spec.items() if k != "sites"},
+        "sites": [s["name"] for s in sites],
+        "inference": str(out),
+    }
+    report_path = workdir / "report.json"
+    report_path.write_text(json.dumps(report, indent=2))
+    return DemoResult(report=report, report_path=report_path, pids=pids)
