@@ -25,7 +25,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)
-	$(BIN)/python -m splitunet.bench
+	$(BIN)/python -m splitunet.bench.phantom_speed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

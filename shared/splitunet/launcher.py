@@ -8,6 +8,7 @@ context manager) terminates the groups and kills what does not exit.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -109,8 +110,14 @@ class LocalFederation:
         log.close()
         proc = ServiceProcess(name=name, url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
         self.processes.append(proc)
+        self._write_manifest()
         logger.info("started %s (pid %d) on %s", name, process.pid, proc.url)
         return proc
+
+    def _write_manifest(self) -> None:
+        """``workdir/services.json``: name, pid, URL and log of every process started (for operators and tests)."""
+        doc = [{"name": p.name, "pid": p.process.pid, "url": p.url, "log": str(p.log_path)} for p in self.processes]
+        (self.workdir / "services.json").write_text(json.dumps(doc, indent=2))
 
     def start_site(self, name: str, modalities: list[str], data_dir: Path, *, device: str = "cpu") -> ServiceProcess:
         env = {

@@ -1,0 +1,1 @@
+"""Benchmarks, run as modules (``python -m splitunet.bench.<name>``); none of them is a test."""
