@@ -13,6 +13,7 @@ from services.client_site.runtime import SiteRuntime
 from splitunet.psi import PsiRequest, PsiResponse
 from splitunet.schemas import (
     RUN_ID_PATTERN,
+    STEP_LIMIT,
     AlignedCases,
     AlignmentAck,
     BackwardAck,
@@ -58,7 +59,7 @@ def forward(runtime: SiteRuntimeDep, run_id: RunId, request: ForwardRequest) -> 
 
 @router.post("/runs/{run_id}/backward")
 def backward(
-    runtime: SiteRuntimeDep, run_id: RunId, body: BundleBody, step: Annotated[int, Query(ge=0)]
+    runtime: SiteRuntimeDep, run_id: RunId, body: BundleBody, step: Annotated[int, Query(ge=0, lt=STEP_LIMIT)]
 ) -> BackwardAck:
     return runtime.backward(run_id, step, body)
 

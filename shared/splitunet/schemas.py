@@ -18,6 +18,8 @@ from splitunet.data.sampling import Sample
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 #: Most samples in one forward request.
 MAX_BATCH = 256
+#: Step numbers are below this (the wire format's limit: 18 decimal digits).
+STEP_LIMIT = 10**18
 
 
 class Phase(StrEnum):
@@ -77,7 +79,7 @@ class ForwardRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, lt=STEP_LIMIT)
     phase: Phase = Phase.TRAIN
     samples: list[Sample] = Field(min_length=1, max_length=MAX_BATCH)
 
@@ -104,7 +106,7 @@ class CheckpointRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, lt=STEP_LIMIT)
 
 
 class CheckpointInfo(BaseModel):

@@ -2,10 +2,15 @@
 
 Each part is initialised from its own seed, derived from the job seed and the part's name, so a site encoder
 built in a site service has exactly the weights of the same encoder built in process (the fused reference).
+
+Initialisation draws from torch's process-wide default generator (``fork_rng`` + ``manual_seed``), so
+construction is serialised by one lock: parts built concurrently in one process (several site apps in a test
+or a demo, a site setting up two runs) would otherwise interleave their draws and get other weights.
 """
 
 from __future__ import annotations
 
+import threading
 import zlib
 
 import torch
@@ -19,22 +24,27 @@ def part_seed(seed: int, part: str) -> int:
     return zlib.crc32(f"{seed}:{part}".encode())
 
 
+#: Serialises seeded construction (see the module docstring); a lock, not state.
+_SEEDED_INIT = threading.Lock()
+
+
 def make_site_encoder(config: SplitUNetConfig, site: SiteSpec | str, seed: int = 0) -> SiteEncoder:
     name = site if isinstance(site, str) else site.name
-    with torch.random.fork_rng(devices=[]):
+    with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
         torch.manual_seed(part_seed(seed, f"site:{name}"))
         return SiteEncoder(config, site)
 
 
 def make_server_decoder(config: SplitUNetConfig, seed: int = 0) -> ServerDecoder:
-    with torch.random.fork_rng(devices=[]):
+    with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
         torch.manual_seed(part_seed(seed, "server"))
         return ServerDecoder(config)
 
 
 def make_split_unet(config: SplitUNetConfig, seed: int = 0) -> SplitUNet:
     """The fused model whose parts equal :func:`make_site_encoder` / :func:`make_server_decoder` for ``seed``."""
-    model = SplitUNet(config)
+    with _SEEDED_INIT:  # throw-away parts, but their draws must not interleave with a seeded construction
+        model = SplitUNet(config)
     for s in config.sites:
         model.encoders[s.name] = make_site_encoder(config, s, seed)
     model.decoder = make_server_decoder(config, seed)

@@ -1,0 +1,168 @@
+"""Constants and helpers shared by the service tests (fixtures are in this folder's ``conftest.py``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from services.aggregator.labels import LabelStore
+from services.aggregator.trainer import TrainingJob
+from splitunet.config import SiteSpec, SplitUNetConfig
+from splitunet.data.layout import discover_cases
+from splitunet.data.loader import load_images
+from splitunet.data.sampling import Sample, extract
+from splitunet.federation import FederationSpec
+from splitunet.training import InProcessFederation
+
+SITE_TOKEN = "site-token-0123456789abcdef"
+AGG_TOKEN = "agg-token-0123456789abcdef"
+SITE_HEADERS = {"Authorization": f"Bearer {SITE_TOKEN}"}
+AGG_HEADERS = {"Authorization": f"Bearer {AGG_TOKEN}"}
+#: One site per modality, named after it.
+SITES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+#: RAS cases written in every party's folder; one more is stored in LPS orientation.
+N_RAS_CASES = 4
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """Where the parties' data lies: one folder per site (its modality only) and the labels folder.
+
+    ``shape`` is the cases' RAS ``(X, Y, Z)`` voxel shape.
+    """
+
+    site_dirs: Mapping[str, Path]
+    labels_dir: Path
+    case_ids: Sequence[str]
+    lps_case: str
+    shape: tuple[int, int, int]
+
+
+def model_config(spatial_dims: int = 2, features: tuple[int, ...] = (4, 8, 16), **kwargs: Any) -> SplitUNetConfig:
+    """A tiny Split-U-Net over the four one-modality sites."""
+    sites = tuple(SiteSpec(name=m, modalities=(m,)) for m in SITES)
+    return SplitUNetConfig(spatial_dims=spatial_dims, features=features, sites=sites, **kwargs)
+
+
+def identity_aligner(clients: Mapping[str, object], label_ids: Sequence[str]) -> list[str]:
+    """Every labelled case is shared (the tests' cohorts are complete at every party)."""
+    return list(label_ids)
+
+
+def peers(names: Sequence[str] = SITES, token: str = SITE_TOKEN) -> list[dict[str, Any]]:
+    """The ``sites`` of a federation spec; the URLs are never dialled (the transports are in process)."""
+    return [{"name": m, "url": f"http://{m}.test", "token": token} for m in names]
+
+
+# ---------------------------------------------------------------------------------------------- jobs over HTTP
+FINAL_STATES = ("succeeded", "failed", "stopped")
+
+
+def wait_for_job(
+    client: httpx.Client, job_id: str, states: Sequence[str] = FINAL_STATES, *, timeout_s: float = 120.0,
+    headers: Mapping[str, str] = AGG_HEADERS,
+) -> dict[str, Any]:
+    """Poll ``GET /v1/jobs/{job_id}`` until the state is one of ``states``; return the status.
+
+    ``client`` is any ``httpx.Client`` pointed at an aggregator: a ``TestClient`` or a real one (uvicorn).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.get(f"/v1/jobs/{job_id}", headers=dict(headers))
+        assert response.status_code == 200, response.text
+        status = response.json()
+        if status["state"] in states:
+            return status
+        assert time.monotonic() < deadline, f"job {job_id} still {status['state']} after {timeout_s} s: {status}"
+        time.sleep(0.05)
+
+
+def run_job(
+    client: httpx.Client, spec: Mapping[str, Any], *, timeout_s: float = 120.0,
+    headers: Mapping[str, str] = AGG_HEADERS,
+) -> dict[str, Any]:
+    """``POST /v1/jobs`` then wait until the job is over; return its final status."""
+    response = client.post("/v1/jobs", json=dict(spec), headers=dict(headers))
+    assert response.status_code == 202, response.text
+    return wait_for_job(client, response.json()["job_id"], timeout_s=timeout_s, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------- the reference
+def site_specs(spec: FederationSpec) -> tuple[SiteSpec, ...]:
+    """The sites as the aggregator builds them: in the spec's order, each with the modality its folder holds."""
+    return tuple(SiteSpec(name=p.name, modalities=(p.name,)) for p in spec.sites)
+
+
+def derive_plans(
+    spec: FederationSpec, labels: LabelStore, train_cases: Sequence[str], steps: int
+) -> list[list[Sample]]:
+    """The samples a job with ``spec`` plans for steps ``1..steps``, derived offline (no site is called).
+
+    A job's plan depends only on the spec's seed, its training cases and the labels, so a test can learn what a
+    job in another process trained on from its status (``val_case_ids``) alone.
+    """
+    job = TrainingJob("plan", spec, labels=labels, clients={}, aligner=identity_aligner,
+                      device=torch.device("cpu"), state_dir=Path("unused"), max_workers=1)
+    try:
+        job.train_cases = list(train_cases)
+        return [job.plan(step) for step in range(1, steps + 1)]
+    finally:
+        job.close()
+
+
+def reference_batch(
+    samples: Sequence[Sample], config: SplitUNetConfig, cohort: Cohort, labels: LabelStore
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the parties cut for ``samples``: images ``B, C, *roi`` (``config.modalities`` order, each site's
+    channels loaded from its own folder as the site does) and regions ``B, 3, *roi`` float 0/1."""
+    cases = {s.name: discover_cases(cohort.site_dirs[s.name], require=s.modalities) for s in config.sites}
+    images = [
+        np.concatenate([
+            extract(load_images(cases[s.name][sample.case_id], s.modalities).array, sample) for s in config.sites
+        ])
+        for sample in samples
+    ]
+    regions = [extract(labels.regions(sample.case_id), sample) for sample in samples]
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(regions).astype(np.float32))
+
+
+def replay_in_process(
+    spec: FederationSpec, config: SplitUNetConfig, plans: Sequence[Sequence[Sample]], cohort: Cohort,
+    labels: LabelStore,
+) -> tuple[list[float], InProcessFederation]:
+    """Train the in-process step protocol on exactly ``plans`` (one list of samples per step)."""
+    if spec.site_optimizer.weight_decay != spec.server_optimizer.weight_decay:
+        raise ValueError("the in-process reference takes one weight_decay for every party")
+    federation = InProcessFederation(
+        config, seed=spec.seed, lr_site=spec.site_optimizer.lr, lr_server=spec.server_optimizer.lr,
+        weight_decay=spec.site_optimizer.weight_decay,
+    )
+    losses = []
+    for step, samples in enumerate(plans, start=1):
+        images, regions = reference_batch(samples, config, cohort, labels)
+        losses.append(federation.train_step(images, regions, step))
+    return losses, federation
+
+
+def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The module weights stored in a party's checkpoint (``model.<name>`` tensors), by parameter name."""
+    tensors = load_file(str(path))
+    return {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def max_weight_difference(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> float:
+    """Largest absolute difference between two state dicts with the same keys and shapes."""
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    worst = 0.0
+    for name, tensor in want.items():
+        assert got[name].shape == tensor.shape, name
+        worst = max(worst, (got[name].double() - tensor.double()).abs().max().item() if tensor.numel() else 0.0)
+    return worst
