@@ -41,6 +41,9 @@ from splitunet.wire import WireDtype, frame_sha256
 
 logger = logging.getLogger(__name__)
 
+#: Per-step losses kept in the job status.
+MAX_LOSS_HISTORY = 100_000
+
 #: ``(clients, label case ids) -> aligned case ids``: the private set intersection with every site.
 Aligner = Callable[[Mapping[str, SiteClient], Sequence[str]], list[str]]
 
@@ -91,17 +94,17 @@ class TrainingJob:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._status = JobStatus(job_id=job_id, state=JobState.PENDING, steps=spec.steps)
+        self._losses: list[float] = []
         self._rng = np.random.default_rng(spec.seed)
         self.config: SplitUNetConfig | None = None
         self.aggregator: AggregatorStep | None = None
         self.train_cases: list[str] = []
         self.val_cases: list[str] = []
-        self.history: list[dict] = []
 
     # ------------------------------------------------------------------ status
     def status(self) -> JobStatus:
         with self._lock:
-            return self._status.model_copy(deep=True)
+            return self._status.model_copy(deep=True, update={"losses": list(self._losses)})
 
     def _update(self, **changes) -> None:
         with self._lock:
@@ -212,11 +215,14 @@ class TrainingJob:
             t_train += time.perf_counter() - ts
             samples_done += spec.batch_size
             elapsed = time.perf_counter() - t0
+            with self._lock:
+                self._losses.append(loss)
+                if len(self._losses) > MAX_LOSS_HISTORY:
+                    del self._losses[: len(self._losses) - MAX_LOSS_HISTORY]
             self._update(
                 step=step, loss=loss, steps_per_second=(step - start_step) / elapsed,
                 samples_per_second=samples_done / elapsed,
             )
-            self.history.append({"step": step, "loss": loss})
             last = step == spec.steps
             if (spec.val_interval and step % spec.val_interval == 0) or last:
                 self.validate(step)

@@ -155,6 +155,7 @@ class JobStatus(BaseModel):
     step: int = 0
     steps: int
     loss: float | None = None
+    losses: list[float] = Field(default_factory=list, description="loss of every step (the last 100 000)")
     steps_per_second: float | None = None
     samples_per_second: float | None = None
     aligned_cases: int | None = None
