@@ -8,6 +8,8 @@ and send; the aggregator decodes the fused tensors and MONAI blends the windows 
 - 3D: windows of ``roi`` over the ``(X, Y, Z)`` volume.
 - 2D: every axial slice is one item of a batch ``(Z, 1, X, Y)``; windows of ``roi`` in-plane, batched across
   slices.
+- 2D with ``resize_slices``: whole slices resized to ``roi`` by the sites, logits resized back to ``(X, Y)``
+  (bilinear) before the sigmoid.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class SplitPredictor:
         dtype: WireDtype,
         pool: ThreadPoolExecutor,
         overlap: float = 0.25,
+        resize_slices: bool = False,
         on_received: OnReceived | None = None,
     ) -> None:
         self.clients = clients
@@ -66,12 +69,15 @@ class SplitPredictor:
         self.dtype = dtype
         self.pool = pool
         self.overlap = overlap
+        self.resize_slices = resize_slices
         self.on_received = on_received
         self.calls = 0
 
     def predict_case(self, case_id: str, shape: Sequence[int], *, step: int) -> torch.Tensor:
         """Sigmoid probabilities ``(3, X, Y, Z)`` float32 of a case whose RAS volume shape is ``shape``."""
         shape = tuple(int(s) for s in shape)
+        if self.resize_slices:
+            return self._predict_resized(case_id, shape, step=step)
         if len(self.roi) == 3:
             placeholder = torch.zeros(1, 1, *shape)
         else:
@@ -95,6 +101,20 @@ class SplitPredictor:
         if len(self.roi) == 3:
             return probs[0]
         return probs.permute(1, 2, 3, 0).contiguous()  # (Z, 3, X, Y) -> (3, X, Y, Z)
+
+    def _predict_resized(self, case_id: str, shape: tuple[int, ...], *, step: int) -> torch.Tensor:
+        """2D whole slices resized to ``roi``: ``(3, X, Y, Z)`` probabilities on the original grid."""
+        out = torch.empty(3, *shape)
+        for z0 in range(0, shape[2], self.batch_size):
+            samples = [
+                Sample(case_id=case_id, start=(0, 0), size=shape[:2], axial_index=z, volume_shape=shape,
+                       resize=self.roi)
+                for z in range(z0, min(z0 + self.batch_size, shape[2]))
+            ]
+            logits = self._predict_samples(samples, step=step).float()
+            logits = torch.nn.functional.interpolate(logits, size=shape[:2], mode="bilinear", align_corners=False)
+            out[:, :, :, z0 : z0 + len(samples)] = torch.sigmoid(logits).permute(1, 2, 3, 0)
+        return out
 
     def _sample(self, case_id: str, shape: tuple[int, ...], coords: list, pads: list[int]) -> Sample:
         spatial = coords[2:]

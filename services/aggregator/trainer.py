@@ -244,11 +244,11 @@ class TrainingJob:
                                         fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob)
             else:
                 samples += plan_slices(str(case_id), shape, spec.roi, 1, self._rng, foreground=foreground,
-                                       fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob)
+                                       fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob, resize=spec.resize_slices)
         return samples
 
     def _labels_for(self, samples: Sequence[Sample]) -> torch.Tensor:
-        arrays = [extract(self.labels.regions(s.case_id), s) for s in samples]
+        arrays = [extract(self.labels.regions(s.case_id), s, interpolation="nearest") for s in samples]
         return torch.from_numpy(np.stack(arrays).astype(np.float32)).to(self.device)
 
     def shapes_for(self, batch: int) -> dict[str, tuple[int, ...]]:
@@ -299,6 +299,7 @@ class TrainingJob:
         return SplitPredictor(
             self.clients, self.aggregator, run_id=self.job_id, roi=self.spec.roi, batch_size=self.spec.batch_size,
             shapes_for=self.shapes_for, dtype=WireDtype(self.spec.wire.activations.value), pool=self.pool,
+            resize_slices=self.spec.resize_slices,
             on_received=lambda name, step, item: self._record_received(name, step, item, Phase.EVAL),
         )
 

@@ -265,10 +265,10 @@ class SiteRuntime:
                 detail={"spatial_dims": model.spatial_dims, "size": list(first.size)},
             )
         try:
-            model.check_roi(first.size)
+            model.check_roi(first.output_size)
         except ValueError as exc:
-            raise ConfigurationError(f"samples of size {list(first.size)} do not fit the run's model: {exc}",
-                                     detail={"size": list(first.size)}) from None
+            raise ConfigurationError(f"samples of size {list(first.output_size)} do not fit the run's model: {exc}",
+                                     detail={"size": list(first.output_size)}) from None
         spec = model.site(self.settings.site_id)
         arrays = []
         for sample in request.samples:

@@ -73,6 +73,8 @@ class FederationSpec(BaseModel):
         sites: the site services, in the order their tensors are fused.
         model: architecture (cut level, skip policy, fusion, 2D/3D, widths).
         roi: input size per sample: 2 ints (2D, in-plane) or 3 ints (3D patch), multiples of ``2**(depth-1)``.
+        resize_slices: 2D only: take whole axial slices resized to ``roi`` (bilinear for images, nearest for
+            labels; predictions are resized back) instead of cropping ``roi`` out of them.
         batch_size: samples per step.
         steps: training steps.
         loss: ``dice`` (the BraTS recipe), ``dice_batch`` or ``dice_ce`` (see :mod:`splitunet.losses`).
@@ -94,6 +96,7 @@ class FederationSpec(BaseModel):
     sites: list[SitePeer] = Field(min_length=1, max_length=16)
     model: ModelSpec = Field(default_factory=ModelSpec)
     roi: tuple[int, ...] = (128, 128)
+    resize_slices: bool = False
     batch_size: int = Field(default=4, ge=1, le=256)
     steps: int = Field(default=100, ge=1, le=10_000_000)
     loss: LossKind = LossKind.DICE
@@ -131,6 +134,8 @@ class FederationSpec(BaseModel):
                 f"roi has {len(self.roi)} sizes but model.spatial_dims is {self.model.spatial_dims}; "
                 f"give {self.model.spatial_dims} sizes"
             )
+        if self.resize_slices and self.model.spatial_dims != 2:
+            raise ValueError("resize_slices is for 2D models (spatial_dims=2) only")
         multiple = 2 ** (len(self.model.features) - 1)
         if any(r % multiple or r < 2 * multiple for r in self.roi):
             raise ValueError(f"roi sizes must be multiples of {multiple} and >= {2 * multiple}, got {list(self.roi)}")

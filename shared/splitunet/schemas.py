@@ -86,7 +86,7 @@ class ForwardRequest(BaseModel):
     @field_validator("samples")
     @classmethod
     def _same_geometry(cls, value: list[Sample]) -> list[Sample]:
-        sizes = {s.size for s in value}
+        sizes = {s.output_size for s in value}
         kinds = {s.axial_index is None for s in value}
         if len(sizes) != 1 or len(kinds) != 1:
             raise ValueError("all samples of one forward must have the same size and be all 2D or all 3D")

@@ -210,3 +210,25 @@ def test_plan_patches_bad_arguments(kwargs, match) -> None:
     extra = {k: v for k, v in args.items() if k in ("fg_ratio", "flip_prob", "flip_axes")}
     with pytest.raises(ValueError, match=match):
         plan_patches("c", args["shape"], args["roi"], args["n"], args["rng"], **extra)
+
+
+def test_resized_slices_keep_images_and_labels_aligned():
+    from splitunet.data.sampling import plan_slices
+
+    rng = np.random.default_rng(0)
+    x, y = np.meshgrid(np.arange(48), np.arange(40), indexing="ij")
+    square = ((x >= 12) & (x < 36) & (y >= 8) & (y < 32)).astype(np.float32)
+    volume = np.stack([square] * 3, axis=-1)[None]  # (1, 48, 40, 3)
+    labels = volume.astype(np.uint8)
+    samples = plan_slices("c", (48, 40, 3), (24, 20), 6, rng, resize=True, flip_prob=0.5)
+    for sample in samples:
+        assert sample.size == (48, 40) and sample.resize == (24, 20) and sample.output_size == (24, 20)
+        image = extract(volume, sample)
+        label = extract(labels, sample, interpolation="nearest")
+        assert image.shape == label.shape == (1, 24, 20) and label.dtype == np.uint8
+        assert set(np.unique(label)) <= {0, 1}
+        # the half-size label square: 12 x 12 voxels, where the resized image is bright
+        assert label.sum() == 144
+        assert image[label == 1].min() > 0.5 and image[label == 0].max() < 0.5
+    with pytest.raises(ValueError, match="resize is for 2D"):
+        Sample(case_id="c", start=(0, 0, 0), size=(4, 4, 4), resize=(2, 2))

@@ -128,6 +128,22 @@ def test_a_3d_job_validates_by_sliding_window(aggregator: TestClient, cohort: Co
     check_segmentation(infer(aggregator, cohort.lps_case, status["job_id"]), cohort, cohort.lps_case)
 
 
+def test_a_2d_job_with_resized_slices(aggregator: TestClient, cohort: Cohort) -> None:
+    # the cases' 24x24 slices are resized to 16x16 at the sites (images) and the aggregator (labels)
+    status = run_job(aggregator, job_spec(resize_slices=True, steps=2, val_interval=0))
+    assert status["state"] == "succeeded", status
+    check_region_scores(status["validation"])
+    job = aggregator.app.state.runtime.jobs.get(status["job_id"])
+    samples = job.plan(99)
+    assert all(s.resize == (16, 16) and s.size == cohort.shape[:2] for s in samples)
+    probs = job.predict_case(cohort.case_ids[0])  # resized back to the case's grid
+    assert probs.shape == (3, *cohort.shape)
+    check_segmentation(infer(aggregator, cohort.lps_case, status["job_id"]), cohort, cohort.lps_case)
+    bad = post_job(aggregator, job_spec(resize_slices=True, model={"spatial_dims": 3, "features": [4, 8, 16]},
+                                        roi=[16, 16, 16]))
+    assert_error(bad, 422, "invalid_request")
+
+
 def test_one_job_at_a_time_and_stop(aggregator: TestClient) -> None:
     first = post_job(aggregator, job_spec(steps=100_000, val_interval=0))
     assert first.status_code == 202, first.text

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from enum import StrEnum
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -60,6 +61,7 @@ class Sample(BaseModel):
     axial_index: int | None = Field(default=None, ge=0, le=MAX_SAMPLE_OFFSET)
     flip_axes: tuple[int, ...] = ()
     volume_shape: tuple[int, int, int] | None = None
+    resize: tuple[int, int] | None = None
 
     @field_validator("start")
     @classmethod
@@ -94,6 +96,10 @@ class Sample(BaseModel):
             raise ValueError(f"{what}; got start={list(self.start)}, size={list(self.size)}")
         if len(set(self.flip_axes)) != len(self.flip_axes) or any(not 0 <= a < dims for a in self.flip_axes):
             raise ValueError(f"flip_axes must be distinct axes in 0..{dims - 1}, got {list(self.flip_axes)}")
+        if self.resize is not None and (dims != 2 or any(not 1 <= r <= MAX_SAMPLE_SIZE for r in self.resize)):
+            raise ValueError(
+                f"resize is for 2D samples only and needs 2 sizes in 1..{MAX_SAMPLE_SIZE}, got {self.resize}"
+            )
         if self.volume_shape is not None and self.axial_index is not None and self.axial_index >= self.volume_shape[2]:
             raise ValueError(f"axial_index {self.axial_index} is outside volume_shape {list(self.volume_shape)}")
         return self
@@ -102,12 +108,19 @@ class Sample(BaseModel):
     def spatial_dims(self) -> int:
         return 2 if self.axial_index is not None else 3
 
+    @property
+    def output_size(self) -> tuple[int, ...]:
+        """Spatial size of what :func:`extract` returns: ``resize`` if set, else ``size``."""
+        return tuple(self.resize) if self.resize is not None else tuple(self.size)
 
-def extract(volume: np.ndarray, sample: Sample) -> np.ndarray:
-    """Cut ``sample`` out of a ``(C, X, Y, Z)`` volume: ``(C, *sample.size)``, a new C-contiguous array.
+
+def extract(volume: np.ndarray, sample: Sample, *, interpolation: Interpolation | str = "linear") -> np.ndarray:
+    """Cut ``sample`` out of a ``(C, X, Y, Z)`` volume: ``(C, *sample.size)`` (or ``(C, *sample.resize)``), a new
+    C-contiguous array.
 
     The same call on the sites' images and the aggregator's regions (or label map with a channel axis)
-    yields voxel-aligned examples. Voxels outside the volume are 0.
+    yields voxel-aligned examples. Voxels outside the volume are 0. A 2D sample with ``resize`` is resized
+    in-plane after cropping: ``interpolation="linear"`` (bilinear; images) or ``"nearest"`` (labels, regions).
 
     Raises:
         ValueError: ``volume`` is not 4D.
@@ -137,11 +150,32 @@ def extract(volume: np.ndarray, sample: Sample) -> np.ndarray:
     for start, size, extent in zip(sample.start, sample.size, source.shape[1:], strict=True):
         lo, hi = max(start, 0), min(start + size, extent)
         if hi <= lo:
-            return _flip(out, sample.flip_axes)
+            return _flip(_resize(out, sample.resize, interpolation), sample.flip_axes)
         src_sl.append(slice(lo, hi))
         dst_sl.append(slice(lo - start, hi - start))
     out[tuple(dst_sl)] = source[tuple(src_sl)]
-    return _flip(out, sample.flip_axes)
+    return _flip(_resize(out, sample.resize, interpolation), sample.flip_axes)
+
+
+class Interpolation(StrEnum):
+    LINEAR = "linear"
+    NEAREST = "nearest"
+
+
+def _resize(array: np.ndarray, size: tuple[int, int] | None, interpolation: Interpolation | str) -> np.ndarray:
+    """Resize a ``(C, X, Y)`` array in-plane to ``size`` (bilinear, or nearest for labels); dtype kept."""
+    if size is None or tuple(array.shape[1:]) == tuple(size):
+        return array
+    import torch
+    import torch.nn.functional as F
+
+    mode = Interpolation(interpolation)
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    if mode == Interpolation.LINEAR:
+        out = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    else:
+        out = F.interpolate(t, size=tuple(size), mode="nearest-exact")
+    return np.ascontiguousarray(out[0].numpy().astype(array.dtype, copy=False))
 
 
 def _flip(array: np.ndarray, axes: Sequence[int]) -> np.ndarray:
@@ -285,8 +319,10 @@ def plan_slices(
     flip_prob: float = 0.0,
     flip_axes: Sequence[int] = (0, 1),
     random_crop: bool = True,
+    resize: bool = False,
 ) -> list[Sample]:
-    """Plan ``n`` 2D samples: axial slices of a ``(X, Y, Z)`` volume, cropped/padded in-plane to ``roi``.
+    """Plan ``n`` 2D samples: axial slices of a ``(X, Y, Z)`` volume, cropped/padded in-plane to ``roi``
+    (or, with ``resize=True``, whole slices resized to ``roi``).
 
     Args:
         roi: in-plane size ``(x, y)``; ``None`` means the whole slice.
@@ -296,9 +332,13 @@ def plan_slices(
             the slice of a random foreground voxel (among ``allowed_slices``), its in-plane crop centred on it.
         flip_prob, flip_axes: in-plane flips (axes 0 = x, 1 = y).
         random_crop: ``False`` centres the in-plane crop of non-foreground samples.
+        resize: take whole slices and resize them to ``roi`` (see :func:`extract`) instead of cropping.
     """
     shape_t = _check_common(shape, n, rng, fg_ratio, flip_prob)
     roi_t = shape_t[:2] if roi is None else tuple(int(r) for r in roi)
+    target = roi_t if resize else None
+    if resize:
+        roi_t = shape_t[:2]
     if len(roi_t) != 2 or any(not 1 <= r <= MAX_SAMPLE_SIZE for r in roi_t):
         raise ValueError(f"roi must be 2 in-plane sizes in 1..{MAX_SAMPLE_SIZE} (x, y) for 2D slices, got {roi}")
     if any(a not in (0, 1) for a in flip_axes):
@@ -337,6 +377,7 @@ def plan_slices(
                 axial_index=z,
                 flip_axes=_flips(rng, flip_axes, flip_prob),
                 volume_shape=shape_t,
+                resize=target,
             )
         )
     return samples
