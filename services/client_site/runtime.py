@@ -25,7 +25,14 @@ from splitunet.data.cache import ArrayCache
 from splitunet.data.layout import BratsCase, scan_layout
 from splitunet.data.loader import load_images
 from splitunet.data.sampling import extract
-from splitunet.errors import CaseNotFoundError, ConfigurationError, ConflictError, NotFoundError, ProtocolError
+from splitunet.errors import (
+    CaseNotFoundError,
+    ConfigurationError,
+    ConflictError,
+    NotAlignedError,
+    NotFoundError,
+    ProtocolError,
+)
 from splitunet.filters import FilterChain
 from splitunet.networks.factory import make_optimizer, make_site_encoder
 from splitunet.networks.split_unet import SiteEncoder
@@ -274,7 +281,7 @@ class SiteRuntime:
         for sample in request.samples:
             case = self.cases.get(sample.case_id)
             if self._aligned is not None and sample.case_id not in self._aligned:
-                raise ProtocolError(
+                raise NotAlignedError(
                     f"case {sample.case_id!r} is not in the aligned cohort of site {self.settings.site_id}",
                     detail={"case_id": sample.case_id},
                 )

@@ -15,6 +15,7 @@ Exception tree::
     ├── AuthError                  (401, "unauthorized")
     ├── NotFoundError              (404, "not_found")
     ├── ConflictError              (409, "conflict")            e.g. a job is already running
+    │   └── NotAlignedError        (409, "not_aligned")         a case outside the aligned cohort
     └── PeerError                  (502, "peer_failed")         a site or the aggregator failed to answer
 """
 
@@ -82,6 +83,10 @@ class NotFoundError(SplitUNetError):
 class ConflictError(SplitUNetError):
     code = "conflict"
     status_code = 409
+
+
+class NotAlignedError(ConflictError):
+    code = "not_aligned"
 
 
 class PeerError(SplitUNetError):
