@@ -26,6 +26,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m splitunet.bench.phantom_speed
+	$(BIN)/python -m splitunet.bench.http_step
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
