@@ -276,6 +276,14 @@ class SiteRuntime:
         except ValueError as exc:
             raise ConfigurationError(f"samples of size {list(first.output_size)} do not fit the run's model: {exc}",
                                      detail={"size": list(first.output_size)}) from None
+        voxels = len(request.samples) * int(np.prod(first.output_size))
+        if voxels > self.settings.max_batch_voxels:
+            raise ConfigurationError(
+                f"the forward asks for {voxels} voxels ({len(request.samples)} samples of {list(first.output_size)}); "
+                f"this site accepts at most {self.settings.max_batch_voxels} (SITE_MAX_BATCH_VOXELS): send smaller "
+                "batches",
+                detail={"voxels": voxels, "limit": self.settings.max_batch_voxels},
+            )
         spec = model.site(self.settings.site_id)
         arrays = []
         for sample in request.samples:

@@ -29,6 +29,8 @@ class SiteSettings(ServiceSettings):
         cache_cases: decoded cases kept in memory.
         torch_threads: intra-op threads of this process (``0``: torch's default).
         max_bundle_bytes: largest gradient bundle accepted and activation bundle produced.
+        max_batch_voxels: most voxels (samples x spatial size) one forward may ask for; bounds the memory a request
+            can make the site allocate (default 32 Mi voxels, e.g. 4 patches of 128^3 or 256 slices of 240^2).
         defenses: names of the outbound activation filters (empty until the defense issue lands).
     """
 
@@ -45,6 +47,7 @@ class SiteSettings(ServiceSettings):
     cache_cases: int = Field(default=64, ge=1)
     torch_threads: int = Field(default=0, ge=0)
     max_bundle_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0)
+    max_batch_voxels: int = Field(default=32 * 2**20, gt=0)
 
     @field_validator("modalities", mode="before")
     @classmethod

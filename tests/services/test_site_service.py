@@ -335,6 +335,14 @@ def test_samples_the_model_cannot_take_are_422(run: TestClient, cohort: Cohort, 
     assert_error(forward(run, cohort, 1, body=body), 422, code)
 
 
+def test_a_forward_larger_than_the_voxel_limit_is_refused(start_app, site_settings, cohort: Cohort) -> None:
+    small = start_app(create_site_app(site_settings("t1", max_batch_voxels=16 * 16 * 3)))
+    assert small.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS).status_code == 200
+    assert forward(small, cohort, 1, n=3).status_code == 200
+    body = assert_error(forward(small, cohort, 2, n=4), 422, "bad_configuration")
+    assert "SITE_MAX_BATCH_VOXELS" in body["message"] and body["detail"]["voxels"] == 16 * 16 * 4
+
+
 def test_the_backward_step_parameter_is_validated(run: TestClient, cohort: Cohort) -> None:
     assert forward(run, cohort, 1).status_code == 200
     headers = SITE_HEADERS | {"Content-Type": CONTENT_TYPE}
