@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 
 from services.aggregator.runtime import AggregatorRuntime
-from splitunet.federation import FederationSpec, InferRequest, JobCreated, JobStatus
+from splitunet.federation import AggregatorInfo, FederationSpec, InferRequest, JobCreated, JobStatus
 from splitunet.schemas import RUN_ID_PATTERN
 from splitunet.service.deps import runtime_dep
 
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1", tags=["aggregator"])
 
 
 @router.get("/info")
-def info(runtime: AggregatorDep) -> dict:
+def info(runtime: AggregatorDep) -> AggregatorInfo:
     return runtime.info()
 
 

@@ -15,7 +15,7 @@ from services.aggregator.settings import AggregatorSettings
 from services.aggregator.site_client import SiteClient
 from services.aggregator.trainer import Aligner
 from splitunet import __version__
-from splitunet.federation import FederationSpec, SitePeer
+from splitunet.federation import AggregatorInfo, FederationSpec, SitePeer
 from splitunet.service.client import tls_context
 from splitunet.service.device import resolve_device
 
@@ -61,14 +61,13 @@ class AggregatorRuntime:
     def ready(self) -> bool:
         return bool(self.labels.cases)
 
-    def info(self) -> dict:
-        return {
-            "service": "aggregator",
-            "version": __version__,
-            "device": str(self.device),
-            "labelled_cases": len(self.labels.cases),
-            "skipped_cases": self.labels.skipped,
-        }
+    def info(self) -> AggregatorInfo:
+        return AggregatorInfo(
+            version=__version__,
+            device=str(self.device),
+            labelled_cases=len(self.labels.cases),
+            skipped_cases=self.labels.skipped,
+        )
 
 
 @contextmanager

@@ -142,7 +142,8 @@ class TrainingJob:
             self._update(state=JobState.FAILED, error=exc.to_body())
         except Exception as exc:  # noqa: BLE001 - the job thread must report, not die silently
             logger.exception("job %s failed", self.job_id)
-            self._update(state=JobState.FAILED, error={"code": "internal", "message": str(exc), "detail": None})
+            self._update(state=JobState.FAILED, error={"code": "internal", "message": f"{type(exc).__name__}: {exc}",
+                                                              "detail": None})
         finally:
             timing = dict(self.status().timing)
             timing["total_s"] = time.perf_counter() - started

@@ -182,6 +182,16 @@ class JobCreated(BaseModel):
     state: JobState
 
 
+class AggregatorInfo(BaseModel):
+    """``GET /v1/info`` of the aggregator."""
+
+    service: str = "aggregator"
+    version: str
+    device: str
+    labelled_cases: int
+    skipped_cases: int
+
+
 class InferRequest(BaseModel):
     """``POST /v1/infer``: segment one aligned case through the sites' encoders."""
 
