@@ -59,6 +59,15 @@ def test_fused_whole_volume_and_2d(cohort2021: Path, brats) -> None:
         assert it["images"].shape == (4, 32, 32) and it["regions"].shape == (3, 32, 32)
         assert it["images"].abs().sum() > 0  # brain slices only
         assert s.start == (-4, -4)
+    resized = BratsDataset(cohort2021, spatial_dims=2, roi=(16, 16), samples_per_case=2, resize=True, fg_ratio=1.0)
+    for i in range(len(resized)):
+        it = resized[i]
+        s = Sample.model_validate_json(it["sample"])
+        assert s.resize == (16, 16) and s.size == tuple(brats.SHAPE[:2])
+        assert it["images"].shape == (4, 16, 16) and it["regions"].shape == (3, 16, 16)
+        assert set(np.unique(it["regions"].numpy())) <= {0.0, 1.0} and it["regions"][1].sum() > 0
+    with pytest.raises(ValueError, match="resize needs spatial_dims=2"):
+        BratsDataset(cohort2021, resize=True, roi=(16, 16, 16))
 
 
 def test_case_selection_and_bad_arguments(cohort2021: Path) -> None:

@@ -42,6 +42,7 @@ class BratsDataset(Dataset):
         fg_ratio: probability of centring a sample on a tumour voxel.
         flip_prob: probability of flipping each spatial axis.
         brain_slices_only: 2D only: draw only slices with nonzero image voxels.
+        resize: 2D only: take whole slices resized to ``roi`` (bilinear images, nearest labels) instead of crops.
         random_crop: ``False`` centres the crops (validation).
         seed: base seed of the plans.
         case_ids: restrict to these cases (e.g. the training or the held-out list); unknown ids raise.
@@ -63,6 +64,7 @@ class BratsDataset(Dataset):
         fg_ratio: float = 0.0,
         flip_prob: float = 0.0,
         brain_slices_only: bool = True,
+        resize: bool = False,
         random_crop: bool = True,
         seed: int = 0,
         case_ids: Sequence[str] | None = None,
@@ -78,6 +80,8 @@ class BratsDataset(Dataset):
             raise ValueError(f"fg_ratio must be in [0, 1], got {fg_ratio}")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        if resize and (spatial_dims != 2 or roi is None):
+            raise ValueError("resize needs spatial_dims=2 and a roi (the in-plane size to resize slices to)")
         if roi is not None and len(roi) != spatial_dims:
             raise ValueError(f"roi must have {spatial_dims} sizes for spatial_dims={spatial_dims}, got {list(roi)}")
         self.sites = tuple(sites) if sites is not None else None
@@ -92,6 +96,7 @@ class BratsDataset(Dataset):
         self.fg_ratio = fg_ratio
         self.flip_prob = flip_prob
         self.brain_slices_only = brain_slices_only
+        self.resize = resize
         self.random_crop = random_crop
         self.seed = seed
         self.epoch = 0
@@ -129,7 +134,9 @@ class BratsDataset(Dataset):
         allowed = None
         if self.brain_slices_only:
             allowed = slices_with_foreground(load_images(case, self.modalities, cache=self.cache).array)
-        return plan_slices(case.case_id, labels.shape, self.roi, 1, rng, allowed_slices=allowed, **common)[0]
+        return plan_slices(
+            case.case_id, labels.shape, self.roi, 1, rng, allowed_slices=allowed, resize=self.resize, **common
+        )[0]
 
     def fetch(self, sample: Sample) -> dict[str, Any]:
         """The item for an explicit ``sample`` (same layout as ``self[i]``)."""
@@ -141,7 +148,8 @@ class BratsDataset(Dataset):
         images = load_images(case, self.modalities, cache=self.cache)
         labels = load_labels(case, cache=self.cache, reference=images)
         crop = extract(images.array, sample)
-        regions = labels_to_regions(extract(labels.label_map[None], sample)[0], case.et_label)
+        label_map = extract(labels.label_map[None], sample, interpolation="nearest")[0]
+        regions = labels_to_regions(label_map, case.et_label)
         if self.sites is None:
             image_out: torch.Tensor | dict[str, torch.Tensor] = torch.from_numpy(crop)
         else:
