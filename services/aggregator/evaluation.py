@@ -138,4 +138,5 @@ class SplitPredictor:
             for name, item in received.items():
                 self.on_received(name, step, item)
         self.calls += 1
-        return self.aggregator.predict({name: r.bundle.tensors for name, r in received.items()})
+        # on the CPU: MONAI blends windows on the placeholder's device
+        return self.aggregator.predict({name: r.bundle.tensors for name, r in received.items()}).cpu()

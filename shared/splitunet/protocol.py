@@ -161,11 +161,12 @@ class AggregatorStep:
             raise WireFormatError(f"expected tensors from sites {names}, got {sorted(site_tensors)}")
         reference = next(iter(site_tensors.values()))
         shapes = {k: tuple(v.shape) for k, v in reference.items()}
+        device = next(self.decoder.parameters()).device
         leaves: dict[str, Bundle] = {}
         for site in names:
             check_bundle(site_tensors[site], shapes, what=f"activations of site {site!r}")
             leaves[site] = {
-                k: v.detach().to(torch.float32).requires_grad_(grad) for k, v in site_tensors[site].items()
+                k: v.detach().to(device, torch.float32).requires_grad_(grad) for k, v in site_tensors[site].items()
             }
         return leaves
 
@@ -177,7 +178,10 @@ class AggregatorStep:
         step: int = 0,
         run_id: str = "local",
     ) -> StepResult:
-        """One training step on the received tensors and ``labels`` (``B, 3, *spatial``, float 0/1)."""
+        """One training step on the received tensors and ``labels`` (``B, 3, *spatial``, float 0/1).
+
+        Received tensors are moved to the decoder's device; the gradients returned live there too.
+        """
         with self.lock:
             leaves = self._leaves(site_tensors, grad=True)
             self.decoder.train()
