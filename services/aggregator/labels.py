@@ -6,7 +6,8 @@ import numpy as np
 
 from services.aggregator.settings import AggregatorSettings
 from splitunet.data.cache import ArrayCache, file_signature
-from splitunet.data.layout import BratsCase, scan_layout
+from splitunet.data.cohort import scan_cohort
+from splitunet.data.layout import BratsCase
 from splitunet.data.loader import labels_to_regions, load_labels
 from splitunet.errors import CaseNotFoundError
 
@@ -15,7 +16,7 @@ class LabelStore:
     """Region channels per case: ``(3, X, Y, Z)`` uint8 [TC, WT, ET], RAS, from each case's segmentation."""
 
     def __init__(self, settings: AggregatorSettings) -> None:
-        scan = scan_layout(settings.data_dir, require=["seg"], on_bad_case=settings.on_bad_case)
+        scan = scan_cohort(settings.data_dir, seg=True, on_bad_case=settings.on_bad_case)
         self.cases: dict[str, BratsCase] = dict(scan.cases)
         self.skipped = len(scan.skipped)
         self.cache = ArrayCache(max_items=settings.cache_cases)

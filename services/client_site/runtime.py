@@ -22,7 +22,8 @@ from services.client_site.settings import SiteSettings
 from splitunet import __version__
 from splitunet.checkpoint import load_checkpoint, save_checkpoint
 from splitunet.data.cache import ArrayCache
-from splitunet.data.layout import BratsCase, scan_layout
+from splitunet.data.cohort import scan_cohort
+from splitunet.data.layout import BratsCase
 from splitunet.data.loader import load_images
 from splitunet.data.sampling import extract
 from splitunet.errors import (
@@ -87,7 +88,8 @@ class SiteRuntime:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.filters = filters or FilterChain()
-        scan = scan_layout(settings.data_dir, require=settings.modalities, on_bad_case=settings.on_bad_case)
+        # file headers checked at start-up: missing files and disagreeing grids are reported (or skipped) now
+        scan = scan_cohort(settings.data_dir, modalities=settings.modalities, on_bad_case=settings.on_bad_case)
         self.cases: dict[str, BratsCase] = dict(scan.cases)
         self.skipped_cases = len(scan.skipped)
         self.cache = ArrayCache(max_items=settings.cache_cases)

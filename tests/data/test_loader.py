@@ -12,6 +12,7 @@ import pytest
 
 from splitunet.config import MODALITIES
 from splitunet.data.cache import ArrayCache
+from splitunet.data.cohort import scan_cohort
 from splitunet.data.layout import discover_cases
 from splitunet.data.loader import (
     labels_to_regions,
@@ -23,7 +24,6 @@ from splitunet.data.loader import (
     read_geometry,
     regions_to_labels,
     save_segmentation,
-    scan_cohort,
 )
 from splitunet.errors import DataError
 

@@ -446,3 +446,19 @@ def test_sites_set_up_concurrently_in_one_process_get_their_seeded_weights(start
             want = make_site_encoder(MODEL, name, attempt).state_dict()
             got = client.app.state.runtime.encoder(run_id).state_dict()
             assert all(torch.equal(got[k], want[k]) for k in want), f"{name}, attempt {attempt}"
+
+
+def test_a_bad_case_stops_start_up_or_is_skipped(brats, tmp_path, site_settings) -> None:
+    from splitunet.errors import DataError
+
+    root = tmp_path / "t1-data"
+    brats.write_cohort(root, 3, modalities=("t1",), seg=False)
+    broken = next((root / brats.case_id_for(1, "brats2021")).glob("*_t1.nii.gz"))
+    broken.write_bytes(b"not a NIfTI file")  # unreadable: reported when the service starts, not mid-training
+    with pytest.raises(DataError, match=brats.case_id_for(1, "brats2021")):
+        with TestClient(create_site_app(site_settings("t1", data_dir=root))):
+            pass
+    with TestClient(create_site_app(site_settings("t1", data_dir=root, on_bad_case="skip"))) as client:
+        runtime = client.app.state.runtime
+        assert runtime.case_ids() == [brats.case_id_for(0, "brats2021"), brats.case_id_for(2, "brats2021")]
+        assert runtime.skipped_cases == 1

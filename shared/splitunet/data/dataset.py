@@ -23,8 +23,9 @@ from torch.utils.data import Dataset
 
 from splitunet.config import MODALITIES, SiteSpec
 from splitunet.data.cache import ArrayCache
+from splitunet.data.cohort import CaseCheck, scan_cohort
 from splitunet.data.layout import BratsCase, OnBadCase
-from splitunet.data.loader import CaseCheck, labels_to_regions, load_images, load_labels, scan_cohort
+from splitunet.data.loader import labels_to_regions, load_images, load_labels
 from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices, slices_with_foreground
 from splitunet.errors import CaseNotFoundError
 

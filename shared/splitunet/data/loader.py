@@ -23,9 +23,8 @@ file. Arrays returned are read-only (they may be shared through an :class:`~spli
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,8 @@ import numpy as np
 
 from splitunet.data.cache import ArrayCache, file_signature
 from splitunet.data.layout import (
-    SEG,
     BratsCase,
-    CohortScan,
-    OnBadCase,
     canonical_modality,
-    canonical_requirements,
-    parse_option,
-    scan_layout,
 )
 from splitunet.errors import DataError
 
@@ -50,17 +43,6 @@ logger = logging.getLogger(__name__)
 LOADER_VERSION = 1
 #: Two affines within this many millimetres (per entry) describe the same grid.
 AFFINE_ATOL_MM = 1e-3
-
-
-class CaseCheck(StrEnum):
-    """How thoroughly :func:`scan_cohort` checks each case.
-
-    - ``header``: files open, are 3D, and agree in RAS shape and affine (reads headers only; fast).
-    - ``full``: also decodes every file (catches truncated files and bad label values); fills the cache.
-    """
-
-    HEADER = "header"
-    FULL = "full"
 
 
 @dataclass(frozen=True, eq=False)
@@ -197,7 +179,7 @@ def _decode(case_id: str, path: Path, img: Any, geom: Geometry, *, as_float: boo
     return np.ascontiguousarray(nio.apply_orientation(data, geom.to_ras))
 
 
-def _check_same_grid(case_id: str, files: Sequence[tuple[Path, Geometry]]) -> None:
+def check_same_grid(case_id: str, files: Sequence[tuple[Path, Geometry]]) -> None:
     ref_path, ref = files[0]
     for path, geom in files[1:]:
         if geom.ras_shape != ref.ras_shape:
@@ -274,7 +256,7 @@ def load_images(
 
     def load() -> dict[str, np.ndarray]:
         opened = [(p, *_open(case.case_id, p)) for p in paths]
-        _check_same_grid(case.case_id, [(p, g) for p, _, g in opened])
+        check_same_grid(case.case_id, [(p, g) for p, _, g in opened])
         geom = opened[0][2]
         array = np.empty((len(mods), *geom.ras_shape), dtype=np.float32)
         for c, (p, img, g) in enumerate(opened):
@@ -468,65 +450,3 @@ def save_segmentation(label_map_ras: np.ndarray, reference: BratsCase | Path | s
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(out, str(out_path))
     return out_path
-
-
-# ---------------------------------------------------------------------------------------------- cohort
-def check_case(
-    case: BratsCase,
-    modalities: Iterable[str] = (),
-    seg: bool = False,
-    *,
-    check: CaseCheck | str = CaseCheck.HEADER,
-    cache: ArrayCache | None = None,
-) -> None:
-    """Raise a :class:`DataError` naming the case and file if ``case`` is unusable for ``modalities``/``seg``."""
-    level = parse_option(CaseCheck, check, "check")
-    mods = canonical_requirements(modalities)
-    case.check((*mods, *((SEG,) if seg else ())))
-    if level is CaseCheck.FULL:
-        images = load_images(case, mods, cache=cache) if mods else None
-        if seg:
-            load_labels(case, cache=cache, reference=images)
-        return
-    files = [case.image_path(m) for m in mods] + ([case.seg_path()] if seg else [])
-    _check_same_grid(case.case_id, [(p, read_geometry(case.case_id, p)) for p in files])
-
-
-def scan_cohort(
-    root: Path | str,
-    *,
-    modalities: Iterable[str] = (),
-    seg: bool = False,
-    on_bad_case: OnBadCase | str = OnBadCase.RAISE,
-    check: CaseCheck | str = CaseCheck.HEADER,
-    cache: ArrayCache | None = None,
-) -> CohortScan:
-    """Discover the cases under ``root`` and check each for ``modalities`` and (if ``seg``) its segmentation.
-
-    With ``on_bad_case="skip"`` every unusable case is logged and left out; ``CohortScan.skipped`` maps each
-    skipped case id to its reason and ``num_skipped`` counts them. With ``"raise"`` the first problem raises.
-    ``check="full"`` decodes every file (fills ``cache``, ~0.35 s per real case); ``"header"`` does not, so a
-    truncated file is then only found when the case is loaded.
-    """
-    policy = parse_option(OnBadCase, on_bad_case, "on_bad_case")
-    level = parse_option(CaseCheck, check, "check")
-    mods = canonical_requirements(modalities)
-    if SEG in mods:
-        raise ValueError("modalities must name image modalities only; pass seg=True for the segmentation")
-    layout_scan = scan_layout(root, (*mods, *((SEG,) if seg else ())), policy)
-    cases = dict(layout_scan.cases)
-    skipped = dict(layout_scan.skipped)
-    for case_id, case in list(cases.items()):
-        try:
-            check_case(case, mods, seg, check=level, cache=cache)
-        except DataError as exc:
-            if policy is OnBadCase.RAISE:
-                raise
-            logger.warning("skipping case %s: %s", case_id, exc.message)
-            skipped[case_id] = exc.message
-            del cases[case_id]
-    if len(skipped) > len(layout_scan.skipped):
-        logger.warning("skipped %d of %d cases in %s", len(skipped), len(skipped) + len(cases), root)
-    if not cases:
-        raise DataError(f"no usable BraTS case left in {root}: all {len(skipped)} were skipped")
-    return CohortScan(root=Path(root), cases=cases, skipped=dict(sorted(skipped.items())))

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from splitunet.config import SiteSpec, default_sites
+from splitunet.data.cohort import CaseCheck, scan_cohort
 from splitunet.data.layout import OnBadCase, parse_option
-from splitunet.data.loader import CaseCheck, scan_cohort
 
 logger = logging.getLogger(__name__)
 
