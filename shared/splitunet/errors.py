@@ -13,6 +13,7 @@ Exception tree::
     │   └── BundleTooLargeError    (413, "bundle_too_large")
     ├── ProtocolError              (409, "out_of_order")        e.g. a backward without its forward
     ├── AuthError                  (401, "unauthorized")
+    ├── PolicyError                (403, "policy_violation")    refused by the serving party's own policy
     ├── NotFoundError              (404, "not_found")
     ├── ConflictError              (409, "conflict")            e.g. a job is already running
     │   └── NotAlignedError        (409, "not_aligned")         a case outside the aligned cohort
@@ -73,6 +74,16 @@ class ProtocolError(SplitUNetError):
 class AuthError(SplitUNetError):
     code = "unauthorized"
     status_code = 401
+
+
+class PolicyError(SplitUNetError):
+    """A request the serving party's policy refuses (a site's model, evaluation or privacy budget rules).
+
+    ``detail`` names the rule (``{"rule": ..., ...}``) so the caller knows what to change.
+    """
+
+    code = "policy_violation"
+    status_code = 403
 
 
 class NotFoundError(SplitUNetError):
