@@ -17,8 +17,9 @@ def serve_command(
     service: Annotated[ServiceName, typer.Argument(help="Which service: site (SITE_* env) or aggregator (AGG_* env).")],
     port: Annotated[int | None, typer.Option(help="Override the port from the environment.")] = None,
 ) -> None:
-    """Run a service (the same as `uvicorn --factory services.<service>.app:create_app`, with the service's
-    own logging and TLS settings). Configuration comes from environment variables and mounted secret files."""
+    """Run a service: the one supported command (containers, the launcher, by hand). It serves HTTPS whenever TLS
+    files are configured (a bare `uvicorn --factory` with TLS files configured refuses to start). Configuration
+    comes from environment variables and mounted secret files."""
     import uvicorn
     from pydantic import ValidationError
 
@@ -36,4 +37,18 @@ def serve_command(
     except ValidationError as exc:
         typer.echo(f"bad {service.value} configuration:\n{exc}", err=True)
         raise typer.Exit(2) from None
-    uvicorn.run(create_app(settings), **settings.uvicorn_kwargs())
+    import os
+
+    from splitunet.errors import ConfigurationError
+    from splitunet.service.settings import TLS_SERVER_ENV
+
+    kwargs = settings.uvicorn_kwargs()
+    if settings.tls_enabled:
+        # The files go to uvicorn just below: tell create_service_app that TLS is served (see its docstring).
+        os.environ[TLS_SERVER_ENV] = "1"
+    try:
+        app = create_app(settings)
+    except (ConfigurationError, ValueError, OSError) as exc:
+        typer.echo(f"cannot start the {service.value} service: {exc}", err=True)
+        raise typer.Exit(2) from None
+    uvicorn.run(app, **kwargs)
