@@ -34,7 +34,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from splitunet.errors import AuthError
 from splitunet.service.auth import ScopedAuth
 from splitunet.service.errors import error_response
-from splitunet.service.scopes import AUTH_SCOPE_KEY, Scope, declared_requirement
+from splitunet.service.scopes import AUTH_SCOPE_KEY, declared_requirement
+from splitunet.service.scopes import Scope as CredentialScope
 from splitunet.service.settings import ServiceSettings
 
 #: Where the gate leaves the request's body limit (bytes) for the body-size middleware.
@@ -72,11 +73,11 @@ class GateRoute:
 
     route: object
     public: bool
-    scope: Scope | None
+    scope: CredentialScope | None
     limit: BodyLimit | None
 
     @classmethod
-    def of(cls, route: object, default: Scope | None) -> GateRoute:
+    def of(cls, route: object, default: CredentialScope | None) -> GateRoute:
         """The gate's view of ``route`` included with ``default`` scope (``None``: public); the route's own
         declaration wins."""
         declared = declared_requirement(route)
