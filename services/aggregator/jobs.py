@@ -73,7 +73,14 @@ class JobManager:
             job_id = spec.run_id or f"job-{uuid.uuid4().hex[:12]}"
             if job_id in self._jobs:
                 raise ConflictError(f"a job {job_id!r} already exists; choose another run_id")
-            clients = {peer.name: self.client_factory(peer, spec) for peer in spec.sites}
+            clients: dict[str, SiteClient] = {}
+            try:
+                for name in spec.sites:  # registry names only: the factory resolves URL and credential
+                    clients[name] = self.client_factory(name, spec)
+            except Exception:
+                for client in clients.values():
+                    client.close()
+                raise
             job = TrainingJob(
                 job_id, spec, labels=self.labels, clients=clients, aligner=self.aligner, device=self.device,
                 state_dir=self.settings.state_dir,

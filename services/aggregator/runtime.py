@@ -33,6 +33,7 @@ class AggregatorRuntime:
         transport_factory: Callable[[SitePeer], object] | None = None,
     ) -> None:
         self.settings = settings
+        self.registry = settings.registry()
         self.device = resolve_device(settings.device)
         self.labels = LabelStore(settings)
         self._transport_factory = transport_factory
@@ -49,7 +50,9 @@ class AggregatorRuntime:
         )
         logger.info("aggregator: %d labelled cases on %s", len(self.labels.cases), self.device)
 
-    def _client(self, peer: SitePeer, spec: FederationSpec) -> SiteClient:
+    def _client(self, name: str, spec: FederationSpec) -> SiteClient:
+        """The client of registry site ``name`` (403 if the registry has no such site)."""
+        (peer,) = self.registry.resolve([name])
         return SiteClient(
             peer,
             timeout_s=spec.timeout_s,

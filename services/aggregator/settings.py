@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.aggregator.registry import SiteRegistry
 from splitunet.data.layout import OnBadCase
 from splitunet.service.device import DeviceChoice
 from splitunet.service.settings import ServiceSettings
@@ -24,6 +25,8 @@ class AggregatorSettings(ServiceSettings):
         cache_cases: decoded label maps kept in memory.
         torch_threads: intra-op threads (``0``: torch's default).
         max_bundle_bytes: largest activation bundle accepted / gradient bundle produced.
+        sites: the site registry file (``AGG_SITES``; YAML/JSON: name, URL, token file of every site a job may
+            name; see :mod:`services.aggregator.registry`).
         site_ca_file: CA bundle to verify HTTPS site services (default: system CAs).
         site_client_cert_file, site_client_key_file: client certificate for mutual TLS to the sites.
         concurrency: threads calling sites concurrently (default: one per site).
@@ -33,6 +36,7 @@ class AggregatorSettings(ServiceSettings):
 
     port: int = Field(default=8100, ge=0, le=65535)
     data_dir: Path
+    sites: Path
     state_dir: Path = Path("aggregator-state")
     device: DeviceChoice = DeviceChoice.AUTO
     on_bad_case: OnBadCase = OnBadCase.RAISE
@@ -43,6 +47,22 @@ class AggregatorSettings(ServiceSettings):
     site_client_cert_file: Path | None = None
     site_client_key_file: Path | None = None
     concurrency: int = Field(default=0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _check_sites(self) -> AggregatorSettings:
+        for name in ("site_ca_file", "site_client_cert_file", "site_client_key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file {str(path)!r}")
+        if (self.site_client_cert_file is None) != (self.site_client_key_file is None):
+            raise ValueError("site_client_cert_file and site_client_key_file must be given together (or neither)")
+        self.registry()  # a bad registry is a start-up error, not a failed job
+        return self
+
+    def registry(self) -> SiteRegistry:
+        """The site registry, read now (:class:`ConfigurationError` if it is missing or malformed)."""
+        tls = self.site_ca_file is not None or self.site_client_cert_file is not None
+        return SiteRegistry.load(self.sites, tls_configured=tls)
 
     @field_validator("data_dir")
     @classmethod

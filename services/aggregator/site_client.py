@@ -86,8 +86,9 @@ class SiteClient:
         """One PSI round trip (blinded elements only; see :mod:`splitunet.psi`)."""
         return parse_message(PsiResponse, self.peer.post_json("/v1/psi", request.model_dump(mode="json")))
 
-    def set_alignment(self, case_ids: Sequence[str]) -> AlignmentAck:
-        body = AlignedCases(case_ids=list(case_ids)).model_dump(mode="json")
+    def set_alignment(self, case_ids: Sequence[str], session: str) -> AlignmentAck:
+        """Tell the site the aligned cohort, bound to the PSI ``session`` just run with it."""
+        body = AlignedCases(case_ids=list(case_ids), session=session).model_dump(mode="json")
         return AlignmentAck.model_validate(self.peer.post_json("/v1/alignment", body, idempotent=True))
 
     def setup_run(self, setup: RunSetup) -> RunInfo:

@@ -178,7 +178,7 @@ class TrainingJob:
         optimizer = make_optimizer(decoder.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
         self.aggregator = AggregatorStep(decoder, make_loss(self.spec.loss), optimizer, self.gradient_filters)
         setup = RunSetup(
-            run_id=self.job_id, model=self.config, seed=self.spec.seed,
+            run_id=self.job_id, model=self.config,
             optimizer=self.spec.site_optimizer, wire=self.spec.wire,
         )
         list(self.pool.map(lambda c: c.setup_run(setup), self.clients.values()))

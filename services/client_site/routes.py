@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Depends, Path, Query
 
 from services.client_site.runtime import SiteRuntime
 from splitunet.psi import PsiRequest, PsiResponse
@@ -24,11 +24,18 @@ from splitunet.schemas import (
     RunSetup,
     SiteInfo,
 )
+from splitunet.service.auth import principal
 from splitunet.service.deps import BundleBody, BundleResponse, runtime_dep
+from splitunet.service.gate import body_limit
 
 SiteRuntimeDep = runtime_dep(SiteRuntime)
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
+#: Body limit of a PSI request: 100 000 blinded ids (64 hex characters each, JSON-quoted) fit.
+PSI_BODY_BYTES = 8 * 2**20
+#: The authenticated caller (scope and token digest): binds the alignment to the caller's own PSI session.
+Caller = Annotated[str, Depends(principal)]
 
+#: The training API: every route needs the aggregator's credential (the site's primary scope).
 router = APIRouter(prefix="/v1", tags=["site"])
 
 
@@ -37,14 +44,14 @@ def info(runtime: SiteRuntimeDep) -> SiteInfo:
     return runtime.info()
 
 
-@router.post("/psi")
-def psi(runtime: SiteRuntimeDep, request: PsiRequest) -> PsiResponse:
-    return runtime.psi(request)
+@router.post("/psi", dependencies=[body_limit(lambda s: PSI_BODY_BYTES)])
+def psi(runtime: SiteRuntimeDep, request: PsiRequest, caller: Caller) -> PsiResponse:
+    return runtime.psi(request, caller)
 
 
 @router.post("/alignment")
-def alignment(runtime: SiteRuntimeDep, aligned: AlignedCases) -> AlignmentAck:
-    return runtime.set_alignment(aligned)
+def alignment(runtime: SiteRuntimeDep, aligned: AlignedCases, caller: Caller) -> AlignmentAck:
+    return runtime.set_alignment(aligned, caller)
 
 
 @router.post("/runs")
@@ -57,7 +64,7 @@ def forward(runtime: SiteRuntimeDep, run_id: RunId, request: ForwardRequest) -> 
     return BundleResponse(runtime.forward(run_id, request))
 
 
-@router.post("/runs/{run_id}/backward")
+@router.post("/runs/{run_id}/backward", dependencies=[body_limit(lambda s: s.max_tensor_request_bytes())])
 def backward(
     runtime: SiteRuntimeDep, run_id: RunId, body: BundleBody, step: Annotated[int, Query(ge=0, lt=STEP_LIMIT)]
 ) -> BackwardAck:

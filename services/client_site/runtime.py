@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.client_site.alignment import AlignmentGuard, not_aligned
+from services.client_site.policy import EvalBudget
 from services.client_site.settings import SiteSettings
 from splitunet import __version__
 from splitunet.checkpoint import load_checkpoint, save_checkpoint
@@ -27,18 +30,18 @@ from splitunet.data.layout import BratsCase
 from splitunet.data.loader import load_images
 from splitunet.data.sampling import extract
 from splitunet.errors import (
-    CaseNotFoundError,
     ConfigurationError,
     ConflictError,
-    NotAlignedError,
+    DataError,
     NotFoundError,
+    PolicyError,
     ProtocolError,
 )
 from splitunet.filters import FilterChain
 from splitunet.networks.factory import make_optimizer, make_site_encoder
 from splitunet.networks.split_unet import SiteEncoder
 from splitunet.protocol import SiteStep
-from splitunet.psi import PsiRequest, PsiResponse, PsiServer
+from splitunet.psi import PsiRequest, PsiResponse
 from splitunet.schemas import (
     AlignedCases,
     AlignmentAck,
@@ -56,7 +59,7 @@ from splitunet.wire import BundleExpectation, BundleKind, BundleMeta, WireDtype,
 
 logger = logging.getLogger(__name__)
 
-#: Runs a site keeps at once (oldest dropped first).
+#: Runs a site keeps at once (an idle one makes room for a new run; a training one never does).
 MAX_RUNS = 8
 
 
@@ -71,6 +74,8 @@ class SiteRun:
     last_forward: tuple[int, dict[str, tuple[int, ...]]] | None = None
     last_applied: int | None = None
     created: float = field(default_factory=time.time)
+    cohort: frozenset[str] = frozenset()
+    active: float = field(default_factory=time.monotonic)
 
 
 class SiteRuntime:
@@ -94,7 +99,9 @@ class SiteRuntime:
         self.skipped_cases = len(scan.skipped)
         self.cache = ArrayCache(max_items=settings.cache_cases)
         self._runs: dict[str, SiteRun] = {}
-        self._aligned: frozenset[str] | None = None
+        self._aligned: frozenset[str] = frozenset()
+        self.alignment = AlignmentGuard(frozenset(self.cases))
+        self.eval_budget = EvalBudget(settings.policy)
         self._lock = threading.Lock()
         self._metrics = metrics
         if metrics is not None:
@@ -128,6 +135,7 @@ class SiteRuntime:
             defenses=self.filters.describe(),
             runs=runs,
             model_policy=None if self.settings.model is None else self.settings.model.model_dump(mode="json"),
+            policy=self.settings.policy.model_dump(mode="json"),
         )
 
     def _run_info(self, run_id: str, run: SiteRun) -> RunInfo:
@@ -140,22 +148,18 @@ class SiteRuntime:
         )
 
     # ------------------------------------------------------------------ alignment
-    def psi(self, request: PsiRequest) -> PsiResponse:
+    def psi(self, request: PsiRequest, caller: str = "anonymous") -> PsiResponse:
         """Answer one private-set-intersection request with a fresh secret (see :mod:`splitunet.psi`)."""
-        return PsiServer(self.case_ids()).respond(request)
+        return self.alignment.psi(caller, request)
 
-    def set_alignment(self, aligned: AlignedCases) -> AlignmentAck:
-        """Restrict this site to the aligned cohort; every id must be one of its own cases."""
-        unknown = sorted(set(aligned.case_ids) - set(self.cases))
-        if unknown:
-            raise CaseNotFoundError(
-                f"{len(unknown)} aligned case(s) are not at site {self.settings.site_id}; re-run the alignment",
-                detail={"unknown": len(unknown)},
-            )
+    def set_alignment(self, aligned: AlignedCases, caller: str = "anonymous") -> AlignmentAck:
+        """The cohort of runs set up from now on: the intersection of ``caller``'s own PSI session (see
+        :mod:`services.client_site.alignment`); runs already set up keep theirs."""
+        cohort = self.alignment.accept(caller, aligned)
         with self._lock:
-            self._aligned = frozenset(aligned.case_ids)
-        logger.info("site %s: %d aligned cases", self.settings.site_id, len(aligned.case_ids))
-        return AlignmentAck(aligned=len(aligned.case_ids))
+            self._aligned = cohort
+        logger.info("site %s: %d aligned cases", self.settings.site_id, len(cohort))
+        return AlignmentAck(aligned=len(cohort))
 
     # ------------------------------------------------------------------ runs
     def setup_run(self, setup: RunSetup) -> RunInfo:
@@ -170,6 +174,7 @@ class SiteRuntime:
                 f"the model gives site {me!r} modalities {list(spec.modalities)}, but this site holds "
                 f"{list(self.settings.modalities)}"
             )
+        self.settings.policy.check_setup(setup.model, setup.optimizer)
         if self.settings.model is not None and self.settings.model != setup.model:
             raise ConflictError(
                 "this site only accepts its pinned model configuration (SITE_MODEL); the run asks for another",
@@ -181,7 +186,10 @@ class SiteRuntime:
                 if existing.setup != setup:
                     raise ConflictError(f"run {setup.run_id!r} already exists with a different setup")
                 return self._run_info(setup.run_id, existing)
-            encoder = make_site_encoder(setup.model, me, setup.seed).to(self.device)
+            self._make_room()
+            # The site's own randomness unless SITE_SEED pins it (tests, studies): never the aggregator's choice.
+            seed = self.settings.seed if self.settings.seed is not None else secrets.randbelow(2**31)
+            encoder = make_site_encoder(setup.model, me, seed).to(self.device)
             optimizer = make_optimizer(
                 encoder.parameters(), lr=setup.optimizer.lr, weight_decay=setup.optimizer.weight_decay
             )
@@ -190,14 +198,28 @@ class SiteRuntime:
                 step=SiteStep(encoder, optimizer, self.filters),
                 fingerprint=encoder.fingerprint(),
                 parameters=sum(p.numel() for p in encoder.parameters()),
+                cohort=self._aligned,
             )
-            if len(self._runs) >= MAX_RUNS:
-                oldest = min(self._runs, key=lambda r: self._runs[r].created)
-                logger.info("dropping run %s (more than %d runs)", oldest, MAX_RUNS)
-                del self._runs[oldest]
             self._runs[setup.run_id] = run
             logger.info("run %s: encoder %s with %d parameters", setup.run_id, run.fingerprint, run.parameters)
             return self._run_info(setup.run_id, run)
+
+    def _make_room(self) -> None:
+        """Under ``self._lock``: drop the longest-idle run if the site is full; 409 if every run is training."""
+        if len(self._runs) < MAX_RUNS:
+            return
+        now = time.monotonic()
+        idle = [rid for rid, run in self._runs.items() if now - run.active > self.settings.run_idle_s]
+        if not idle:
+            raise ConflictError(
+                f"site {self.settings.site_id} already holds {MAX_RUNS} runs that are training (a step in the last "
+                f"{self.settings.run_idle_s:.0f} s); it never evicts a training run: retry when one is idle",
+                detail={"runs": len(self._runs), "run_idle_s": self.settings.run_idle_s},
+            )
+        oldest = min(idle, key=lambda r: self._runs[r].active)
+        logger.info("dropping idle run %s (more than %d runs)", oldest, MAX_RUNS)
+        del self._runs[oldest]
+        self.eval_budget.forget_run(oldest)
 
     def encoder(self, run_id: str) -> SiteEncoder:
         """The encoder of a run (tests, tooling); use it under ``run.step.lock`` while the run trains."""
@@ -215,6 +237,14 @@ class SiteRuntime:
         """Encode the requested samples; return the activation bundle (wire bytes)."""
         run = self._run(run_id)
         started = time.perf_counter()
+        self.settings.policy.check_batch(len(request.samples))
+        for sample in request.samples:
+            if sample.case_id not in run.cohort:
+                raise not_aligned(sample.case_id)
+        if request.phase == Phase.EVAL:
+            self.eval_budget.charge(run_id, [s.case_id for s in request.samples])
+        else:
+            run.active = time.monotonic()
         batch = self._batch(request, run)
         tensors = run.step.forward(
             batch, step=request.step, run_id=run_id, train=request.phase == Phase.TRAIN
@@ -261,6 +291,7 @@ class SiteRuntime:
         grads = {k: v.to(self.device) for k, v in bundle.tensors.items()}
         run.step.backward(grads, step=step, run_id=run_id)
         run.last_applied = step
+        run.active = time.monotonic()
         self._observe("backward", started, received=len(body))
         return BackwardAck(run_id=run_id, step=step, applied=True)
 
@@ -290,15 +321,8 @@ class SiteRuntime:
         arrays = []
         for sample in request.samples:
             case = self.cases.get(sample.case_id)
-            if self._aligned is not None and sample.case_id not in self._aligned:
-                raise NotAlignedError(
-                    f"case {sample.case_id!r} is not in the aligned cohort of site {self.settings.site_id}",
-                    detail={"case_id": sample.case_id},
-                )
-            if case is None:
-                raise CaseNotFoundError(
-                    f"site {self.settings.site_id} has no case {sample.case_id!r}", detail={"case_id": sample.case_id}
-                )
+            if case is None or sample.case_id not in run.cohort:
+                raise not_aligned(sample.case_id)
             images = load_images(case, spec.modalities, cache=self.cache)
             arrays.append(extract(images.array, sample))
         return torch.from_numpy(np.stack(arrays)).to(self.device, torch.float32)
@@ -320,12 +344,26 @@ class SiteRuntime:
         """Save encoder + optimizer of a run (after the backward of ``step``)."""
         run = self._run(run_id)
         path = self._checkpoint_path(run_id, step)
+        self._check_disk_budget(run)
         with run.step.lock:
             digest = save_checkpoint(
                 path, run.step.encoder, run.step.optimizer,
                 {"run_id": run_id, "step": step, "site": self.settings.site_id, "fingerprint": run.fingerprint},
             )
         return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=digest)
+
+    def _check_disk_budget(self, run: SiteRun) -> None:
+        """Refuse a checkpoint that would take the state folder past ``checkpoint_budget_bytes`` (403)."""
+        root = Path(self.settings.state_dir)
+        used = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file()) if root.is_dir() else 0
+        expected = 3 * 4 * run.parameters + 2**16  # weights + Adam's two moments, fp32, and the header
+        budget = self.settings.checkpoint_budget_bytes
+        if used + expected > budget:
+            raise PolicyError(
+                f"site {self.settings.site_id}: a checkpoint would exceed the disk budget of {budget} bytes "
+                f"({used} used); delete old checkpoints or raise SITE_CHECKPOINT_BUDGET_BYTES",
+                detail={"rule": "checkpoint_budget_bytes", "used": used, "needed": expected, "budget": budget},
+            )
 
     def restore(self, run_id: str, step: int) -> CheckpointInfo:
         """Load encoder + optimizer of a run from the checkpoint at ``step`` (the run must be set up)."""
@@ -334,7 +372,15 @@ class SiteRuntime:
         if not path.is_file():
             raise NotFoundError(f"site {self.settings.site_id} has no checkpoint of run {run_id!r} at step {step}")
         with run.step.lock:
-            meta = load_checkpoint(path, run.step.encoder, run.step.optimizer)
+            try:
+                meta = load_checkpoint(path, run.step.encoder, run.step.optimizer)
+            except DataError:
+                raise
+            except Exception as exc:  # safetensors/torch on a corrupt, truncated or empty file
+                raise DataError(
+                    f"the checkpoint of run {run_id!r} at step {step} is corrupt or truncated; restore another step",
+                    detail={"step": step, "error": type(exc).__name__},
+                ) from None
         if meta.get("fingerprint") != run.fingerprint:
             raise ConflictError("the checkpoint was written by an encoder of another architecture")
         run.last_applied, run.last_forward = step, None

@@ -157,15 +157,15 @@ def run_demo(
     t0 = time.perf_counter()
     with LocalFederation(workdir) as federation:
         sites = []
-        for m in MODALITIES:
-            proc = federation.start_site(m, [m], partition.site_dir(m))
-            sites.append({"name": m, "url": proc.url, "token_file": str(federation.site_token_file)})
+        for m in MODALITIES:  # each site its own token; the aggregator's registry (AGG_SITES) lists them
+            federation.start_site(m, [m], partition.site_dir(m))
+            sites.append(m)
         aggregator = federation.start_aggregator(partition.aggregator_dir)
         federation.wait_ready(timeout_s=180)
         timing["startup_s"] = time.perf_counter() - t0
 
         spec = {"sites": sites, "val_cases": list(partition.validation) or n_val, **plan}
-        client = PeerClient(aggregator.url, name="aggregator", token=federation.aggregator_token,
+        client = PeerClient(aggregator.url, name="aggregator", token=federation.operator_token,
                             timeouts=PeerTimeouts(connect=5, read=600, write=60, pool=10))
         with client:
             phase("train")
@@ -214,7 +214,7 @@ def run_demo(
         "data": str(options.data) if options.data is not None else f"phantom {PHANTOM_SHAPE}",
         "mode": "quick" if options.quick else "default",
         "job": {k: v for k, v in spec.items() if k != "sites"},
-        "sites": [s["name"] for s in sites],
+        "sites": list(sites),
         "inference": str(out),
     }
     report_path = workdir / "report.json"

@@ -1,42 +1,40 @@
 """The federation spec a user posts to the aggregator (``POST /v1/jobs``), and the job status it reports.
 
-The spec names the sites (URL and credential) and the training run; the sites' modalities come from the sites
-themselves (``GET /v1/info``), so the model's ``sites`` are filled in by the aggregator in the spec's order.
+The spec names the sites by **name only** (entries of the aggregator's own site registry, ``AGG_SITES``: see
+:mod:`services.aggregator.registry`) and the training run; the sites' modalities come from the sites themselves
+(``GET /v1/info``), so the model's ``sites`` are filled in by the aggregator in the spec's order.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from splitunet.config import Fusion, SiteSpec, SkipPolicy, SplitUNetConfig
 from splitunet.losses import LossKind
 from splitunet.schemas import RUN_ID_PATTERN, OptimizerOptions, WireOptions
 
+SITE_NAME_PATTERN = r"^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$"
+SiteName = Annotated[str, Field(min_length=1, max_length=63, pattern=SITE_NAME_PATTERN)]
+
 
 class SitePeer(BaseModel):
-    """One site service: its name (as in the model), base URL and bearer token (direct or from a file)."""
+    """One entry of the aggregator's site registry: name (as in the model), base URL, this site's token file."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$")
-    url: str = Field(pattern=r"^https?://")
-    token: SecretStr | None = None
-    token_file: Path | None = None
+    name: SiteName
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    token_file: Path
 
-    def bearer(self) -> str | None:
-        """The token to send, read from ``token_file`` if given (first non-comment line)."""
-        if self.token is not None:
-            return self.token.get_secret_value()
-        if self.token_file is not None:
-            from splitunet.service.settings import read_secret_file
+    def bearer(self) -> str:
+        """The token to send to this site (the file's first token, read now: rotation needs no restart)."""
+        from splitunet.service.settings import read_secret_file
 
-            tokens = read_secret_file(self.token_file)
-            return tokens[0] if tokens else None
-        return None
+        return read_secret_file(self.token_file)[0]
 
 
 class ModelSpec(BaseModel):
@@ -70,7 +68,8 @@ class FederationSpec(BaseModel):
     """Everything a training job needs.
 
     Args:
-        sites: the site services, in the order their tensors are fused.
+        sites: names of sites of the aggregator's registry (``AGG_SITES``), in the order their tensors are
+            fused; never URLs or credentials.
         model: architecture (cut level, skip policy, fusion, 2D/3D, widths).
         roi: input size per sample: 2 ints (2D, in-plane) or 3 ints (3D patch), multiples of ``2**(depth-1)``.
         resize_slices: 2D only: take whole axial slices resized to ``roi`` (bilinear for images, nearest for
@@ -93,7 +92,7 @@ class FederationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN)
-    sites: list[SitePeer] = Field(min_length=1, max_length=16)
+    sites: list[SiteName] = Field(min_length=1, max_length=16)
     model: ModelSpec = Field(default_factory=ModelSpec)
     roi: tuple[int, ...] = (128, 128)
     resize_slices: bool = False
@@ -112,10 +111,20 @@ class FederationSpec(BaseModel):
     checkpoint_interval: int = Field(default=0, ge=0)
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
 
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _names_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(not isinstance(v, str) for v in value):
+            raise ValueError(
+                "sites are names from the aggregator's site registry (AGG_SITES), e.g. [\"t1\", \"t2\"]; a job "
+                "may not carry site URLs or credentials"
+            )
+        return value
+
     @field_validator("sites")
     @classmethod
-    def _unique(cls, value: list[SitePeer]) -> list[SitePeer]:
-        names = [s.name for s in value]
+    def _unique(cls, value: list[str]) -> list[str]:
+        names = list(value)
         if len(set(names)) != len(names):
             raise ValueError(f"site names must be unique, got {names}")
         return value

@@ -7,7 +7,7 @@ never travel in JSON: ``forward`` answers and ``backward`` requests are wire bun
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -53,13 +53,14 @@ class OptimizerOptions(BaseModel):
 
 
 class RunSetup(BaseModel):
-    """``POST /v1/runs``: build this site's encoder for a run."""
+    """``POST /v1/runs``: build this site's encoder for a run.
+
+    No seed: the site initialises its encoder from its own secret randomness (or its ``SITE_SEED``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     model: SplitUNetConfig
-    seed: int = Field(default=0, ge=0, lt=2**31)
     optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
     wire: WireOptions = Field(default_factory=WireOptions)
 
@@ -126,6 +127,7 @@ class SiteInfo(BaseModel):
     defenses: list[str]
     runs: dict[str, RunInfo]
     model_policy: dict[str, Any] | None = None
+    policy: dict[str, Any] | None = Field(default=None, description="the site's policy (services.client_site.policy)")
 
 
 class AlignedCases(BaseModel):
@@ -133,7 +135,8 @@ class AlignedCases(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    case_ids: list[str] = Field(min_length=1, max_length=1_000_000)
+    case_ids: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(min_length=1, max_length=1_000_000)
+    session: str = Field(pattern=r"^[0-9a-f]{32}$", description="the PSI session this alignment comes from")
 
 
 class AlignmentAck(BaseModel):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+
 from splitunet.errors import ConfigurationError, PeerError
 from splitunet.service.client import PeerClient, PeerTimeouts, tls_context
 from splitunet.service.pki import ThrowawayCA

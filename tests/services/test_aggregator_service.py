@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import math
 from typing import Any
 
@@ -11,8 +12,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from federation_testkit import AGG_HEADERS, N_RAS_CASES, SITE_HEADERS, Cohort, peers, run_job, wait_for_job
+from federation_testkit import (
+    AGG_HEADERS,
+    N_RAS_CASES,
+    SITE_HEADERS,
+    SITE_TOKENS,
+    Cohort,
+    identity_aligner,
+    peers,
+    run_job,
+    site_headers,
+    wait_for_job,
+    write_registry,
+)
 
+from services.aggregator.app import create_app as create_aggregator_app
 from splitunet.data.layout import discover_cases
 from splitunet.data.loader import regions_to_labels
 
@@ -101,7 +115,7 @@ def test_a_2d_job_trains_validates_checkpoints_and_infers(
     assert (tmp_path / "aggregator-state" / "job-2d" / "aggregator-step-00000004.safetensors").is_file()
     for name, client in sites.items():
         assert (tmp_path / f"site-{name}-state" / "job-2d" / f"site-{name}-step-00000004.safetensors").is_file()
-        assert client.get("/v1/info", headers=SITE_HEADERS).json()["runs"]["job-2d"]["step"] == 4
+        assert client.get("/v1/info", headers=site_headers(name)).json()["runs"]["job-2d"]["step"] == 4
 
     # inference on a case stored LPS: the NIfTI has the file's own grid and affine, not the RAS working grid
     response = infer(aggregator, cohort.lps_case)
@@ -201,7 +215,6 @@ def test_invalid_specs_are_422(aggregator: TestClient, overrides: dict[str, Any]
     [
         pytest.param({"val_cases": N_RAS_CASES + 1}, "bad_data", "val_cases", id="val-cases-too-many"),
         pytest.param({"val_cases": ["BraTS2021_99999"]}, "bad_data", "BraTS2021_99999", id="val-case-unknown"),
-        pytest.param({"sites": peers(token="wrong-token-0123456789")}, "peer_failed", "401", id="site-refuses"),
     ],
 )
 def test_jobs_that_cannot_run_fail_with_a_clear_error(
@@ -212,6 +225,19 @@ def test_jobs_that_cannot_run_fail_with_a_clear_error(
     assert status["error"]["code"] == code, status["error"]
     assert words in status["error"]["message"], status["error"]
     assert status["step"] == 0
+
+
+def test_a_site_refuses_another_sites_token(start_app, aggregator_settings, sites, tmp_path) -> None:
+    """Per-site credentials: the registry gives t1 the token of t2, and t1 refuses it."""
+    tokens = dict(SITE_TOKENS) | {"t1": SITE_TOKENS["t2"]}
+    app = create_aggregator_app(
+        aggregator_settings(sites=write_registry(tmp_path / "swapped", tokens)),
+        aligner=identity_aligner, transport_factory=lambda peer: sites[peer.name]._transport,
+    )
+    status = run_job(start_app(app), job_spec())
+    assert status["state"] == "failed" and status["error"]["code"] == "peer_failed", status
+    assert "401" in status["error"]["message"]
+    assert SITE_TOKENS["t2"] not in json.dumps(status)
 
 
 def test_unknown_jobs_and_missing_auth(aggregator: TestClient) -> None:

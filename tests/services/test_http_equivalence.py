@@ -19,6 +19,7 @@ import torch
 from fastapi.testclient import TestClient
 from federation_testkit import (
     AGG_HEADERS,
+    SITE_SEED,
     Cohort,
     checkpoint_weights,
     derive_plans,
@@ -58,7 +59,7 @@ def equivalence_spec(model: dict[str, Any], roi: list[int], run_id: str) -> dict
         "batch_size": 2,
         "steps": STEPS,
         "val_cases": 1,
-        "seed": 11,
+        "seed": SITE_SEED,  # the sites' SITE_SEED (test kit): the in-process reference seeds every part alike
         "fg_ratio": 0.5,
         "flip_prob": 0.5,
         "site_optimizer": {"lr": 1e-3, "weight_decay": 1e-5},
