@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 from federation_testkit import (
     AGG_HEADERS,
     N_RAS_CASES,
-    SITE_HEADERS,
     SITE_TOKENS,
     Cohort,
     identity_aligner,
