@@ -1,8 +1,9 @@
 """The aggregator's job manager: one training job at a time, run in a background thread.
 
 One job at a time is a deliberate limit: the aggregator's decoder, its GPU/CPU and the sites' encoders serve one
-federation run; a second ``POST /v1/jobs`` while one runs gets 409. Finished jobs stay listed (and usable for
-inference) until the service restarts.
+federation run; a second ``POST /v1/jobs`` while one runs gets 409. Finished jobs stay listed (status and
+metrics) until the service restarts; only the most recent finished job keeps its model, threads and site clients
+(for ``/v1/infer``): when a job finishes, every older one releases them, so nothing grows with the number of jobs.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class JobManager:
         self.device = device
         self._jobs: dict[str, TrainingJob] = {}
         self._threads: dict[str, threading.Thread] = {}
+        self._released: set[str] = set()
         self._lock = threading.Lock()
 
     def create(self, spec: FederationSpec) -> JobCreated:
@@ -87,12 +89,32 @@ class JobManager:
                 recorder=self.recorder_factory(job_id) if self.recorder_factory else None,
                 max_workers=self.settings.concurrency,
             )
-            thread = threading.Thread(target=job.run, name=f"job-{job_id}", daemon=True)
+            thread = threading.Thread(target=self._run, args=(job,), name=f"job-{job_id}", daemon=True)
             self._jobs[job_id] = job
             self._threads[job_id] = thread
             thread.start()
             logger.info("job %s started: %d sites, %d steps", job_id, len(spec.sites), spec.steps)
             return JobCreated(job_id=job_id, state=job.status().state)
+
+    def _run(self, job: TrainingJob) -> None:
+        """A job thread: run the job, then release every older finished job (this one serves inference)."""
+        try:
+            job.run()
+        finally:
+            self.release_finished(keep=job.job_id)
+
+    def release_finished(self, keep: str | None = None) -> list[str]:
+        """Release the threads, site clients and model of every finished job but ``keep``; return their ids."""
+        with self._lock:
+            done = [j for jid, j in self._jobs.items() if jid != keep and jid not in self._released and j.finished]
+            self._released.update(j.job_id for j in done)
+            for job in done:
+                self._threads.pop(job.job_id, None)
+        for job in done:
+            job.close()
+            job.aggregator = None  # the decoder and its optimizer state; status and metrics stay
+            logger.info("job %s: released its threads, site clients and model", job.job_id)
+        return [j.job_id for j in done]
 
     def get(self, job_id: str) -> TrainingJob:
         with self._lock:
@@ -121,6 +143,11 @@ class JobManager:
         and affine.
         """
         job = self.get(request.job_id) if request.job_id else self._latest()
+        if job.job_id in self._released:
+            raise ConflictError(
+                f"job {job.job_id!r} finished before the latest one and released its model; only the most recent "
+                "finished job serves inference (run the job again, or restore its checkpoint in a new job)"
+            )
         case = self.labels.case(request.case_id)
         probs = job.predict_case(request.case_id)
         label_map = regions_to_labels(probs, case.et_label)
@@ -146,4 +173,5 @@ class JobManager:
         for thread in threads:
             thread.join(timeout=30)
         for job in jobs:
-            job.close()
+            if job.job_id not in self._released:
+                job.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from splitunet.wire import (
     decode_bundle,
     encode_bundle,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,10 @@ class SiteClient:
         try:
             bundle = decode_bundle(data, expect=expect, max_bytes=self.max_bundle_bytes)
         except WireFormatError as exc:
-            message = f"site {self.name} sent a bad activation bundle: {exc.message}"
-            raise PeerError(message, detail=exc.to_body()) from exc
+            # The decoder's message quotes the bundle: logged, never echoed into job status.
+            logger.warning("site %s sent a bad activation bundle: %s", self.name, exc.message[:300])
+            raise PeerError(f"site {self.name} sent a bad activation bundle ({exc.code})",
+                            detail={"code": exc.code}) from exc
         return Received(bundle=bundle, data=data)
 
     def encode_gradients(

@@ -35,7 +35,11 @@ def serve_command(
 
             settings = AggregatorSettings() if port is None else AggregatorSettings(port=port)
     except ValidationError as exc:
-        typer.echo(f"bad {service.value} configuration:\n{exc}", err=True)
+        # Never print the input values: they hold the environment, tokens included.
+        problems = "\n".join(
+            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False)
+        )
+        typer.echo(f"bad {service.value} configuration:\n{problems}", err=True)
         raise typer.Exit(2) from None
     import os
 
