@@ -83,6 +83,7 @@ class LocalFederation:
         self.site_tokens: dict[str, str] = {}
         self._site_urls: dict[str, str] = {}
         self._ca = None
+        self._operator_cert = None
         self.ca_file: Path | None = None
         if tls:
             from splitunet.service.pki import ThrowawayCA
@@ -220,7 +221,9 @@ class LocalFederation:
             return True
         from splitunet.service.client import tls_context
 
-        files = self._ca.client("operator-client", "operator")
+        if self._operator_cert is None:
+            self._operator_cert = self._ca.client("operator-client", "operator")
+        files = self._operator_cert
         return tls_context(ca_file=self.ca_file, cert_file=files.cert, key_file=files.key)
 
     def client(self, proc: ServiceProcess, timeout_s: float = 60.0) -> httpx.Client:

@@ -146,6 +146,8 @@ class ServiceSettings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> ServiceSettings:
         prefix = str(self.model_config.get("env_prefix", "")).upper()
+        if self.auth_token_file is not None and not Path(self.auth_token_file).is_file():
+            raise ValueError(f"auth_token_file: no such file {str(self.auth_token_file)!r}")
         tokens = self.accepted_tokens()
         if not tokens and not self.auth_disabled:
             raise ValueError(
@@ -174,8 +176,6 @@ class ServiceSettings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: no such file {str(path)!r}")
-        if self.auth_token_file is not None and not Path(self.auth_token_file).is_file():
-            raise ValueError(f"auth_token_file: no such file {str(self.auth_token_file)!r}")
         if self.tls_client_auth is not ClientAuth.NONE and (self.tls_ca_file is None or not self.tls_enabled):
             raise ValueError(
                 f"tls_client_auth={self.tls_client_auth.value} needs tls_cert_file, tls_key_file, tls_ca_file"
