@@ -42,7 +42,7 @@ def stop_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
     return runtime.jobs.stop(job_id)
 
 
-@router.post("/infer", response_class=Response, responses={200: {"content": {"application/gzip": {}}}})
+@router.post("/infer", responses={200: {"content": {"application/gzip": {}}, "description": "the segmentation"}})
 def infer(runtime: AggregatorDep, request: InferRequest) -> Response:
     data, filename = runtime.jobs.infer(request)
     return Response(data, media_type="application/gzip",

@@ -27,6 +27,7 @@ from splitunet.schemas import (
 from splitunet.service.auth import principal
 from splitunet.service.deps import BundleBody, BundleResponse, runtime_dep
 from splitunet.service.gate import body_limit
+from splitunet.wire import CONTENT_TYPE
 
 SiteRuntimeDep = runtime_dep(SiteRuntime)
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
@@ -59,7 +60,7 @@ def setup_run(runtime: SiteRuntimeDep, setup: RunSetup) -> RunInfo:
     return runtime.setup_run(setup)
 
 
-@router.post("/runs/{run_id}/forward", response_class=BundleResponse)
+@router.post("/runs/{run_id}/forward", responses={200: {"content": {CONTENT_TYPE: {}}, "description": "activations"}})
 def forward(runtime: SiteRuntimeDep, run_id: RunId, request: ForwardRequest) -> BundleResponse:
     return BundleResponse(runtime.forward(run_id, request))
 

@@ -50,7 +50,7 @@ from fastapi import APIRouter, FastAPI
 
 from splitunet.errors import ConfigurationError
 from splitunet.service.auth import ScopedAuth
-from splitunet.service.errors import install_error_handlers
+from splitunet.service.errors import ErrorBody, install_error_handlers
 from splitunet.service.gate import GateMiddleware, GateRoute
 from splitunet.service.health import ReadinessCheck, health_router
 from splitunet.service.metrics import ServiceMetrics, metrics_router
@@ -59,6 +59,18 @@ from splitunet.service.scopes import Scope, public, requires_scope
 from splitunet.service.settings import TLS_SERVER_ENV, ServiceSettings
 
 logger = logging.getLogger(__name__)
+
+#: The typed error responses every authenticated route may give, documented in its OpenAPI operation (so a
+#: client, and schemathesis, can check every answer against the schema).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (400, "malformed request"), (401, "missing or invalid credential"), (403, "wrong scope or policy refusal"),
+        (404, "not found"), (409, "conflict / out of order"), (411, "Content-Length required"),
+        (413, "body over this endpoint's limit"), (415, "unsupported media type"), (421, "HTTPS required"),
+        (422, "invalid request"), (503, "not ready"),
+    )
+}
 
 #: Builds a service's runtime from its settings; entered at startup, exited at shutdown.
 RuntimeFactory = Callable[[Any], AbstractContextManager[Any]]
@@ -155,7 +167,7 @@ def create_service_app(
         app.include_router(router, dependencies=[public()])
     for router in routers:
         table += [GateRoute.of(route, scope) for route in router.routes]
-        app.include_router(router, dependencies=[requires_scope(scope)])
+        app.include_router(router, dependencies=[requires_scope(scope)], responses=ERROR_RESPONSES)
     docs = frozenset(p for p in (app.docs_url, app.openapi_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p)
     # add_middleware puts the last one outermost.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
