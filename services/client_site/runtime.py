@@ -22,6 +22,7 @@ import torch
 from services.client_site.alignment import AlignmentGuard, not_aligned
 from services.client_site.policy import EvalBudget
 from services.client_site.settings import SiteSettings
+from services.client_site.storage import check_checkpoint_budget
 from splitunet import __version__
 from splitunet.checkpoint import load_checkpoint, save_checkpoint
 from splitunet.data.cache import ArrayCache
@@ -34,7 +35,6 @@ from splitunet.errors import (
     ConflictError,
     DataError,
     NotFoundError,
-    PolicyError,
     ProtocolError,
 )
 from splitunet.filters import FilterChain
@@ -344,26 +344,15 @@ class SiteRuntime:
         """Save encoder + optimizer of a run (after the backward of ``step``)."""
         run = self._run(run_id)
         path = self._checkpoint_path(run_id, step)
-        self._check_disk_budget(run)
+        check_checkpoint_budget(
+            self.settings.state_dir, run.parameters, self.settings.checkpoint_budget_bytes, self.settings.site_id
+        )
         with run.step.lock:
             digest = save_checkpoint(
                 path, run.step.encoder, run.step.optimizer,
                 {"run_id": run_id, "step": step, "site": self.settings.site_id, "fingerprint": run.fingerprint},
             )
         return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=digest)
-
-    def _check_disk_budget(self, run: SiteRun) -> None:
-        """Refuse a checkpoint that would take the state folder past ``checkpoint_budget_bytes`` (403)."""
-        root = Path(self.settings.state_dir)
-        used = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file()) if root.is_dir() else 0
-        expected = 3 * 4 * run.parameters + 2**16  # weights + Adam's two moments, fp32, and the header
-        budget = self.settings.checkpoint_budget_bytes
-        if used + expected > budget:
-            raise PolicyError(
-                f"site {self.settings.site_id}: a checkpoint would exceed the disk budget of {budget} bytes "
-                f"({used} used); delete old checkpoints or raise SITE_CHECKPOINT_BUDGET_BYTES",
-                detail={"rule": "checkpoint_budget_bytes", "used": used, "needed": expected, "budget": budget},
-            )
 
     def restore(self, run_id: str, step: int) -> CheckpointInfo:
         """Load encoder + optimizer of a run from the checkpoint at ``step`` (the run must be set up)."""
@@ -373,14 +362,10 @@ class SiteRuntime:
             raise NotFoundError(f"site {self.settings.site_id} has no checkpoint of run {run_id!r} at step {step}")
         with run.step.lock:
             try:
-                meta = load_checkpoint(path, run.step.encoder, run.step.optimizer)
-            except DataError:
-                raise
-            except Exception as exc:  # safetensors/torch on a corrupt, truncated or empty file
-                raise DataError(
-                    f"the checkpoint of run {run_id!r} at step {step} is corrupt or truncated; restore another step",
-                    detail={"step": step, "error": type(exc).__name__},
-                ) from None
+                meta = load_checkpoint(path, run.step.encoder, run.step.optimizer)  # corrupt file: DataError
+            except RuntimeError as exc:  # tensors of another shape (torch's load_state_dict)
+                raise DataError(f"the checkpoint of run {run_id!r} at step {step} does not fit its encoder",
+                                detail={"step": step}) from exc
         if meta.get("fingerprint") != run.fingerprint:
             raise ConflictError("the checkpoint was written by an encoder of another architecture")
         run.last_applied, run.last_forward = step, None

@@ -58,11 +58,17 @@ def load_checkpoint(
         raise DataError(f"no checkpoint at {path}", detail={"path": str(path)})
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        raise DataError(f"{path} is not a {FORMAT} file (format {metadata.get('format')!r})")
-    tensors = load_file(str(path))
+    try:  # an empty, truncated or corrupt file is a typed error, never a crash
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise DataError(f"{path} is not a {FORMAT} file (format {str(metadata.get('format'))[:40]!r})")
+        tensors = load_file(str(path))
+    except DataError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError or ValueError
+        raise DataError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})",
+                        detail={"path": str(path)}) from None
     model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = module.load_state_dict(model_state, strict=False)
     if missing or unexpected:
