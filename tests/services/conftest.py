@@ -83,10 +83,19 @@ def site_settings(cohort: Cohort, tmp_path: Path) -> Callable[..., SiteSettings]
 
 
 @pytest.fixture
-def start_app() -> Iterator[Callable[[Any], TestClient]]:
-    """``start_app(app)``: a started ``TestClient`` (lifespan entered), closed after the test."""
+def start_app(security) -> Iterator[Callable[[Any], TestClient]]:
+    """``start_app(app)``: a started ``TestClient`` (lifespan entered), closed after the test; every response the
+    app gave is counted in the security summary (its 5xx too)."""
+    apps: list[Any] = []
+
+    def start(app: Any) -> TestClient:
+        apps.append(app)
+        return stack.enter_context(TestClient(app, raise_server_exceptions=False))
+
     with ExitStack() as stack:
-        yield lambda app: stack.enter_context(TestClient(app, raise_server_exceptions=False))
+        yield start
+    for app in apps:
+        security.observe_app(app)
 
 
 @pytest.fixture
