@@ -88,6 +88,7 @@ class JobManager:
                 state_dir=self.settings.state_dir,
                 recorder=self.recorder_factory(job_id) if self.recorder_factory else None,
                 max_workers=self.settings.concurrency,
+                checkpoint_budget_bytes=self.settings.checkpoint_budget_bytes,
             )
             thread = threading.Thread(target=self._run, args=(job,), name=f"job-{job_id}", daemon=True)
             self._jobs[job_id] = job

@@ -30,6 +30,8 @@ class AggregatorSettings(ServiceSettings):
         site_ca_file: CA bundle to verify HTTPS site services (default: system CAs).
         site_client_cert_file, site_client_key_file: client certificate for mutual TLS to the sites.
         concurrency: threads calling sites concurrently (default: one per site).
+        checkpoint_budget_bytes: most bytes of checkpoints under ``state_dir``; a job whose checkpoint would pass
+            it fails with a clear error.
     """
 
     model_config = SettingsConfigDict(env_prefix="AGG_")
@@ -47,6 +49,7 @@ class AggregatorSettings(ServiceSettings):
     site_client_cert_file: Path | None = None
     site_client_key_file: Path | None = None
     concurrency: int = Field(default=0, ge=0, le=64)
+    checkpoint_budget_bytes: int = Field(default=16 * 2**30, gt=0)
 
     @model_validator(mode="after")
     def _check_sites(self) -> AggregatorSettings:

@@ -25,7 +25,7 @@ import torch
 from services.aggregator.evaluation import SplitPredictor
 from services.aggregator.labels import LabelStore
 from services.aggregator.site_client import Received, SiteClient
-from splitunet.checkpoint import load_checkpoint, save_checkpoint
+from splitunet.checkpoint import check_disk_budget, load_checkpoint, save_checkpoint
 from splitunet.config import SiteSpec, SplitUNetConfig
 from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices
 from splitunet.errors import ConfigurationError, DataError, SplitUNetError
@@ -65,6 +65,7 @@ class TrainingJob:
         state_dir: where this job's checkpoints go (``state_dir/<job_id>``).
         recorder: receives every bundle that crosses the boundary.
         gradient_filters: outbound gradient defenses (none by default).
+        checkpoint_budget_bytes: most bytes of checkpoints under the parent of ``state_dir`` (``None``: no limit).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class TrainingJob:
         recorder: Recorder | None = None,
         gradient_filters: FilterChain | None = None,
         max_workers: int = 0,
+        checkpoint_budget_bytes: int | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -88,6 +90,7 @@ class TrainingJob:
         self.aligner = aligner
         self.device = device
         self.state_dir = Path(state_dir) / job_id
+        self.checkpoint_budget_bytes = checkpoint_budget_bytes
         self.recorder = recorder or NullRecorder()
         self.gradient_filters = gradient_filters or FilterChain()
         self.pool = ThreadPoolExecutor(max_workers=max_workers or len(self.clients), thread_name_prefix=f"job-{job_id}")
@@ -337,6 +340,10 @@ class TrainingJob:
     def checkpoint(self, step: int) -> None:
         """Checkpoint the decoder + optimizer + job state, and every site's encoder at the same step."""
         assert self.aggregator is not None
+        if self.checkpoint_budget_bytes is not None:
+            parameters = sum(p.numel() for p in self.aggregator.decoder.parameters())
+            check_disk_budget(self.state_dir.parent, parameters, self.checkpoint_budget_bytes,
+                              setting="AGG_CHECKPOINT_BUDGET_BYTES")
         with self.aggregator.lock:
             save_checkpoint(
                 self.checkpoint_path(step), self.aggregator.decoder, self.aggregator.optimizer,

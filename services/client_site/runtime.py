@@ -22,9 +22,8 @@ import torch
 from services.client_site.alignment import AlignmentGuard, not_aligned
 from services.client_site.policy import EvalBudget
 from services.client_site.settings import SiteSettings
-from services.client_site.storage import check_checkpoint_budget
 from splitunet import __version__
-from splitunet.checkpoint import load_checkpoint, save_checkpoint
+from splitunet.checkpoint import check_disk_budget, load_checkpoint, save_checkpoint
 from splitunet.data.cache import ArrayCache
 from splitunet.data.cohort import scan_cohort
 from splitunet.data.layout import BratsCase
@@ -344,9 +343,8 @@ class SiteRuntime:
         """Save encoder + optimizer of a run (after the backward of ``step``)."""
         run = self._run(run_id)
         path = self._checkpoint_path(run_id, step)
-        check_checkpoint_budget(
-            self.settings.state_dir, run.parameters, self.settings.checkpoint_budget_bytes, self.settings.site_id
-        )
+        check_disk_budget(self.settings.state_dir, run.parameters, self.settings.checkpoint_budget_bytes,
+                          setting="SITE_CHECKPOINT_BUDGET_BYTES")
         with run.step.lock:
             digest = save_checkpoint(
                 path, run.step.encoder, run.step.optimizer,

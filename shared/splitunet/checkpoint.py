@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from splitunet.errors import DataError
+from splitunet.errors import DataError, PolicyError
 
 FORMAT = "splitunet-checkpoint/1"
 
@@ -89,3 +89,23 @@ def load_checkpoint(
             state.setdefault(int(idx), {}).update(entries)
         optimizer.load_state_dict({"state": state, "param_groups": optim_doc["param_groups"]})
     return json.loads(metadata.get("meta", "{}"))
+
+
+def checkpoint_bytes(root: Path | str) -> int:
+    """Bytes of the checkpoints (``*.safetensors``) under ``root`` now."""
+    root = Path(root)
+    return sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file()) if root.is_dir() else 0
+
+
+def check_disk_budget(root: Path | str, parameters: int, budget: int, *, setting: str) -> None:
+    """Refuse (403 ``checkpoint_budget_bytes``) a checkpoint of a model with ``parameters`` parameters that would
+    take ``root`` past ``budget`` bytes (weights and Adam's two moments in fp32, plus the header); ``setting``
+    names the setting to raise in the message."""
+    used = checkpoint_bytes(root)
+    needed = 3 * 4 * parameters + 2**16
+    if used + needed > budget:
+        raise PolicyError(
+            f"a checkpoint would exceed the disk budget of {budget} bytes ({used} used); delete old checkpoints "
+            f"or raise {setting}",
+            detail={"rule": "checkpoint_budget_bytes", "used": used, "needed": needed, "budget": budget},
+        )

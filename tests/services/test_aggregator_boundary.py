@@ -121,3 +121,12 @@ def test_finished_jobs_release_threads_clients_and_model(aggregator, security) -
     refused = aggregator.post("/v1/infer", json={"case_id": first["val_case_ids"][0], "job_id": "job-a"},
                               headers=AGG_HEADERS)
     security.refused("released_job_inference", refused.status_code, expected=409)
+
+
+def test_aggregator_checkpoints_count_against_a_disk_budget(start_app, aggregator_settings, sites, security) -> None:
+    app = create_aggregator_app(aggregator_settings(checkpoint_budget_bytes=1000), aligner=identity_aligner,
+                                transport_factory=lambda peer: sites[peer.name]._transport)
+    status = run_job(start_app(app), job_spec())
+    assert status["state"] == "failed" and status["error"]["code"] == "policy_violation", status
+    assert "AGG_CHECKPOINT_BUDGET_BYTES" in status["error"]["message"]
+    security.refused("disk_budget", 403, expected=403)
