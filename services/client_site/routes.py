@@ -17,9 +17,11 @@ from splitunet.schemas import (
     AlignedCases,
     AlignmentAck,
     BackwardAck,
+    CaseGrids,
     CheckpointInfo,
     CheckpointRequest,
     ForwardRequest,
+    GridRequest,
     RunInfo,
     RunSetup,
     SiteInfo,
@@ -45,6 +47,11 @@ def psi(runtime: SiteRuntimeDep, request: PsiRequest) -> PsiResponse:
 @router.post("/alignment")
 def alignment(runtime: SiteRuntimeDep, aligned: AlignedCases) -> AlignmentAck:
     return runtime.set_alignment(aligned)
+
+
+@router.post("/grids")
+def grids(runtime: SiteRuntimeDep, request: GridRequest) -> CaseGrids:
+    return runtime.grids(request)
 
 
 @router.post("/runs")

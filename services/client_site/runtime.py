@@ -23,6 +23,7 @@ from splitunet import __version__
 from splitunet.checkpoint import load_checkpoint, save_checkpoint
 from splitunet.data.cache import ArrayCache
 from splitunet.data.cohort import scan_cohort
+from splitunet.data.grid import case_grid
 from splitunet.data.layout import BratsCase
 from splitunet.data.loader import load_images
 from splitunet.data.sampling import extract
@@ -39,12 +40,15 @@ from splitunet.networks.factory import make_optimizer, make_site_encoder
 from splitunet.networks.split_unet import SiteEncoder
 from splitunet.protocol import SiteStep
 from splitunet.psi import PsiRequest, PsiResponse, PsiServer
+from splitunet.schedules import set_lr
 from splitunet.schemas import (
     AlignedCases,
     AlignmentAck,
     BackwardAck,
+    CaseGrids,
     CheckpointInfo,
     ForwardRequest,
+    GridRequest,
     Phase,
     RunInfo,
     RunSetup,
@@ -157,6 +161,27 @@ class SiteRuntime:
         logger.info("site %s: %d aligned cases", self.settings.site_id, len(aligned.case_ids))
         return AlignmentAck(aligned=len(aligned.case_ids))
 
+    def grids(self, request: GridRequest) -> CaseGrids:
+        """Header grid and brain extent of aligned cases (:mod:`splitunet.data.grid`); the images get cached."""
+        out = {}
+        for case_id in request.case_ids:
+            out[case_id] = case_grid(self._serving(case_id), self.settings.modalities, cache=self.cache)
+        return CaseGrids(grids=out)
+
+    def _serving(self, case_id: str) -> BratsCase:
+        """A case this site serves: known here and (once aligned) in the aligned cohort."""
+        if self._aligned is not None and case_id not in self._aligned:
+            raise NotAlignedError(
+                f"case {case_id!r} is not in the aligned cohort of site {self.settings.site_id}",
+                detail={"case_id": case_id},
+            )
+        case = self.cases.get(case_id)
+        if case is None:
+            raise CaseNotFoundError(
+                f"site {self.settings.site_id} has no case {case_id!r}", detail={"case_id": case_id}
+            )
+        return case
+
     # ------------------------------------------------------------------ runs
     def setup_run(self, setup: RunSetup) -> RunInfo:
         """Build this site's encoder and optimizer for a run (idempotent for an identical setup)."""
@@ -259,6 +284,7 @@ class SiteRuntime:
         )
         bundle = decode_bundle(body, expect=expect, max_bytes=self.settings.max_bundle_bytes)
         grads = {k: v.to(self.device) for k, v in bundle.tensors.items()}
+        set_lr(run.step.optimizer, run.setup.optimizer.lr_at(step))
         run.step.backward(grads, step=step, run_id=run_id)
         run.last_applied = step
         self._observe("backward", started, received=len(body))

@@ -108,7 +108,7 @@ def test_a_2d_job_trains_validates_checkpoints_and_infers(
     check_segmentation(response, cohort, cohort.lps_case)
     # ... and its voxels are the RAS prediction stored back in LPS (not just relabelled in the header)
     job = aggregator.app.state.runtime.jobs.get("job-2d")
-    ras = regions_to_labels(job.predict_case(cohort.lps_case), et_label=4)
+    ras = regions_to_labels(job.predict_case(cohort.lps_case)[0], et_label=4)
     assert not np.array_equal(ras, ras[::-1, ::-1]), "a prediction symmetric under the LPS flip tells nothing"
     stored = nib.as_closest_canonical(nib.Nifti1Image.from_bytes(gzip.decompress(response.content)))
     assert np.array_equal(np.asarray(stored.dataobj), ras)
@@ -136,7 +136,7 @@ def test_a_2d_job_with_resized_slices(aggregator: TestClient, cohort: Cohort) ->
     job = aggregator.app.state.runtime.jobs.get(status["job_id"])
     samples = job.plan(99)
     assert all(s.resize == (16, 16) and s.size == cohort.shape[:2] for s in samples)
-    probs = job.predict_case(cohort.case_ids[0])  # resized back to the case's grid
+    probs, _ = job.predict_case(cohort.case_ids[0])  # resized back to the case's grid
     assert probs.shape == (3, *cohort.shape)
     check_segmentation(infer(aggregator, cohort.lps_case, status["job_id"]), cohort, cohort.lps_case)
     bad = post_job(aggregator, job_spec(resize_slices=True, model={"spatial_dims": 3, "features": [4, 8, 16]},
