@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from scipy import ndimage
 from federation_testkit import AGG_HEADERS, N_RAS_CASES, SITE_HEADERS, Cohort, peers, run_job, wait_for_job
 
 from splitunet.data.layout import discover_cases
@@ -53,6 +54,24 @@ def check_region_scores(validation: dict[str, Any]) -> None:
     assert set(validation["hd95"]) == {"TC", "WT", "ET", "mean"}
 
 
+def independent_dice(pred: np.ndarray, true: np.ndarray) -> float:
+    total = pred.sum() + true.sum()
+    return 1.0 if total == 0 else 2.0 * np.logical_and(pred, true).sum() / total
+
+
+def independent_hd95(pred: np.ndarray, true: np.ndarray, spacing) -> float:
+    """BraTS convention: both empty 0, one empty 373.13 mm, else the larger directed 95th percentile of the
+    surface distances in mm (scipy distance transforms)."""
+    if not pred.any() and not true.any():
+        return 0.0
+    if not pred.any() or not true.any():
+        return 373.13
+    sp, st = pred & ~ndimage.binary_erosion(pred), true & ~ndimage.binary_erosion(true)
+    to_t = ndimage.distance_transform_edt(~st, sampling=spacing)
+    to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    return max(np.percentile(to_t[sp], 95), np.percentile(to_p[st], 95))
+
+
 def infer(client: TestClient, case_id: str, job_id: str | None = None) -> httpx.Response:
     return client.post("/v1/infer", json={"case_id": case_id, "job_id": job_id}, headers=AGG_HEADERS)
 
@@ -93,6 +112,20 @@ def test_a_2d_job_trains_validates_checkpoints_and_infers(
     assert status["bytes_sent"] > 0 and status["bytes_received"] > 0
     assert status["steps_per_second"] > 0 and status["error"] is None
 
+    # the validation figures, recomputed independently per case: numpy Dice, scipy surface distances in mm
+    job = aggregator.app.state.runtime.jobs.get("job-2d")
+    (case_id,) = status["val_case_ids"]
+    (reported,) = status["validation"]["per_case"]
+    assert reported["case_id"] == case_id
+    probs, _ = job.predict_case(case_id)
+    seg = nib.as_closest_canonical(nib.load(str(discover_cases(cohort.labels_dir)[case_id].seg_path())))
+    truth = np.asarray(seg.dataobj)
+    zooms = seg.header.get_zooms()[:3]
+    for index, (region, labels) in enumerate((("TC", (1, 4)), ("WT", (1, 2, 4)), ("ET", (4,)))):
+        pred, true = probs[index] > 0.5, np.isin(truth, labels)
+        assert reported["dice"][region] == pytest.approx(independent_dice(pred, true), abs=1e-6)
+        assert reported["hd95"][region] == pytest.approx(independent_hd95(pred, true, zooms), abs=1e-4)
+
     listed = aggregator.get("/v1/jobs", headers=AGG_HEADERS)
     assert listed.status_code == 200
     assert [j["job_id"] for j in listed.json()] == ["job-2d"]
@@ -107,7 +140,6 @@ def test_a_2d_job_trains_validates_checkpoints_and_infers(
     response = infer(aggregator, cohort.lps_case)
     check_segmentation(response, cohort, cohort.lps_case)
     # ... and its voxels are the RAS prediction stored back in LPS (not just relabelled in the header)
-    job = aggregator.app.state.runtime.jobs.get("job-2d")
     ras = regions_to_labels(job.predict_case(cohort.lps_case)[0], et_label=4)
     assert not np.array_equal(ras, ras[::-1, ::-1]), "a prediction symmetric under the LPS flip tells nothing"
     stored = nib.as_closest_canonical(nib.Nifti1Image.from_bytes(gzip.decompress(response.content)))
