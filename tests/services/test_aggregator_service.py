@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from scipy import ndimage
 from federation_testkit import AGG_HEADERS, N_RAS_CASES, SITE_HEADERS, Cohort, peers, run_job, wait_for_job
+from scipy import ndimage
 
 from splitunet.data.layout import discover_cases
 from splitunet.data.loader import regions_to_labels
