@@ -104,6 +104,7 @@ class TrainingJob:
         self.val_cases: list[str] = []
         self.unlabeled_cases: list[str] = []
         self.grids: dict[str, CaseGrid] = {}
+        self._grids_lock = threading.Lock()  # the job thread plans while /v1/infer may ask for a grid
 
     # ------------------------------------------------------------------ status
     def status(self) -> JobStatus:
@@ -240,14 +241,16 @@ class TrainingJob:
 
     def case_grids(self, case_ids: Sequence[str]) -> dict[str, CaseGrid]:
         """The sites' agreed grid and brain extent of each case (:mod:`splitunet.data.grid`), asked once per case."""
-        missing = sorted({c for c in case_ids if c not in self.grids})
-        if missing:
-            reports = dict(zip(self.clients, self.pool.map(lambda c: c.grids(missing).grids, self.clients.values())))
-            for case_id in missing:
-                self.grids[case_id] = combine_grids(
-                    case_id, {name: report[case_id] for name, report in reports.items() if case_id in report}
-                )
-        return {c: self.grids[c] for c in case_ids}
+        with self._grids_lock:
+            missing = sorted({c for c in case_ids if c not in self.grids})
+            if missing:
+                reports = dict(zip(self.clients, self.pool.map(lambda c: c.grids(missing).grids,
+                                                               self.clients.values())))
+                for case_id in missing:
+                    self.grids[case_id] = combine_grids(
+                        case_id, {name: report[case_id] for name, report in reports.items() if case_id in report}
+                    )
+            return {c: self.grids[c] for c in case_ids}
 
     def plan(self, step: int) -> list[Sample]:
         """The samples of one step: random training cases, foreground-weighted crops or slices (only slices inside

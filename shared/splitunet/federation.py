@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -111,7 +111,9 @@ class FederationSpec(BaseModel):
     val_interval: int = Field(default=0, ge=0)
     val_cases: int | list[str] = 2
     max_val_cases: int = Field(default=0, ge=0)
-    infer_cases: list[str] = Field(default_factory=list, max_length=100_000)
+    infer_cases: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=100_000
+    )
     sw_overlap: float = Field(default=DEFAULT_OVERLAP, ge=0.0, lt=1.0)
     fg_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
     flip_prob: float = Field(default=0.5, ge=0.0, le=1.0)
