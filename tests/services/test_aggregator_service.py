@@ -257,3 +257,17 @@ def test_unknown_jobs_and_missing_auth(aggregator: TestClient) -> None:
     info = aggregator.get("/v1/info", headers=AGG_HEADERS).json()
     assert info["labelled_cases"] == N_RAS_CASES + 1
     assert aggregator.get("/readyz").status_code == 200
+
+
+def test_every_party_follows_the_learning_rate_schedule(aggregator: TestClient, sites: dict[str, TestClient]) -> None:
+    schedule = {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 1, "min_lr_factor": 0.25}
+    status = run_job(aggregator, job_spec(steps=3, val_interval=0, site_optimizer=schedule,
+                                          server_optimizer=schedule | {"lr": 2e-3}))
+    assert status["state"] == "succeeded", status
+    job = aggregator.app.state.runtime.jobs.get(status["job_id"])
+    # the last step (3 of 3) ends the cosine at min_lr_factor
+    assert job.aggregator.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.25)
+    for client in sites.values():
+        run = client.app.state.runtime._run(status["job_id"])
+        assert run.step.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
+        assert run.setup.optimizer.total_steps == 3
