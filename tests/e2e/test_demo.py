@@ -67,8 +67,10 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_demo_quick_trains_through_real_services(tmp_path, monkeypatch):
-    monkeypatch.setenv("AGG_DATA_DIR", str(tmp_path / "nowhere"))  # a stray setting in the shell changes nothing
-    monkeypatch.setenv("SITE_MODALITIES", "t1")
+    # settings left in the caller's shell reach no service (inherited, these would refuse every forward and
+    # stop the aggregator from starting)
+    monkeypatch.setenv("SITE_MAX_BATCH_VOXELS", "1")
+    monkeypatch.setenv("AGG_CACHE_CASES", "0")
     workdir = tmp_path / "run"
     proc = _demo(workdir)
     output = _finish(proc, workdir, 900)
