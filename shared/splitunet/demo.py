@@ -163,7 +163,8 @@ def generator_fingerprint(paths: Sequence[Path] | None = None) -> str:
 
 
 def phantom_cohort(options: DemoOptions, on_case: Callable[[str], None] | None = None) -> Path:
-    """Generate the demo's phantom cohort once and reuse it (keyed by cases, shape and seed)."""
+    """Generate the demo's phantom cohort once and reuse it (keyed by cases, shape, seed and the generator's
+    source, :func:`phantom_cache_key`)."""
     from splitunet.data.phantom import write_cohort
 
     key = phantom_cache_key(options)
