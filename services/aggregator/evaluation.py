@@ -22,6 +22,7 @@ from monai.inferers import sliding_window_inference
 
 from services.aggregator.site_client import Received, SiteClient
 from splitunet.data.sampling import Sample
+from splitunet.inference import DEFAULT_OVERLAP
 from splitunet.protocol import AggregatorStep
 from splitunet.schemas import Phase
 from splitunet.wire import WireDtype
@@ -42,7 +43,7 @@ class SplitPredictor:
         shapes_for: ``batch -> {tensor name: shape}`` the sites must send.
         dtype: activation wire dtype.
         pool: the thread pool used to call the sites concurrently.
-        overlap: window overlap fraction.
+        overlap: window overlap fraction (default 0.5, MONAI's BraTS setting).
     """
 
     def __init__(
@@ -56,7 +57,7 @@ class SplitPredictor:
         shapes_for: Callable[[int], dict[str, tuple[int, ...]]],
         dtype: WireDtype,
         pool: ThreadPoolExecutor,
-        overlap: float = 0.25,
+        overlap: float = DEFAULT_OVERLAP,
         resize_slices: bool = False,
         on_received: OnReceived | None = None,
     ) -> None:

@@ -21,7 +21,7 @@ from services.aggregator.labels import LabelStore
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.site_client import SiteClient
 from services.aggregator.trainer import Aligner, TrainingJob
-from splitunet.data.loader import regions_to_labels, save_segmentation
+from splitunet.data.loader import regions_to_labels, save_segmentation, write_segmentation
 from splitunet.errors import ConflictError, NotFoundError
 from splitunet.federation import FederationSpec, InferRequest, JobCreated, JobStatus
 from splitunet.recorder import Recorder
@@ -141,7 +141,8 @@ class JobManager:
         """Segment an aligned case with a job's model; return NIfTI (.nii.gz) bytes and a file name.
 
         The segmentation is in BraTS labels (0/1/2 and 4, or 3 for BraTS 2023 data) on the case's original grid
-        and affine.
+        and affine. A case without a label file (aligned through the job's ``infer_cases``) gets the grid, the
+        qform/sform codes and the layout the sites report for it.
         """
         job = self.get(request.job_id) if request.job_id else self._latest()
         if job.job_id in self._released:
@@ -149,11 +150,16 @@ class JobManager:
                 f"job {job.job_id!r} finished before the latest one and released its model; only the most recent "
                 "finished job serves inference (run the job again, or restore its checkpoint in a new job)"
             )
-        case = self.labels.case(request.case_id)
-        probs = job.predict_case(request.case_id)
-        label_map = regions_to_labels(probs, case.et_label)
+        probs, grid = job.predict_case(request.case_id)
         out = Path(self.settings.state_dir) / job.job_id / "inference" / f"{request.case_id}_pred.nii.gz"
-        save_segmentation(label_map, case, out)
+        case = self.labels.cases.get(request.case_id)
+        if case is not None:
+            label_map = regions_to_labels(probs, case.et_label)
+            save_segmentation(label_map, case, out)
+        else:
+            label_map = regions_to_labels(probs, grid.layout.et_label)
+            write_segmentation(label_map, grid.geometry(), out, qform_code=grid.qform_code,
+                               sform_code=grid.sform_code, source=f"the sites' grid of {request.case_id}")
         tumour = int(np.count_nonzero(label_map))
         logger.info("job %s: inferred %s (%d tumour voxels)", job.job_id, request.case_id, tumour)
         return out.read_bytes(), out.name

@@ -16,8 +16,10 @@ from splitunet.schemas import (
     AlignedCases,
     AlignmentAck,
     BackwardAck,
+    CaseGrids,
     CheckpointInfo,
     ForwardRequest,
+    GridRequest,
     Phase,
     RunInfo,
     RunSetup,
@@ -93,6 +95,11 @@ class SiteClient:
         """Tell the site the aligned cohort, bound to the PSI ``session`` just run with it."""
         body = AlignedCases(case_ids=list(case_ids), session=session).model_dump(mode="json")
         return AlignmentAck.model_validate(self.peer.post_json("/v1/alignment", body, idempotent=True))
+
+    def grids(self, case_ids: Sequence[str]) -> CaseGrids:
+        """Header grid and brain extent of aligned cases (:mod:`splitunet.data.grid`)."""
+        body = GridRequest(case_ids=list(case_ids)).model_dump(mode="json")
+        return CaseGrids.model_validate(self.peer.post_json("/v1/grids", body, idempotent=True))
 
     def setup_run(self, setup: RunSetup) -> RunInfo:
         return RunInfo.model_validate(self.peer.post_json("/v1/runs", setup.model_dump(mode="json"), idempotent=True))

@@ -27,8 +27,9 @@ from services.aggregator.labels import LabelStore
 from services.aggregator.site_client import Received, SiteClient
 from splitunet.checkpoint import check_disk_budget, load_checkpoint, save_checkpoint
 from splitunet.config import SiteSpec, SplitUNetConfig
+from splitunet.data.grid import CaseGrid, brain_slices, combine_grids
 from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices
-from splitunet.errors import ConfigurationError, DataError, SplitUNetError
+from splitunet.errors import CaseNotFoundError, ConfigurationError, DataError, SplitUNetError
 from splitunet.federation import FederationSpec, JobState, JobStatus
 from splitunet.filters import FilterChain
 from splitunet.losses import make_loss
@@ -36,6 +37,7 @@ from splitunet.metrics import RegionMetrics
 from splitunet.networks.factory import make_optimizer, make_server_decoder
 from splitunet.protocol import AggregatorStep, expected_site_shapes
 from splitunet.recorder import Flow, NullRecorder, Recorder
+from splitunet.schedules import set_lr
 from splitunet.schemas import Phase, RunSetup
 from splitunet.wire import WireDtype, frame_sha256
 
@@ -103,6 +105,9 @@ class TrainingJob:
         self.aggregator: AggregatorStep | None = None
         self.train_cases: list[str] = []
         self.val_cases: list[str] = []
+        self.unlabeled_cases: list[str] = []
+        self.grids: dict[str, CaseGrid] = {}
+        self._grids_lock = threading.Lock()  # the job thread plans while /v1/infer may ask for a grid
 
     # ------------------------------------------------------------------ status
     def status(self) -> JobStatus:
@@ -168,11 +173,13 @@ class TrainingJob:
             if info.site != name:
                 raise ConfigurationError(f"the spec calls a site {name!r} but the service says it is {info.site!r}")
         self.config = self.spec.model.build(sites)
-        aligned = sorted(self.aligner(self.clients, sorted(self.labels.cases)))
+        wanted = sorted(set(self.labels.cases) | set(self.spec.infer_cases))
+        aligned = sorted(self.aligner(self.clients, wanted))
         self._check_stop()
-        self.train_cases, self.val_cases = self._split(aligned)
+        self.unlabeled_cases = [c for c in aligned if c not in self.labels.cases]
+        self.train_cases, self.val_cases = self._split([c for c in aligned if c in self.labels.cases])
         self._update(aligned_cases=len(aligned), train_cases=len(self.train_cases), val_cases=len(self.val_cases),
-                     val_case_ids=list(self.val_cases))
+                     val_case_ids=list(self.val_cases), unlabeled_cases=len(self.unlabeled_cases))
         logger.info("job %s: %d aligned cases, %d train, %d validation",
                     self.job_id, len(aligned), len(self.train_cases), len(self.val_cases))
 
@@ -182,7 +189,8 @@ class TrainingJob:
         self.aggregator = AggregatorStep(decoder, make_loss(self.spec.loss), optimizer, self.gradient_filters)
         setup = RunSetup(
             run_id=self.job_id, model=self.config,
-            optimizer=self.spec.site_optimizer, wire=self.spec.wire,
+            optimizer=self.spec.site_optimizer.model_copy(update={"total_steps": self.spec.steps}),
+            wire=self.spec.wire,
         )
         list(self.pool.map(lambda c: c.setup_run(setup), self.clients.values()))
         self._timing("prepare_s", time.perf_counter() - t0)
@@ -234,10 +242,25 @@ class TrainingJob:
                 self.checkpoint(step)
         self._timing("train_s", t_train)
 
+    def case_grids(self, case_ids: Sequence[str]) -> dict[str, CaseGrid]:
+        """The sites' agreed grid and brain extent of each case (:mod:`splitunet.data.grid`), asked once per case."""
+        with self._grids_lock:
+            missing = sorted({c for c in case_ids if c not in self.grids})
+            if missing:
+                reports = dict(zip(self.clients, self.pool.map(lambda c: c.grids(missing).grids,
+                                                               self.clients.values())))
+                for case_id in missing:
+                    self.grids[case_id] = combine_grids(
+                        case_id, {name: report[case_id] for name, report in reports.items() if case_id in report}
+                    )
+            return {c: self.grids[c] for c in case_ids}
+
     def plan(self, step: int) -> list[Sample]:
-        """The samples of one step: random training cases, foreground-weighted crops or slices, random flips."""
+        """The samples of one step: random training cases, foreground-weighted crops or slices (only slices inside
+        the brain, as the sites report it), random flips."""
         spec = self.spec
         cases = self._rng.choice(self.train_cases, size=spec.batch_size, replace=True)
+        grids = self.case_grids([str(c) for c in cases]) if len(spec.roi) == 2 else {}
         samples: list[Sample] = []
         for case_id in cases:
             regions = self.labels.regions(str(case_id))
@@ -248,7 +271,8 @@ class TrainingJob:
                                         fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob)
             else:
                 samples += plan_slices(str(case_id), shape, spec.roi, 1, self._rng, foreground=foreground,
-                                       fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob, resize=spec.resize_slices)
+                                       fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob, resize=spec.resize_slices,
+                                       allowed_slices=brain_slices(grids[str(case_id)].brain_z))
         return samples
 
     def _labels_for(self, samples: Sequence[Sample]) -> torch.Tensor:
@@ -263,6 +287,8 @@ class TrainingJob:
         """One split step over HTTP; returns the loss."""
         assert self.aggregator is not None
         samples = self.plan(step)
+        set_lr(self.aggregator.optimizer, self.spec.server_optimizer.model_copy(
+            update={"total_steps": self.spec.steps}).lr_at(step))
         labels = self._labels_for(samples)
         wire = self.spec.wire
         shapes = self.shapes_for(len(samples))
@@ -303,12 +329,13 @@ class TrainingJob:
         return SplitPredictor(
             self.clients, self.aggregator, run_id=self.job_id, roi=self.spec.roi, batch_size=self.spec.batch_size,
             shapes_for=self.shapes_for, dtype=WireDtype(self.spec.wire.activations.value), pool=self.pool,
-            resize_slices=self.spec.resize_slices,
+            resize_slices=self.spec.resize_slices, overlap=self.spec.sw_overlap,
             on_received=lambda name, step, item: self._record_received(name, step, item, Phase.EVAL),
         )
 
     def validate(self, step: int) -> dict:
-        """Dice and HD95 per region over the validation cases (whole cases, through the sites)."""
+        """Dice and HD95 (mm) per region and per validation case, whole cases through the sites, and their mean
+        and median (:mod:`splitunet.metrics`, BraTS convention)."""
         t0 = time.perf_counter()
         cases = self.val_cases[: self.spec.max_val_cases] if self.spec.max_val_cases else self.val_cases
         metrics = RegionMetrics(hd95=True)
@@ -317,8 +344,7 @@ class TrainingJob:
             self._check_stop()
             regions = self.labels.regions(case_id)
             probs = predictor.predict_case(case_id, regions.shape[1:], step=step)
-            logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
-            metrics.update(logits[None], torch.from_numpy(regions[None].astype(np.float32)))
+            metrics.add_case(case_id, probs, regions, self.labels.spacing(case_id), logits=False)
         result = metrics.aggregate()
         history = [*self.status().validations, {"step": step, "dice": result["dice"]}]
         self._update(validation=result, validation_step=step, validations=history)
@@ -326,12 +352,21 @@ class TrainingJob:
         logger.info("job %s step %d validation Dice %s", self.job_id, step, result["dice"])
         return result
 
-    def predict_case(self, case_id: str) -> np.ndarray:
-        """Region probabilities ``(3, X, Y, Z)`` of an aligned case (labels give its grid)."""
+    def predict_case(self, case_id: str) -> tuple[np.ndarray, CaseGrid]:
+        """Region probabilities ``(3, X, Y, Z)`` of an aligned case, labelled or not, on the grid the sites report
+        for it (their headers must agree), and that grid."""
         if self.aggregator is None:
             raise ConfigurationError("the job has no trained model yet")
-        shape = self.labels.shape(case_id)
-        return self.predictor().predict_case(case_id, shape, step=self.status().step).cpu().numpy()
+        if case_id not in self.train_cases and case_id not in self.val_cases and case_id not in self.unlabeled_cases:
+            raise CaseNotFoundError(
+                f"case {case_id!r} is not aligned in job {self.job_id}; post a job with it in infer_cases "
+                "(cases without labels) to segment it",
+                detail={"case_id": case_id},
+            )
+        grid = self.case_grids([case_id])[case_id]
+        shape = grid.geometry().ras_shape
+        probs = self.predictor().predict_case(case_id, shape, step=self.status().step)
+        return probs.cpu().numpy(), grid
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, step: int) -> Path:

@@ -17,9 +17,11 @@ from splitunet.schemas import (
     AlignedCases,
     AlignmentAck,
     BackwardAck,
+    CaseGrids,
     CheckpointInfo,
     CheckpointRequest,
     ForwardRequest,
+    GridRequest,
     RunInfo,
     RunSetup,
     SiteInfo,
@@ -53,6 +55,11 @@ def psi(runtime: SiteRuntimeDep, request: PsiRequest, caller: Caller) -> PsiResp
 @router.post("/alignment")
 def alignment(runtime: SiteRuntimeDep, aligned: AlignedCases, caller: Caller) -> AlignmentAck:
     return runtime.set_alignment(aligned, caller)
+
+
+@router.post("/grids")
+def grids(runtime: SiteRuntimeDep, request: GridRequest) -> CaseGrids:
+    return runtime.grids(request)
 
 
 @router.post("/runs")

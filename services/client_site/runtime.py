@@ -26,6 +26,7 @@ from splitunet import __version__
 from splitunet.checkpoint import check_disk_budget, load_checkpoint, save_checkpoint
 from splitunet.data.cache import ArrayCache
 from splitunet.data.cohort import scan_cohort
+from splitunet.data.grid import case_grid
 from splitunet.data.layout import BratsCase
 from splitunet.data.loader import load_images
 from splitunet.data.sampling import extract
@@ -41,12 +42,15 @@ from splitunet.networks.factory import make_optimizer, make_site_encoder
 from splitunet.networks.split_unet import SiteEncoder
 from splitunet.protocol import SiteStep
 from splitunet.psi import PsiRequest, PsiResponse
+from splitunet.schedules import set_lr
 from splitunet.schemas import (
     AlignedCases,
     AlignmentAck,
     BackwardAck,
+    CaseGrids,
     CheckpointInfo,
     ForwardRequest,
+    GridRequest,
     Phase,
     RunInfo,
     RunSetup,
@@ -159,6 +163,23 @@ class SiteRuntime:
             self._aligned = cohort
         logger.info("site %s: %d aligned cases", self.settings.site_id, len(cohort))
         return AlignmentAck(aligned=len(cohort))
+
+    def grids(self, request: GridRequest) -> CaseGrids:
+        """Header grid and brain extent of aligned cases (:mod:`splitunet.data.grid`); the images get cached."""
+        out = {}
+        for case_id in request.case_ids:
+            out[case_id] = case_grid(self._serving(case_id), self.settings.modalities, cache=self.cache)
+        return CaseGrids(grids=out)
+
+    def _serving(self, case_id: str) -> BratsCase:
+        """A case this site serves: one of the aligned cohort (the same error for an unknown case, see
+        :func:`~services.client_site.alignment.not_aligned`: no answer reveals whether an id exists)."""
+        case = self.cases.get(case_id)
+        with self._lock:
+            aligned = self._aligned
+        if case is None or aligned is None or case_id not in aligned:
+            raise not_aligned(case_id)
+        return case
 
     # ------------------------------------------------------------------ runs
     def setup_run(self, setup: RunSetup) -> RunInfo:
@@ -288,6 +309,7 @@ class SiteRuntime:
         )
         bundle = decode_bundle(body, expect=expect, max_bytes=self.settings.max_bundle_bytes)
         grads = {k: v.to(self.device) for k, v in bundle.tensors.items()}
+        set_lr(run.step.optimizer, run.setup.optimizer.lr_at(step))
         run.step.backward(grads, step=step, run_id=run_id)
         run.last_applied = step
         run.active = time.monotonic()

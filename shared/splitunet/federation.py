@@ -14,7 +14,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from splitunet.config import Fusion, SiteSpec, SkipPolicy, SplitUNetConfig
-from splitunet.losses import LossKind
+from splitunet.inference import DEFAULT_OVERLAP
+from splitunet.losses import DEFAULT_LOSS, LossKind
 from splitunet.schemas import RUN_ID_PATTERN, OptimizerOptions, WireOptions
 
 SITE_NAME_PATTERN = r"^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$"
@@ -76,11 +77,16 @@ class FederationSpec(BaseModel):
             labels; predictions are resized back) instead of cropping ``roi`` out of them.
         batch_size: samples per step.
         steps: training steps.
-        loss: ``dice`` (the BraTS recipe), ``dice_batch`` or ``dice_ce`` (see :mod:`splitunet.losses`).
-        site_optimizer, server_optimizer: Adam settings of the encoders and of the decoder.
+        loss: ``dice_ce`` (default: batch Dice + per-channel BCE), ``dice_focal``, ``dice_batch`` or ``dice`` (see
+            :mod:`splitunet.losses`).
+        site_optimizer, server_optimizer: Adam settings and learning-rate schedule of the encoders and of the
+            decoder (``total_steps`` is filled in from ``steps``).
         val_interval: validate every N steps (0: only at the end).
         val_cases: held-out cases: a number (taken from the aligned cases by ``seed``) or an explicit list.
         max_val_cases: cap on validation cases per validation (0: no cap).
+        infer_cases: cases without a label file to align too, so that ``/v1/infer`` can segment them (e.g. BraTS
+            validation data); they are never trained or validated on.
+        sw_overlap: sliding-window overlap of validation and inference (MONAI's BraTS setting 0.5).
         fg_ratio: probability that a sample is centred on tumour (foreground-weighted sampling).
         flip_prob: probability of a random flip per spatial axis.
         seed: initialisation and sampling seed.
@@ -98,12 +104,16 @@ class FederationSpec(BaseModel):
     resize_slices: bool = False
     batch_size: int = Field(default=4, ge=1, le=256)
     steps: int = Field(default=100, ge=1, le=10_000_000)
-    loss: LossKind = LossKind.DICE
+    loss: LossKind = DEFAULT_LOSS
     site_optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
     server_optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
     val_interval: int = Field(default=0, ge=0)
     val_cases: int | list[str] = 2
     max_val_cases: int = Field(default=0, ge=0)
+    infer_cases: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=100_000
+    )
+    sw_overlap: float = Field(default=DEFAULT_OVERLAP, ge=0.0, lt=1.0)
     fg_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
     flip_prob: float = Field(default=0.5, ge=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, lt=2**31)
@@ -176,7 +186,11 @@ class JobStatus(BaseModel):
     train_cases: int | None = None
     val_cases: int | None = None
     val_case_ids: list[str] = Field(default_factory=list)
-    validation: dict[str, Any] | None = None
+    unlabeled_cases: int | None = Field(default=None, description="aligned cases without labels (inference only)")
+    validation: dict[str, Any] | None = Field(
+        default=None,
+        description="last validation: mean Dice/HD95 (mm) per region, their medians and the per-case figures",
+    )
     validation_step: int | None = None
     validations: list[dict[str, Any]] = Field(default_factory=list)
     checkpoint_step: int | None = None

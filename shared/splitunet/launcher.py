@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,16 @@ class ServiceProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+#: Environment prefixes of the services' settings: never inherited from the caller's shell.
+SERVICE_ENV_PREFIXES = ("SITE_", "AGG_", "AUDIT_")
+
+
+def service_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the services' settings variables (``SITE_*``, ``AGG_*``, ``AUDIT_*``), so a process
+    started here is configured only by what the launcher sets, not by a variable left in the caller's shell."""
+    return {k: v for k, v in environ.items() if not k.startswith(SERVICE_ENV_PREFIXES)}
 
 
 def free_port() -> int:
@@ -125,7 +136,7 @@ class LocalFederation:
         port = free_port()
         prefix = "SITE_" if service == "site" else "AGG_"
         full_env = {
-            **os.environ,
+            **service_environment(os.environ),
             **env,
             f"{prefix}HOST": "127.0.0.1",
             f"{prefix}PORT": str(port),

@@ -12,7 +12,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from splitunet.config import SplitUNetConfig
+from splitunet.data.grid import CaseGrid
 from splitunet.data.sampling import Sample
+from splitunet.schedules import LrSchedule, lr_factor
 
 #: A run id: letters, digits, ``-`` and ``_`` (it names checkpoint folders).
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -44,12 +46,28 @@ class WireOptions(BaseModel):
 
 
 class OptimizerOptions(BaseModel):
-    """Adam settings of one party."""
+    """Adam settings of one party, and its learning-rate schedule (:mod:`splitunet.schedules`).
+
+    ``total_steps`` is the run's length (the aggregator fills it in from the job's ``steps``); ``lr`` is the base
+    rate the schedule multiplies.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     lr: float = Field(default=1e-4, gt=0, le=1.0)
     weight_decay: float = Field(default=1e-5, ge=0, le=1.0)
+    schedule: LrSchedule = LrSchedule.CONSTANT
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_factor: float = Field(default=0.0, ge=0.0, le=1.0)
+    total_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step`` (constant when no ``total_steps`` is known)."""
+        if self.schedule is LrSchedule.CONSTANT or self.total_steps is None:
+            return self.lr
+        return self.lr * lr_factor(
+            self.schedule, step, self.total_steps, warmup_steps=self.warmup_steps, min_factor=self.min_lr_factor
+        )
 
 
 class RunSetup(BaseModel):
@@ -141,3 +159,17 @@ class AlignedCases(BaseModel):
 
 class AlignmentAck(BaseModel):
     aligned: int
+
+
+class GridRequest(BaseModel):
+    """``POST /v1/grids``: the header grid and brain extent of some aligned cases (see :mod:`splitunet.data.grid`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    case_ids: list[str] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class CaseGrids(BaseModel):
+    """Answer to ``POST /v1/grids``: one :class:`~splitunet.data.grid.CaseGrid` per case asked for."""
+
+    grids: dict[str, CaseGrid]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from services.aggregator.labels import LabelStore
 from services.aggregator.trainer import TrainingJob
 from splitunet.config import SiteSpec, SplitUNetConfig
+from splitunet.data.grid import CaseGrid, case_grid, combine_grids
 from splitunet.data.layout import discover_cases
 from splitunet.data.loader import load_images
 from splitunet.data.sampling import Sample, extract
@@ -155,18 +156,27 @@ def site_specs(spec: FederationSpec) -> tuple[SiteSpec, ...]:
     return tuple(SiteSpec(name=name, modalities=(name,)) for name in spec.sites)
 
 
+def site_grids(cohort: Cohort, case_ids: Sequence[str]) -> dict[str, CaseGrid]:
+    """What the sites of ``cohort`` report for ``case_ids`` (``POST /v1/grids``), combined, computed offline."""
+    cases = {m: discover_cases(cohort.site_dirs[m]) for m in cohort.site_dirs}
+    return {
+        c: combine_grids(c, {m: case_grid(cases[m][c], (m,)) for m in cohort.site_dirs}) for c in case_ids
+    }
+
+
 def derive_plans(
-    spec: FederationSpec, labels: LabelStore, train_cases: Sequence[str], steps: int
+    spec: FederationSpec, labels: LabelStore, train_cases: Sequence[str], steps: int, cohort: Cohort
 ) -> list[list[Sample]]:
     """The samples a job with ``spec`` plans for steps ``1..steps``, derived offline (no site is called).
 
-    A job's plan depends only on the spec's seed, its training cases and the labels, so a test can learn what a
-    job in another process trained on from its status (``val_case_ids``) alone.
+    A job's plan depends only on the spec's seed, its training cases, the labels and the brain extents the sites
+    report, so a test can learn what a job in another process trained on from its status (``val_case_ids``) alone.
     """
     job = TrainingJob("plan", spec, labels=labels, clients={}, aligner=identity_aligner,
                       device=torch.device("cpu"), state_dir=Path("unused"), max_workers=1)
     try:
         job.train_cases = list(train_cases)
+        job.grids = site_grids(cohort, train_cases)
         return [job.plan(step) for step in range(1, steps + 1)]
     finally:
         job.close()
@@ -197,7 +207,7 @@ def replay_in_process(
         raise ValueError("the in-process reference takes one weight_decay for every party")
     federation = InProcessFederation(
         config, seed=spec.seed, lr_site=spec.site_optimizer.lr, lr_server=spec.server_optimizer.lr,
-        weight_decay=spec.site_optimizer.weight_decay,
+        weight_decay=spec.site_optimizer.weight_decay, loss=spec.loss,
     )
     losses = []
     for step, samples in enumerate(plans, start=1):

@@ -60,7 +60,7 @@ def test_uvicorn_federation_equals_in_process_protocol(cohort: Cohort, tmp_path)
     registry = write_registry(tmp_path / "registry")
     labels = LabelStore(AggregatorSettings(data_dir=cohort.labels_dir, sites=registry, auth_disabled=True))
     train_cases = sorted(set(cohort.case_ids) - set(status["val_case_ids"]))
-    plans = derive_plans(spec, labels, train_cases, STEPS)
+    plans = derive_plans(spec, labels, train_cases, STEPS, cohort)
     config = spec.model.build(site_specs(spec))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the services ran with one thread each: same kernels, same reduction order
