@@ -27,6 +27,9 @@ class AggregatorSettings(ServiceSettings):
         site_ca_file: CA bundle to verify HTTPS site services (default: system CAs).
         site_client_cert_file, site_client_key_file: client certificate for mutual TLS to the sites.
         concurrency: threads calling sites concurrently (default: one per site).
+        site_wait_s: how long a job waits for an unreachable site before it fails (``waiting_for_site``).
+        site_retry_max_s: longest pause between two probes of an unreachable site (the backoff doubles up to it).
+        max_recoveries: roll-backs to a common checkpoint one job may do before it fails.
     """
 
     model_config = SettingsConfigDict(env_prefix="AGG_")
@@ -43,6 +46,9 @@ class AggregatorSettings(ServiceSettings):
     site_client_cert_file: Path | None = None
     site_client_key_file: Path | None = None
     concurrency: int = Field(default=0, ge=0, le=64)
+    site_wait_s: float = Field(default=3600.0, gt=0)
+    site_retry_max_s: float = Field(default=10.0, gt=0)
+    max_recoveries: int = Field(default=100, ge=0)
 
     @field_validator("data_dir")
     @classmethod
