@@ -17,7 +17,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -33,6 +34,9 @@ class ServiceProcess:
     url: str
     process: subprocess.Popen
     log_path: Path
+    service: str = ""
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    port: int = 0
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -84,8 +88,8 @@ class LocalFederation:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _start(self, name: str, service: str, env: dict[str, str]) -> ServiceProcess:
-        port = free_port()
+    def _start(self, name: str, service: str, env: dict[str, str], port: int | None = None) -> ServiceProcess:
+        port = port or free_port()
         prefix = "SITE_" if service == "site" else "AGG_"
         full_env = {
             **os.environ,
@@ -98,7 +102,7 @@ class LocalFederation:
             "PYTHONUNBUFFERED": "1",
         }
         log_path = self.workdir / "logs" / f"{name}.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - handed to the child; closed when it exits
+        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child; closed when it exits
         process = subprocess.Popen(
             [self.python, "-m", "splitunet", "serve", service],
             env=full_env,
@@ -108,8 +112,9 @@ class LocalFederation:
             start_new_session=True,
         )
         log.close()
-        proc = ServiceProcess(name=name, url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
-        self.processes.append(proc)
+        proc = ServiceProcess(name=name, url=f"http://127.0.0.1:{port}", process=process, log_path=log_path,
+                              service=service, env=env, port=port)
+        self.processes = [p for p in self.processes if p.name != name] + [proc]
         self._write_manifest()
         logger.info("started %s (pid %d) on %s", name, process.pid, proc.url)
         return proc
@@ -119,7 +124,11 @@ class LocalFederation:
         doc = [{"name": p.name, "pid": p.process.pid, "url": p.url, "log": str(p.log_path)} for p in self.processes]
         (self.workdir / "services.json").write_text(json.dumps(doc, indent=2))
 
-    def start_site(self, name: str, modalities: list[str], data_dir: Path, *, device: str = "cpu") -> ServiceProcess:
+    def start_site(
+        self, name: str, modalities: list[str], data_dir: Path, *, device: str = "cpu",
+        env: Mapping[str, str] | None = None,
+    ) -> ServiceProcess:
+        """Start a site service; ``env`` adds or overrides ``SITE_*`` variables."""
         env = {
             "SITE_SITE_ID": name,
             "SITE_MODALITIES": ",".join(modalities),
@@ -128,18 +137,42 @@ class LocalFederation:
             "SITE_AUTH_TOKEN_FILE": str(self.site_token_file),
             "SITE_DEVICE": device,
             "SITE_LOG_LEVEL": "warning",
-        }
+        } | dict(env or {})
         return self._start(f"site-{name}", "site", env)
 
-    def start_aggregator(self, data_dir: Path, *, device: str = "cpu") -> ServiceProcess:
+    def start_aggregator(
+        self, data_dir: Path, *, device: str = "cpu", env: Mapping[str, str] | None = None
+    ) -> ServiceProcess:
+        """Start the aggregator; ``env`` adds or overrides ``AGG_*`` variables."""
         env = {
             "AGG_DATA_DIR": str(data_dir),
             "AGG_STATE_DIR": str(self.workdir / "state" / "aggregator"),
             "AGG_AUTH_TOKEN_FILE": str(self.aggregator_token_file),
             "AGG_DEVICE": device,
             "AGG_LOG_LEVEL": "info",
-        }
+        } | dict(env or {})
         return self._start("aggregator", "aggregator", env)
+
+    def process(self, name: str) -> ServiceProcess:
+        """The running (or last) process called ``name`` (``site-t1``, ``aggregator``)."""
+        for proc in self.processes:
+            if proc.name == name:
+                return proc
+        raise KeyError(f"no service {name!r}; started: {[p.name for p in self.processes]}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service's process group (a crash: no shutdown code runs) and reap it."""
+        proc = self.process(name)
+        _signal_group(proc.process, signal.SIGKILL)
+        proc.process.wait(timeout=10)
+        logger.info("killed %s (pid %d)", name, proc.process.pid)
+
+    def restart(self, name: str) -> ServiceProcess:
+        """Start a stopped or killed service again with the same environment, port and state folder."""
+        proc = self.process(name)
+        if proc.process.poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {proc.process.pid}); kill or stop it first")
+        return self._start(proc.name, proc.service, proc.env, port=proc.port)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Wait until every service answers ``/readyz`` with 200; raise with the log tail of a failed one."""
