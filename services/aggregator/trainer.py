@@ -164,7 +164,7 @@ class TrainingJob:
         """The job thread's body: never raises; the outcome is in :meth:`status`."""
         started = time.perf_counter()
         try:
-            if self._resume:
+            if self._resume and self._complete:
                 start = self._recover()
             else:
                 self._update(state=JobState.ALIGNING)

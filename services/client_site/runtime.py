@@ -111,7 +111,8 @@ class SiteRuntime:
         self.store = RunStore(settings.state_dir)
         for stored in self.store.runs()[-MAX_RUNS:]:
             run = self._build_run(stored.setup, created=stored.created)
-            run.needs_restore, run.checkpoint_step = True, stored.checkpoint_step
+            # a run never checkpointed never trained (the aggregator checkpoints step 0 before the first step)
+            run.needs_restore, run.checkpoint_step = stored.checkpoint_step is not None, stored.checkpoint_step
             self._runs[stored.setup.run_id] = run
         self._metrics = metrics
         if metrics is not None:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 
 from services.aggregator.app import create_app as create_aggregator_app
 from services.client_site.app import create_app as create_site_app
+from splitunet.protocol import SiteStep
 
 STEPS = 8
 
@@ -218,3 +219,44 @@ def test_resume_restarts_a_job_that_gave_up_waiting(federation: Federation) -> N
     assert_same_training(fed, "clean", "faulty")
     missing = fed.aggregator.post("/v1/jobs/nope/resume", headers=AGG_HEADERS)
     assert missing.status_code == 404, missing.text
+
+
+class TimesOutOnce(httpx.BaseTransport):
+    """Delivers the first matching request in the background but tells the client it timed out, so the client's
+    retry overlaps the original (which a slowed backward keeps busy)."""
+
+    def __init__(self, inner: httpx.BaseTransport, match: Callable[[httpx.Request], bool]) -> None:
+        self.inner, self.match, self.originals = inner, match, []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.match is not None and self.match(request):
+            self.match = None
+            request.read()
+            original = threading.Thread(target=self.inner.handle_request, args=(request,))
+            original.start()
+            self.originals.append(original)
+            time.sleep(0.1)
+            raise httpx.ReadTimeout("timed out (test)", request=request)
+        return self.inner.handle_request(request)
+
+
+def test_a_backward_retry_overlapping_the_original_does_not_fail_the_job(
+    federation: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fed = federation
+    assert run_job(fed.aggregator, spec("clean"))["state"] == "succeeded"
+    original = SiteStep.backward
+
+    def slow_backward(self, gradients, *, step, run_id="local"):
+        time.sleep(0.5 if run_id == "faulty" and step == 3 else 0.0)
+        return original(self, gradients, step=step, run_id=run_id)
+
+    monkeypatch.setattr(SiteStep, "backward", slow_backward)
+    flaky = TimesOutOnce(fed.sites["t2"]._transport, backward_of("faulty", 3))
+    fed.switches["t2"].inner = flaky
+    status = run_job(fed.aggregator, spec("faulty"))
+    assert status["state"] == "succeeded", status
+    assert status["recoveries"] == 0, status  # the retry was acknowledged: no roll-back was needed
+    assert len(flaky.originals) == 1
+    flaky.originals[0].join(10)
+    assert_same_training(fed, "clean", "faulty")
