@@ -246,35 +246,39 @@ class TrainingJob:
 
     # ------------------------------------------------------------------ training
     def train(self, start_step: int = 0) -> None:
+        """Train steps ``start_step + 1 .. spec.steps``; a recoverable site failure rolls every party back to the
+        latest complete checkpoint and training goes on from there."""
+        while True:
+            try:
+                self._train_from(start_step)
+                return
+            except PeerError as exc:
+                start_step = self._recover(exc)  # every party is back at a checkpointed step: replay from there
+
+    def _train_from(self, start_step: int) -> None:
         assert self.config is not None and self.aggregator is not None
         spec = self.spec
         samples_done, t_train, t0 = 0, 0.0, time.perf_counter()
-        step = start_step + 1
-        while step <= spec.steps:
+        for step in range(start_step + 1, spec.steps + 1):
             self._check_stop()
-            try:
-                ts = time.perf_counter()
-                loss = self.train_step(step)
-                t_train += time.perf_counter() - ts
-                samples_done += spec.batch_size
-                elapsed = time.perf_counter() - t0
-                with self._lock:
-                    self._losses.append(loss)
-                    if len(self._losses) > MAX_LOSS_HISTORY:
-                        del self._losses[: len(self._losses) - MAX_LOSS_HISTORY]
-                self._update(
-                    step=step, loss=loss, steps_per_second=samples_done / spec.batch_size / elapsed,
-                    samples_per_second=samples_done / elapsed,
-                )
-                last = step == spec.steps
-                if (spec.val_interval and step % spec.val_interval == 0) or last:
-                    self.validate(step)
-                if (spec.checkpoint_interval and step % spec.checkpoint_interval == 0) or last:
-                    self.checkpoint(step)
-            except PeerError as exc:
-                step = self._recover(exc) + 1  # every party is back at a checkpointed step: replay from there
-                continue
-            step += 1
+            ts = time.perf_counter()
+            loss = self.train_step(step)
+            t_train += time.perf_counter() - ts
+            samples_done += spec.batch_size
+            elapsed = time.perf_counter() - t0
+            with self._lock:
+                self._losses.append(loss)
+                if len(self._losses) > MAX_LOSS_HISTORY:
+                    del self._losses[: len(self._losses) - MAX_LOSS_HISTORY]
+            self._update(
+                step=step, loss=loss, steps_per_second=(step - start_step) / elapsed,
+                samples_per_second=samples_done / elapsed,
+            )
+            last = step == spec.steps
+            if (spec.val_interval and step % spec.val_interval == 0) or last:
+                self.validate(step)
+            if (spec.checkpoint_interval and step % spec.checkpoint_interval == 0) or last:
+                self.checkpoint(step)
         self._timing("train_s", t_train)
 
     # ------------------------------------------------------------------ recovery
