@@ -134,7 +134,9 @@ def start(client: TestClient, doc: dict[str, Any]) -> str:
     return response.json()["job_id"]
 
 
-def test_a_site_down_for_a_while_makes_the_job_wait_and_then_continue(federation: Federation) -> None:
+def test_a_site_down_for_a_while_makes_the_job_wait_and_then_continue_from_a_sound_checkpoint(
+    federation: Federation,
+) -> None:
     fed = federation
     assert run_job(fed.aggregator, spec("clean"))["state"] == "succeeded"
     switch = fed.switches["t2"]
@@ -146,10 +148,14 @@ def test_a_site_down_for_a_while_makes_the_job_wait_and_then_continue(federation
     time.sleep(1.5)  # down for a while: the job probes with backoff, it does not spin
     refused = switch.refused
     assert refused <= 20, f"{refused} requests to a down site in ~1.5 s: a hot loop"
+    latest = fed.sites["t2"].app.state.runtime._checkpoint_path("faulty", 4)
+    latest.write_bytes(latest.read_bytes()[:-100])  # and its newest checkpoint got truncated meanwhile
     switch.down.clear()
     status = wait_for_job(fed.aggregator, "faulty", timeout_s=120)
     assert status["state"] == "succeeded", status
-    assert status["recoveries"] == 1 and status["resumed_from_step"] == 4, status
+    assert status["recoveries"] == 1 and status["resumed_from_step"] == 2, status  # the step before it
+    [error] = status["checkpoint_errors"]
+    assert error.startswith("step 4:") and "bad_data" in error, error
     assert len(status["losses"]) == STEPS
     assert_same_training(fed, "clean", "faulty")
 
