@@ -2,8 +2,12 @@
 
 One job at a time is a deliberate limit: the aggregator's decoder, its GPU/CPU and the sites' encoders serve one
 federation run; a second ``POST /v1/jobs`` while one runs gets 409. Finished jobs stay listed (status and
-metrics) until the service restarts; only the most recent finished job keeps its model, threads and site clients
-(for ``/v1/infer``): when a job finishes, every older one releases them, so nothing grows with the number of jobs.
+metrics); only the most recent finished job keeps its model, threads and site clients (for ``/v1/infer``): when a
+job finishes, every older one releases them, so nothing grows with the number of jobs.
+
+Jobs are recorded in ``state_dir/jobs.sqlite`` (:mod:`services.aggregator.store`): at start-up the manager lists
+the recorded jobs again and resumes each unfinished one from the latest step every party checkpointed;
+``POST /v1/jobs/{id}/resume`` does the same for a failed or stopped job.
 """
 
 from __future__ import annotations
@@ -18,15 +22,19 @@ import numpy as np
 import torch
 
 from services.aggregator.labels import LabelStore
+from services.aggregator.recovery import RecoveryPolicy
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.site_client import SiteClient
+from services.aggregator.store import JobStore, spec_document
 from services.aggregator.trainer import Aligner, TrainingJob
 from splitunet.data.loader import regions_to_labels, save_segmentation, write_segmentation
-from splitunet.errors import ConflictError, NotFoundError
-from splitunet.federation import FederationSpec, InferRequest, JobCreated, JobStatus
+from splitunet.errors import ConflictError, NotFoundError, SplitUNetError
+from splitunet.federation import FederationSpec, InferRequest, JobCreated, JobState, JobStatus
 from splitunet.recorder import Recorder
 
 logger = logging.getLogger(__name__)
+
+FINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED)
 
 
 class JobManager:
@@ -61,6 +69,22 @@ class JobManager:
         self._threads: dict[str, threading.Thread] = {}
         self._released: set[str] = set()
         self._lock = threading.Lock()
+        self.policy = RecoveryPolicy(site_wait_s=settings.site_wait_s, backoff_s=min(0.5, settings.site_retry_max_s),
+                                     backoff_max_s=settings.site_retry_max_s, max_recoveries=settings.max_recoveries)
+        self.store = JobStore(settings.state_dir)
+        for stored in self.store.jobs():
+            try:
+                spec = FederationSpec.model_validate(stored.spec)
+                if stored.status.state in FINAL_STATES:
+                    self._jobs[stored.job_id] = self._job(stored.job_id, spec, previous=stored.status)
+                else:
+                    logger.info("job %s was %s when the aggregator stopped; resuming it", stored.job_id,
+                                stored.status.state.value)
+                    self._start(self._job(stored.job_id, spec, resume_from=stored.checkpoint_steps,
+                                          previous=stored.status))
+            except (SplitUNetError, ValueError) as exc:  # e.g. a site since removed from the registry
+                logger.error("recorded job %s cannot be reloaded: %s", stored.job_id, exc)
+        self.release_finished()  # reloaded finished jobs have no model: they keep only their status
 
     def create(self, spec: FederationSpec) -> JobCreated:
         """Start a job in the background; 409 while another one runs."""
@@ -75,27 +99,35 @@ class JobManager:
             job_id = spec.run_id or f"job-{uuid.uuid4().hex[:12]}"
             if job_id in self._jobs:
                 raise ConflictError(f"a job {job_id!r} already exists; choose another run_id")
-            clients: dict[str, SiteClient] = {}
-            try:
-                for name in spec.sites:  # registry names only: the factory resolves URL and credential
-                    clients[name] = self.client_factory(name, spec)
-            except Exception:
-                for client in clients.values():
-                    client.close()
-                raise
-            job = TrainingJob(
-                job_id, spec, labels=self.labels, clients=clients, aligner=self.aligner, device=self.device,
-                state_dir=self.settings.state_dir,
-                recorder=self.recorder_factory(job_id) if self.recorder_factory else None,
-                max_workers=self.settings.concurrency,
-                checkpoint_budget_bytes=self.settings.checkpoint_budget_bytes,
-            )
-            thread = threading.Thread(target=self._run, args=(job,), name=f"job-{job_id}", daemon=True)
-            self._jobs[job_id] = job
-            self._threads[job_id] = thread
-            thread.start()
+            job = self._job(job_id, spec)
+            self.store.create(job_id, spec_document(spec), job.status())
+            self._start(job)
             logger.info("job %s started: %d sites, %d steps", job_id, len(spec.sites), spec.steps)
             return JobCreated(job_id=job_id, state=job.status().state)
+
+    def _job(self, job_id: str, spec: FederationSpec, **resume) -> TrainingJob:
+        clients: dict[str, SiteClient] = {}
+        try:
+            for name in spec.sites:  # registry names only: the factory resolves URL and credential
+                clients[name] = self.client_factory(name, spec)
+        except Exception:
+            for client in clients.values():
+                client.close()
+            raise
+        return TrainingJob(
+            job_id, spec, labels=self.labels, clients=clients, aligner=self.aligner, device=self.device,
+            state_dir=self.settings.state_dir,
+            recorder=self.recorder_factory(job_id) if self.recorder_factory else None,
+            max_workers=self.settings.concurrency, checkpoint_budget_bytes=self.settings.checkpoint_budget_bytes,
+            store=self.store, policy=self.policy, **resume,
+        )
+
+    def _start(self, job: TrainingJob) -> None:
+        thread = threading.Thread(target=self._run, args=(job,), name=f"job-{job.job_id}", daemon=True)
+        self._jobs[job.job_id] = job
+        self._threads[job.job_id] = thread
+        self._released.discard(job.job_id)
+        thread.start()
 
     def _run(self, job: TrainingJob) -> None:
         """A job thread: run the job, then release every older finished job (this one serves inference)."""
@@ -116,6 +148,27 @@ class JobManager:
             job.aggregator = None  # the decoder and its optimizer state; status and metrics stay
             logger.info("job %s: released its threads, site clients and model", job.job_id)
         return [j.job_id for j in done]
+    def resume(self, job_id: str) -> JobStatus:
+        """Restart a failed or stopped job from the latest step every party checkpointed (a fault outlasted the
+        job's patience, or an operator stopped it); 409 while it or another job runs, or once it succeeded."""
+        job = self.get(job_id)
+        with self._lock:
+            running = [j for j in self._jobs.values() if not j.finished]
+            if running:
+                raise ConflictError(
+                    f"job {running[0].job_id} is {running[0].status().state.value}; only a failed or stopped job "
+                    "can be resumed", detail={"running": running[0].job_id},
+                )
+            if job.status().state == JobState.SUCCEEDED:
+                raise ConflictError(f"job {job_id} has succeeded; there is nothing to resume")
+            steps = self.store.checkpoint_steps(job_id)
+            if not steps:
+                raise ConflictError(f"job {job_id} has no step that every party checkpointed; start a new job")
+            old = self._jobs[job_id]
+            self._start(self._job(job_id, job.spec, resume_from=steps, previous=job.status()))
+        old.close()
+        logger.info("job %s resumed by request from step %d", job_id, steps[-1])
+        return self._jobs[job_id].status()
 
     def get(self, job_id: str) -> TrainingJob:
         with self._lock:
@@ -176,9 +229,10 @@ class JobManager:
         with self._lock:
             jobs, threads = list(self._jobs.values()), list(self._threads.values())
         for job in jobs:
-            job.stop()
+            job.interrupt()  # unfinished jobs stay recorded as they were: the next start resumes them
         for thread in threads:
             thread.join(timeout=30)
         for job in jobs:
             if job.job_id not in self._released:
                 job.close()
+        self.store.close()

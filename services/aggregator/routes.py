@@ -42,6 +42,11 @@ def stop_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
     return runtime.jobs.stop(job_id)
 
 
+@router.post("/jobs/{job_id}/resume")
+def resume_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
+    return runtime.jobs.resume(job_id)
+
+
 @router.post("/infer", responses={200: {"content": {"application/gzip": {}}, "description": "the segmentation"}})
 def infer(runtime: AggregatorDep, request: InferRequest) -> Response:
     data, filename = runtime.jobs.infer(request)

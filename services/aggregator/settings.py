@@ -32,6 +32,9 @@ class AggregatorSettings(ServiceSettings):
         concurrency: threads calling sites concurrently (default: one per site).
         checkpoint_budget_bytes: most bytes of checkpoints under ``state_dir``; a job whose checkpoint would pass
             it fails with a clear error.
+        site_wait_s: how long a job waits for an unreachable site before it fails (``waiting_for_site``).
+        site_retry_max_s: longest pause between two probes of an unreachable site (the backoff doubles up to it).
+        max_recoveries: roll-backs to a common checkpoint one job may do before it fails.
     """
 
     model_config = SettingsConfigDict(env_prefix="AGG_")
@@ -50,6 +53,9 @@ class AggregatorSettings(ServiceSettings):
     site_client_key_file: Path | None = None
     concurrency: int = Field(default=0, ge=0, le=64)
     checkpoint_budget_bytes: int = Field(default=16 * 2**30, gt=0)
+    site_wait_s: float = Field(default=3600.0, gt=0)
+    site_retry_max_s: float = Field(default=10.0, gt=0)
+    max_recoveries: int = Field(default=100, ge=0)
 
     @model_validator(mode="after")
     def _check_sites(self) -> AggregatorSettings:

@@ -8,6 +8,12 @@ Each step (see :mod:`splitunet.protocol` for the exchange itself)::
     POST backward to every site, concurrently             -> the sites step their encoders
 
 The job runs in a background thread; :meth:`TrainingJob.status` is safe to call from request threads.
+
+Every party checkpoints step 0 before training and then every ``checkpoint_interval`` steps; a step counts as
+checkpointed once all parties wrote it (recorded in the job store). A site that fails mid-job sends the job to
+``waiting_for_site``, then ``resuming`` (every party rolled back to that step), then on (see
+:mod:`services.aggregator.recovery`); a job built with ``resume_from`` (an aggregator restart, or
+``POST /v1/jobs/{id}/resume``) starts with that roll-back.
 """
 
 from __future__ import annotations
@@ -24,12 +30,22 @@ import torch
 
 from services.aggregator.evaluation import SplitPredictor
 from services.aggregator.labels import LabelStore
+from services.aggregator.recovery import RecoveryPolicy, recoverable, unreachable, wait_for_sites
 from services.aggregator.site_client import Received, SiteClient
-from splitunet.checkpoint import check_disk_budget, load_checkpoint, save_checkpoint
+from services.aggregator.store import JobStore
+from splitunet.checkpoint import apply_checkpoint, check_disk_budget, read_checkpoint, save_checkpoint
 from splitunet.config import SiteSpec, SplitUNetConfig
 from splitunet.data.grid import CaseGrid, brain_slices, combine_grids
 from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices
-from splitunet.errors import CaseNotFoundError, ConfigurationError, DataError, SplitUNetError
+from splitunet.errors import (
+    CaseNotFoundError,
+    ConfigurationError,
+    ConflictError,
+    DataError,
+    PeerError,
+    ProtocolError,
+    SplitUNetError,
+)
 from splitunet.federation import FederationSpec, JobState, JobStatus
 from splitunet.filters import FilterChain
 from splitunet.losses import make_loss
@@ -68,6 +84,10 @@ class TrainingJob:
         recorder: receives every bundle that crosses the boundary.
         gradient_filters: outbound gradient defenses (none by default).
         checkpoint_budget_bytes: most bytes of checkpoints under the parent of ``state_dir`` (``None``: no limit).
+        store: the job store (durable status and complete checkpoints); none in tests that need none.
+        policy: how long to wait for an unreachable site, and how often to roll back.
+        resume_from: steps every party checkpointed: the job resumes from the latest of them instead of starting.
+        previous: the job's last recorded status (losses, validations) when resuming.
     """
 
     def __init__(
@@ -84,6 +104,10 @@ class TrainingJob:
         gradient_filters: FilterChain | None = None,
         max_workers: int = 0,
         checkpoint_budget_bytes: int | None = None,
+        store: JobStore | None = None,
+        policy: RecoveryPolicy | None = None,
+        resume_from: Sequence[int] | None = None,
+        previous: JobStatus | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -108,6 +132,16 @@ class TrainingJob:
         self.unlabeled_cases: list[str] = []
         self.grids: dict[str, CaseGrid] = {}
         self._grids_lock = threading.Lock()  # the job thread plans while /v1/infer may ask for a grid
+        self.store = store
+        self.policy = policy or RecoveryPolicy()
+        self._resume = resume_from is not None
+        self._complete: list[int] = sorted(resume_from or [])
+        self._persist = True
+        self._setup: RunSetup | None = None
+        if previous is not None:
+            reset = {"state": JobState.PENDING, "error": None} if self._resume else {}
+            self._status = previous.model_copy(update={**reset, "losses": []})
+            self._losses = list(previous.losses)
 
     # ------------------------------------------------------------------ status
     def status(self) -> JobStatus:
@@ -117,12 +151,21 @@ class TrainingJob:
     def _update(self, **changes) -> None:
         with self._lock:
             self._status = self._status.model_copy(update=changes)
+            persist = "state" in changes and self.store is not None and self._persist
+        if persist:
+            self.store.save_status(self.status())
 
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
-            if self._status.state in (JobState.PENDING, JobState.ALIGNING, JobState.RUNNING):
+            if self._status.state in (JobState.PENDING, JobState.ALIGNING, JobState.RUNNING,
+                                      JobState.WAITING_FOR_SITE, JobState.RESUMING):
                 self._status = self._status.model_copy(update={"state": JobState.STOPPING})
+
+    def interrupt(self) -> None:
+        """Stop for a service shutdown: the store keeps the job as it was, so the next start resumes it."""
+        self._persist = False
+        self.stop()
 
     def _check_stop(self) -> None:
         if self._stop.is_set():
@@ -137,10 +180,15 @@ class TrainingJob:
         """The job thread's body: never raises; the outcome is in :meth:`status`."""
         started = time.perf_counter()
         try:
-            self._update(state=JobState.ALIGNING)
-            self.prepare()
+            if self._resume and self._complete:
+                start = self._recover()
+            else:
+                self._update(state=JobState.ALIGNING)
+                self.prepare()
+                self.checkpoint(0)  # the common step every roll-back can reach
+                start = 0
             self._update(state=JobState.RUNNING)
-            self.train()
+            self.train(start)
             self._update(state=JobState.SUCCEEDED)
         except JobStopped:
             logger.info("job %s stopped at step %d", self.job_id, self.status().step)
@@ -187,7 +235,7 @@ class TrainingJob:
         opt = self.spec.server_optimizer
         optimizer = make_optimizer(decoder.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
         self.aggregator = AggregatorStep(decoder, make_loss(self.spec.loss), optimizer, self.gradient_filters)
-        setup = RunSetup(
+        setup = self._setup = RunSetup(
             run_id=self.job_id, model=self.config,
             optimizer=self.spec.site_optimizer.model_copy(update={"total_steps": self.spec.steps}),
             wire=self.spec.wire,
@@ -217,6 +265,16 @@ class TrainingJob:
 
     # ------------------------------------------------------------------ training
     def train(self, start_step: int = 0) -> None:
+        """Train steps ``start_step + 1 .. spec.steps``; a recoverable site failure rolls every party back to the
+        latest complete checkpoint and training goes on from there."""
+        while True:
+            try:
+                self._train_from(start_step)
+                return
+            except PeerError as exc:
+                start_step = self._recover(exc)  # every party is back at a checkpointed step: replay from there
+
+    def _train_from(self, start_step: int) -> None:
         assert self.config is not None and self.aggregator is not None
         spec = self.spec
         samples_done, t_train, t0 = 0, 0.0, time.perf_counter()
@@ -254,6 +312,57 @@ class TrainingJob:
                         case_id, {name: report[case_id] for name, report in reports.items() if case_id in report}
                     )
             return {c: self.grids[c] for c in case_ids}
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self, cause: PeerError | None = None) -> int:
+        """Wait until every site answers, set the run up again and roll every party back to the latest step all
+        of them checkpointed; return that step. ``cause=None``: resuming a job after a restart.
+
+        Raises ``cause`` when it is not recoverable or the job has rolled back ``policy.max_recoveries`` times.
+        """
+        while True:
+            attempt = self.status().recoveries + 1
+            if cause is not None:
+                if not recoverable(cause) or attempt > self.policy.max_recoveries:
+                    raise cause
+                logger.warning("job %s: %s; rolling back (recovery %d)", self.job_id, cause.message, attempt)
+            self._update(recoveries=attempt)
+            if not wait_for_sites(self.clients, self.policy, stop=self._stop, on_waiting=self._waiting):
+                raise JobStopped
+            self._update(state=JobState.RESUMING, waiting_for=[])
+            try:
+                if self.aggregator is None:
+                    self.prepare()
+                else:
+                    list(self.pool.map(lambda c: c.setup_run(self._setup), self.clients.values()))
+                step = self._roll_back()
+            except PeerError as exc:
+                cause = exc
+                continue
+            self._update(state=JobState.RUNNING, resumed_from_step=step)
+            logger.info("job %s resumed from step %d", self.job_id, step)
+            return step
+
+    def _waiting(self, sites: list[str]) -> None:
+        self._update(state=JobState.WAITING_FOR_SITE, waiting_for=sites)
+
+    def _roll_back(self) -> int:
+        """Restore the latest complete checkpoint every party can load; report and skip corrupt ones."""
+        for step in sorted(self._complete, reverse=True):
+            try:
+                self.restore(step)
+                return step
+            except (DataError, ConflictError) as exc:  # the aggregator's own file is corrupt
+                reason = exc.message
+            except PeerError as exc:
+                if unreachable(exc):
+                    raise
+                reason = exc.message  # a site's file is missing or corrupt
+            logger.error("job %s: checkpoint of step %d unusable: %s", self.job_id, step, reason)
+            self._update(checkpoint_errors=[*self.status().checkpoint_errors, f"step {step}: {reason}"])
+            self._complete.remove(step)
+        raise DataError(f"job {self.job_id}: no checkpointed step that every party can restore",
+                        detail={"errors": self.status().checkpoint_errors})
 
     def plan(self, step: int) -> list[Sample]:
         """The samples of one step: random training cases, foreground-weighted crops or slices (only slices inside
@@ -373,30 +482,46 @@ class TrainingJob:
         return self.state_dir / f"aggregator-step-{step:08d}.safetensors"
 
     def checkpoint(self, step: int) -> None:
-        """Checkpoint the decoder + optimizer + job state, and every site's encoder at the same step."""
+        """Checkpoint the decoder + optimizer + job state, and every site's encoder at the same step (the step
+        every party holds); once all have written it, the step is recorded as complete."""
         assert self.aggregator is not None
+        if step != self.status().step:
+            raise ProtocolError(f"the aggregator holds step {self.status().step}, not {step}")
         if self.checkpoint_budget_bytes is not None:
             parameters = sum(p.numel() for p in self.aggregator.decoder.parameters())
             check_disk_budget(self.state_dir.parent, parameters, self.checkpoint_budget_bytes,
                               setting="AGG_CHECKPOINT_BUDGET_BYTES")
         with self.aggregator.lock:
-            save_checkpoint(
+            digest = save_checkpoint(
                 self.checkpoint_path(step), self.aggregator.decoder, self.aggregator.optimizer,
                 {"job_id": self.job_id, "step": step, "spec": self.spec.model_dump(mode="json"),
                  "train_cases": self.train_cases, "val_cases": self.val_cases,
                  "rng": self._rng.bit_generator.state},
             )
-        list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), self.clients.values()))
+        infos = list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), self.clients.values()))
+        self._complete.append(step)
         self._update(checkpoint_step=step)
+        if self.store is not None and self._persist:
+            digests = {"aggregator": digest} | {name: info.sha256 for name, info in zip(self.clients, infos)}
+            self.store.record_checkpoint(self.job_id, step, digests, self.status())
 
     def restore(self, step: int) -> None:
-        """Load the decoder, optimizer and sampler state of ``step`` and ask every site to restore its encoder."""
+        """Load the decoder, optimizer and sampler state of ``step`` (verified before loading) and ask every site
+        to restore its encoder at the same step."""
         assert self.aggregator is not None
         with self.aggregator.lock:
-            meta = load_checkpoint(self.checkpoint_path(step), self.aggregator.decoder, self.aggregator.optimizer)
+            checkpoint = read_checkpoint(self.checkpoint_path(step), module=self.aggregator.decoder)
+            if checkpoint.step != step or checkpoint.meta.get("job_id") != self.job_id:
+                raise ConflictError(f"{checkpoint.path} is not job {self.job_id}'s checkpoint of step {step}")
+            apply_checkpoint(checkpoint, self.aggregator.decoder, self.aggregator.optimizer)
+        meta = checkpoint.meta
         self._rng.bit_generator.state = meta["rng"]
+        self.train_cases, self.val_cases = list(meta["train_cases"]), list(meta["val_cases"])
         list(self.pool.map(lambda c: c.restore(self.job_id, step), self.clients.values()))
-        self._update(step=step, checkpoint_step=step)
+        with self._lock:
+            del self._losses[step:]
+        validations = [v for v in self.status().validations if v["step"] <= step]
+        self._update(step=step, checkpoint_step=step, validations=validations)
 
     def _timing(self, key: str, seconds: float) -> None:
         timing = dict(self.status().timing)

@@ -2,6 +2,10 @@
 
 Everything the routes do is one method here. Torch work is called from plain ``def`` routes (FastAPI's thread
 pool) and serialised per run by the run's lock (the :class:`~splitunet.protocol.SiteStep` lock).
+
+Runs survive restarts: each run's setup and latest checkpoint are recorded in ``state_dir/runs.sqlite``
+(:mod:`services.client_site.store`). A run rebuilt after a restart refuses training until the aggregator restores
+a checkpointed step, so no step is ever applied to weights the run does not hold.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import torch
 from services.client_site.alignment import AlignmentGuard, not_aligned
 from services.client_site.policy import EvalBudget
 from services.client_site.settings import SiteSettings
+from services.client_site.store import RunStore
 from splitunet import __version__
-from splitunet.checkpoint import check_disk_budget, load_checkpoint, save_checkpoint
+from splitunet.checkpoint import apply_checkpoint, check_disk_budget, read_checkpoint, save_checkpoint
 from splitunet.data.cache import ArrayCache
 from splitunet.data.cohort import scan_cohort
 from splitunet.data.grid import case_grid
@@ -33,7 +38,6 @@ from splitunet.data.sampling import extract
 from splitunet.errors import (
     ConfigurationError,
     ConflictError,
-    DataError,
     NotFoundError,
     ProtocolError,
 )
@@ -79,6 +83,13 @@ class SiteRun:
     created: float = field(default_factory=time.time)
     cohort: frozenset[str] = frozenset()
     active: float = field(default_factory=time.monotonic)
+    #: serialises the run's forward/backward/checkpoint/restore bookkeeping, so an overlapping retry waits
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: SHA-256 of the gradient bundle of ``last_applied`` (a retry must carry the same bytes)
+    applied_digest: str | None = None
+    #: rebuilt from the store after a restart: training waits for a restore
+    needs_restore: bool = False
+    checkpoint_step: int | None = None
 
 
 class SiteRuntime:
@@ -106,6 +117,12 @@ class SiteRuntime:
         self.alignment = AlignmentGuard(frozenset(self.cases))
         self.eval_budget = EvalBudget(settings.policy)
         self._lock = threading.Lock()
+        self.store = RunStore(settings.state_dir)
+        for stored in self.store.runs()[-MAX_RUNS:]:
+            run = self._build_run(stored.setup, cohort=stored.cohort, created=stored.created)
+            # a run never checkpointed never trained (the aggregator checkpoints step 0 before the first step)
+            run.needs_restore, run.checkpoint_step = stored.checkpoint_step is not None, stored.checkpoint_step
+            self._runs[stored.setup.run_id] = run
         self._metrics = metrics
         if metrics is not None:
             self._step_seconds = metrics.histogram(
@@ -148,6 +165,8 @@ class SiteRuntime:
             fingerprint=run.fingerprint,
             parameters=run.parameters,
             step=run.last_applied or 0,
+            checkpoint_step=run.checkpoint_step,
+            restore_required=run.needs_restore,
         )
 
     # ------------------------------------------------------------------ alignment
@@ -207,19 +226,8 @@ class SiteRuntime:
                     raise ConflictError(f"run {setup.run_id!r} already exists with a different setup")
                 return self._run_info(setup.run_id, existing)
             self._make_room()
-            # The site's own randomness unless SITE_SEED pins it (tests, studies): never the aggregator's choice.
-            seed = self.settings.seed if self.settings.seed is not None else secrets.randbelow(2**31)
-            encoder = make_site_encoder(setup.model, me, seed).to(self.device)
-            optimizer = make_optimizer(
-                encoder.parameters(), lr=setup.optimizer.lr, weight_decay=setup.optimizer.weight_decay
-            )
-            run = SiteRun(
-                setup=setup,
-                step=SiteStep(encoder, optimizer, self.filters),
-                fingerprint=encoder.fingerprint(),
-                parameters=sum(p.numel() for p in encoder.parameters()),
-                cohort=self._aligned,
-            )
+            run = self._build_run(setup, cohort=self._aligned)
+            self.store.save_run(setup, run.fingerprint, run.created, cohort=run.cohort)
             self._runs[setup.run_id] = run
             logger.info("run %s: encoder %s with %d parameters", setup.run_id, run.fingerprint, run.parameters)
             return self._run_info(setup.run_id, run)
@@ -240,6 +248,33 @@ class SiteRuntime:
         logger.info("dropping idle run %s (more than %d runs)", oldest, MAX_RUNS)
         del self._runs[oldest]
         self.eval_budget.forget_run(oldest)
+        self.store.delete_run(oldest)
+
+    def _build_run(self, setup: RunSetup, *, cohort: frozenset[str], created: float | None = None) -> SiteRun:
+        # The site's own randomness unless SITE_SEED pins it (tests, studies): never the aggregator's choice.
+        # A run rebuilt after a restart gets its weights from the checkpoint it must restore first.
+        seed = self.settings.seed if self.settings.seed is not None else secrets.randbelow(2**31)
+        encoder = make_site_encoder(setup.model, self.settings.site_id, seed).to(self.device)
+        optimizer = make_optimizer(
+            encoder.parameters(), lr=setup.optimizer.lr, weight_decay=setup.optimizer.weight_decay
+        )
+        return SiteRun(
+            setup=setup,
+            step=SiteStep(encoder, optimizer, self.filters),
+            fingerprint=encoder.fingerprint(),
+            parameters=sum(p.numel() for p in encoder.parameters()),
+            created=created or time.time(),
+            cohort=cohort,
+        )
+
+    def _check_restored(self, run_id: str, run: SiteRun) -> None:
+        if run.needs_restore:
+            raise ProtocolError(
+                f"run {run_id!r} was reloaded after a restart of site {self.settings.site_id} and holds no trained "
+                f"weights yet; restore a checkpointed step first (POST /v1/runs/{run_id}/restore; latest: "
+                f"{run.checkpoint_step})",
+                detail={"restore_required": True, "checkpoint_step": run.checkpoint_step},
+            )
 
     def encoder(self, run_id: str) -> SiteEncoder:
         """The encoder of a run (tests, tooling); use it under ``run.step.lock`` while the run trains."""
@@ -256,6 +291,7 @@ class SiteRuntime:
     def forward(self, run_id: str, request: ForwardRequest) -> bytes:
         """Encode the requested samples; return the activation bundle (wire bytes)."""
         run = self._run(run_id)
+        self._check_restored(run_id, run)
         started = time.perf_counter()
         self.settings.policy.check_batch(len(request.samples))
         for sample in request.samples:
@@ -266,11 +302,12 @@ class SiteRuntime:
         else:
             run.active = time.monotonic()
         batch = self._batch(request, run)
-        tensors = run.step.forward(
-            batch, step=request.step, run_id=run_id, train=request.phase == Phase.TRAIN
-        )
         if request.phase == Phase.TRAIN:
-            run.last_forward = (request.step, {k: tuple(v.shape) for k, v in tensors.items()})
+            with run.lock:
+                tensors = run.step.forward(batch, step=request.step, run_id=run_id, train=True)
+                run.last_forward = (request.step, {k: tuple(v.shape) for k, v in tensors.items()})
+        else:
+            tensors = run.step.forward(batch, step=request.step, run_id=run_id, train=False)
         data = encode_bundle(
             tensors,
             meta=BundleMeta(run_id=run_id, step=request.step, site=self.settings.site_id, kind=BundleKind.ACTIVATIONS),
@@ -284,13 +321,27 @@ class SiteRuntime:
     def backward(self, run_id: str, step: int, body: bytes) -> BackwardAck:
         """Apply the gradients of ``step`` (a gradient bundle) to the encoder.
 
-        A repeated backward of the step just applied is acknowledged with ``applied=False`` (idempotent retry);
-        any other backward without its forward is a :class:`ProtocolError` (409).
+        A repeated backward of the step just applied is acknowledged with ``applied=False`` (idempotent retry),
+        also when it overlaps the original: the run's lock makes it wait for the original to finish. A retry with
+        other gradient bytes is a :class:`ConflictError`; any other backward without its forward is a
+        :class:`ProtocolError` (409).
         """
         run = self._run(run_id)
+        with run.lock:
+            return self._backward(run_id, run, step, body)
+
+    def _backward(self, run_id: str, run: SiteRun, step: int, body: bytes) -> BackwardAck:
+        self._check_restored(run_id, run)
         started = time.perf_counter()
+        digest = hashlib.sha256(body).hexdigest()
         pending = run.step.pending_step()
         if pending is None and run.last_applied == step:
+            if run.applied_digest not in (None, digest):
+                raise ConflictError(
+                    f"step {step} of run {run_id!r} was already applied with other gradients; a retry must resend "
+                    "the same bundle",
+                    detail={"step": step},
+                )
             return BackwardAck(run_id=run_id, step=step, applied=False)
         if pending != (run_id, step) or run.last_forward is None or run.last_forward[0] != step:
             raise ProtocolError(
@@ -311,7 +362,7 @@ class SiteRuntime:
         grads = {k: v.to(self.device) for k, v in bundle.tensors.items()}
         set_lr(run.step.optimizer, run.setup.optimizer.lr_at(step))
         run.step.backward(grads, step=step, run_id=run_id)
-        run.last_applied = step
+        run.last_applied, run.applied_digest = step, digest
         run.active = time.monotonic()
         self._observe("backward", started, received=len(body))
         return BackwardAck(run_id=run_id, step=step, applied=True)
@@ -362,35 +413,56 @@ class SiteRuntime:
         return self.settings.state_dir / run_id / f"site-{self.settings.site_id}-step-{step:08d}.safetensors"
 
     def checkpoint(self, run_id: str, step: int) -> CheckpointInfo:
-        """Save encoder + optimizer of a run (after the backward of ``step``)."""
+        """Save encoder + optimizer of a run after the backward of ``step``: the step the run holds, or 409."""
         run = self._run(run_id)
         path = self._checkpoint_path(run_id, step)
         check_disk_budget(self.settings.state_dir, run.parameters, self.settings.checkpoint_budget_bytes,
                           setting="SITE_CHECKPOINT_BUDGET_BYTES")
-        with run.step.lock:
-            digest = save_checkpoint(
-                path, run.step.encoder, run.step.optimizer,
-                {"run_id": run_id, "step": step, "site": self.settings.site_id, "fingerprint": run.fingerprint},
-            )
+        with run.lock:
+            self._check_restored(run_id, run)
+            held = run.last_applied or 0
+            if step != held:
+                raise ProtocolError(
+                    f"run {run_id!r} at site {self.settings.site_id} holds step {held}, not {step}; checkpoint a step "
+                    "after its backward",
+                    detail={"held_step": held, "step": step},
+                )
+            with run.step.lock:
+                digest = save_checkpoint(
+                    path, run.step.encoder, run.step.optimizer,
+                    {"run_id": run_id, "step": step, "site": self.settings.site_id},
+                    fingerprint=run.fingerprint,
+                )
+            self.store.record_checkpoint(run_id, step, path, digest)
+            run.checkpoint_step = step
         return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=digest)
 
     def restore(self, run_id: str, step: int) -> CheckpointInfo:
-        """Load encoder + optimizer of a run from the checkpoint at ``step`` (the run must be set up)."""
+        """Load encoder + optimizer of a run from the checkpoint at ``step``, verified before anything is loaded.
+
+        Raises:
+            NotFoundError: no checkpoint of this run at ``step``.
+            DataError: the checkpoint is empty, truncated or corrupt (the run is left as it was).
+            ConflictError: it was written by another architecture or for another run or step.
+        """
         run = self._run(run_id)
         path = self._checkpoint_path(run_id, step)
         if not path.is_file():
             raise NotFoundError(f"site {self.settings.site_id} has no checkpoint of run {run_id!r} at step {step}")
-        with run.step.lock:
-            try:
-                meta = load_checkpoint(path, run.step.encoder, run.step.optimizer)  # corrupt file: DataError
-            except RuntimeError as exc:  # tensors of another shape (torch's load_state_dict)
-                raise DataError(f"the checkpoint of run {run_id!r} at step {step} does not fit its encoder",
-                                detail={"step": step}) from exc
-        if meta.get("fingerprint") != run.fingerprint:
-            raise ConflictError("the checkpoint was written by an encoder of another architecture")
-        run.last_applied, run.last_forward = step, None
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=digest)
+        with run.lock:
+            checkpoint = read_checkpoint(path, fingerprint=run.fingerprint, module=run.step.encoder)
+            if checkpoint.meta.get("run_id") != run_id or checkpoint.step != step:
+                raise ConflictError(
+                    f"{path} holds run {checkpoint.meta.get('run_id')!r} step {checkpoint.step}, not run {run_id!r} "
+                    f"step {step}",
+                    detail={"path": str(path)},
+                )
+            with run.step.lock:
+                apply_checkpoint(checkpoint, run.step.encoder, run.step.optimizer)
+            run.last_applied, run.last_forward, run.applied_digest = step, None, None
+            run.needs_restore = False
+        logger.info("run %s restored to step %d at site %s", run_id, step, self.settings.site_id)
+        return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=checkpoint.sha256)
 
 
 @contextmanager
@@ -403,3 +475,4 @@ def site_runtime(settings: SiteSettings, metrics: ServiceMetrics | None = None) 
         yield runtime
     finally:
         runtime.cache.clear()
+        runtime.store.close()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -226,6 +227,8 @@ def run_demo(
     plan = training_plan(options)
     phase("start")
     t0 = time.perf_counter()
+    # a demo starts afresh: services would otherwise resume a job an interrupted demo left in their state folders
+    shutil.rmtree(workdir / "state", ignore_errors=True)
     with LocalFederation(workdir) as federation:
         sites = []
         for m in MODALITIES:  # each site its own token; the aggregator's registry (AGG_SITES) lists them

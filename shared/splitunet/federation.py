@@ -162,9 +162,15 @@ class FederationSpec(BaseModel):
 
 
 class JobState(StrEnum):
+    """Where a job is. ``waiting_for_site``: a site does not answer (``JobStatus.waiting_for`` names it), the job
+    polls it with bounded backoff; ``resuming``: every party is being rolled back to the latest step all of them
+    checkpointed (after a site came back, or after the aggregator restarted)."""
+
     PENDING = "pending"
     ALIGNING = "aligning"
     RUNNING = "running"
+    WAITING_FOR_SITE = "waiting_for_site"
+    RESUMING = "resuming"
     STOPPING = "stopping"
     STOPPED = "stopped"
     SUCCEEDED = "succeeded"
@@ -194,6 +200,10 @@ class JobStatus(BaseModel):
     validation_step: int | None = None
     validations: list[dict[str, Any]] = Field(default_factory=list)
     checkpoint_step: int | None = None
+    waiting_for: list[str] = Field(default_factory=list, description="sites not answering (waiting_for_site)")
+    recoveries: int = Field(default=0, description="roll-backs to a common checkpoint after a fault")
+    resumed_from_step: int | None = Field(default=None, description="step of the last roll-back")
+    checkpoint_errors: list[str] = Field(default_factory=list, description="checkpoints found corrupt and skipped")
     bytes_sent: int = 0
     bytes_received: int = 0
     error: dict[str, Any] | None = None

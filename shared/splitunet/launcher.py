@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -38,6 +38,9 @@ class ServiceProcess:
     url: str
     process: subprocess.Popen
     log_path: Path
+    service: str = ""
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    port: int = 0
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -132,8 +135,8 @@ class LocalFederation:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _start(self, name: str, service: str, env: dict[str, str]) -> ServiceProcess:
-        port = free_port()
+    def _start(self, name: str, service: str, env: dict[str, str], port: int | None = None) -> ServiceProcess:
+        port = port or free_port()
         prefix = "SITE_" if service == "site" else "AGG_"
         full_env = {
             **service_environment(os.environ),
@@ -146,7 +149,7 @@ class LocalFederation:
             "PYTHONUNBUFFERED": "1",
         }
         log_path = self.workdir / "logs" / f"{name}.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - handed to the child; closed when it exits
+        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child; closed when it exits
         process = subprocess.Popen(
             [self.python, "-m", "splitunet", "serve", service],
             env=full_env,
@@ -157,8 +160,9 @@ class LocalFederation:
         )
         log.close()
         scheme = "https" if self._ca is not None else "http"
-        proc = ServiceProcess(name=name, url=f"{scheme}://127.0.0.1:{port}", process=process, log_path=log_path)
-        self.processes.append(proc)
+        proc = ServiceProcess(name=name, url=f"{scheme}://127.0.0.1:{port}", process=process, log_path=log_path,
+                              service=service, env=env, port=port)
+        self.processes = [p for p in self.processes if p.name != name] + [proc]
         self._write_manifest()
         logger.info("started %s (pid %d) on %s", name, process.pid, proc.url)
         return proc
@@ -170,10 +174,10 @@ class LocalFederation:
 
     def start_site(
         self, name: str, modalities: list[str], data_dir: Path, *, device: str = "cpu", seed: int | None = None,
-        env: dict[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> ServiceProcess:
         """Start site ``name`` with its own token; ``seed``: ``SITE_SEED`` (default: the site's secret
-        randomness); ``env``: more ``SITE_*`` settings (e.g. its policy)."""
+        randomness); ``env`` adds or overrides ``SITE_*`` settings (e.g. its policy)."""
         token = secrets.token_urlsafe(24)
         self.site_tokens[name] = token
         token_file = self._secret(self.secrets_dir / f"site-{name}-token", token)
@@ -187,7 +191,7 @@ class LocalFederation:
             "SITE_LOG_LEVEL": "warning",
             **self._tls_env("SITE_", f"site-{name}", client_auth=True),
             **({} if seed is None else {"SITE_SEED": str(seed)}),
-            **(env or {}),
+            **dict(env or {}),
         }
         proc = self._start(f"site-{name}", "site", site_env)
         self._site_urls[name] = proc.url
@@ -203,8 +207,11 @@ class LocalFederation:
         path.write_text(json.dumps({"sites": entries}, indent=2))
         return path
 
-    def start_aggregator(self, data_dir: Path, *, device: str = "cpu") -> ServiceProcess:
-        """Start the aggregator with a registry of the sites started so far (start the sites first)."""
+    def start_aggregator(
+        self, data_dir: Path, *, device: str = "cpu", env: Mapping[str, str] | None = None
+    ) -> ServiceProcess:
+        """Start the aggregator with a registry of the sites started so far (start the sites first); ``env`` adds
+        or overrides ``AGG_*`` variables."""
         if not self._site_urls:
             raise RuntimeError("start the sites first: the aggregator's registry (AGG_SITES) lists them")
         env = {
@@ -215,7 +222,7 @@ class LocalFederation:
             "AGG_DEVICE": device,
             "AGG_LOG_LEVEL": "info",
             **self._tls_env("AGG_", "aggregator", client_auth=False),
-        }
+        } | dict(env or {})
         if self._ca is not None:
             client = self._ca.client("aggregator-client", "aggregator")
             env |= {
@@ -240,6 +247,27 @@ class LocalFederation:
     def client(self, proc: ServiceProcess, timeout_s: float = 60.0) -> httpx.Client:
         """An ``httpx.Client`` for ``proc`` that trusts this federation's CA (with ``tls=True``)."""
         return httpx.Client(base_url=proc.url, timeout=timeout_s, verify=self._verify())
+
+    def process(self, name: str) -> ServiceProcess:
+        """The running (or last) process called ``name`` (``site-t1``, ``aggregator``)."""
+        for proc in self.processes:
+            if proc.name == name:
+                return proc
+        raise KeyError(f"no service {name!r}; started: {[p.name for p in self.processes]}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service's process group (a crash: no shutdown code runs) and reap it."""
+        proc = self.process(name)
+        _signal_group(proc.process, signal.SIGKILL)
+        proc.process.wait(timeout=10)
+        logger.info("killed %s (pid %d)", name, proc.process.pid)
+
+    def restart(self, name: str) -> ServiceProcess:
+        """Start a stopped or killed service again with the same environment, port and state folder."""
+        proc = self.process(name)
+        if proc.process.poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {proc.process.pid}); kill or stop it first")
+        return self._start(proc.name, proc.service, proc.env, port=proc.port)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Wait until every service answers ``/readyz`` with 200; raise with the log tail of a failed one."""

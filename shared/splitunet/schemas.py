@@ -91,6 +91,8 @@ class RunInfo(BaseModel):
     fingerprint: str
     parameters: int
     step: int = 0
+    checkpoint_step: int | None = None
+    restore_required: bool = False
 
 
 class ForwardRequest(BaseModel):

@@ -416,9 +416,13 @@ def test_restore_after_a_restart_of_the_site(start_app, site_settings, cohort: C
     assert first.post(f"/v1/runs/{RUN}/checkpoint", json={"step": 1}, headers=SITE_HEADERS).status_code == 200
     trained = encoder_state(first)
 
-    second = start_app(create_site_app(settings))  # a new process: the run must be set up again, then restored
-    assert_error(second.post(f"/v1/runs/{RUN}/restore", json={"step": 1}, headers=SITE_HEADERS), 404, "not_found")
-    assert second.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS).status_code == 200
+    second = start_app(create_site_app(settings))  # a new process: the run is back from the store ...
+    info = second.get("/v1/info", headers=SITE_HEADERS).json()["runs"][RUN]
+    assert info["restore_required"] is True and info["checkpoint_step"] == 1
+    # ... but refuses to train on weights it does not hold until a step is restored
+    body = assert_error(forward(second, cohort, 2), 409, "out_of_order")
+    assert body["detail"] == {"restore_required": True, "checkpoint_step": 1}
+    assert second.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS).status_code == 200  # idempotent
     assert second.post(f"/v1/runs/{RUN}/restore", json={"step": 1}, headers=SITE_HEADERS).status_code == 200
     assert all(torch.equal(trained[k], v) for k, v in encoder_state(second).items())
     retry = backward(second, 1, gradients(1))  # a retried backward of the restored step is acknowledged
