@@ -28,6 +28,7 @@ from services.aggregator.site_client import Received, SiteClient
 from splitunet.checkpoint import load_checkpoint, save_checkpoint
 from splitunet.config import SiteSpec, SplitUNetConfig
 from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices
+from splitunet.defenses import build_gradient_chain
 from splitunet.errors import ConfigurationError, DataError, SplitUNetError
 from splitunet.federation import FederationSpec, JobState, JobStatus
 from splitunet.filters import FilterChain
@@ -36,7 +37,8 @@ from splitunet.metrics import RegionMetrics
 from splitunet.networks.factory import make_optimizer, make_server_decoder
 from splitunet.protocol import AggregatorStep, expected_site_shapes
 from splitunet.recorder import Flow, NullRecorder, Recorder
-from splitunet.schemas import Phase, RunSetup
+from splitunet.schemas import Phase, RunSetup, SamplingPlan
+from splitunet.secure_sum import establish as establish_secure_sum
 from splitunet.wire import WireDtype, frame_sha256
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class TrainingJob:
         self.device = device
         self.state_dir = Path(state_dir) / job_id
         self.recorder = recorder or NullRecorder()
-        self.gradient_filters = gradient_filters or FilterChain()
+        self.gradient_filters = gradient_filters  # built from spec.gradient_defenses in prepare() when None
         self.pool = ThreadPoolExecutor(max_workers=max_workers or len(self.clients), thread_name_prefix=f"job-{job_id}")
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -176,12 +178,18 @@ class TrainingJob:
         decoder = make_server_decoder(self.config, self.spec.seed).to(self.device)
         opt = self.spec.server_optimizer
         optimizer = make_optimizer(decoder.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+        sampling = SamplingPlan(batch_size=self.spec.batch_size, population=len(self.train_cases))
+        if self.gradient_filters is None:
+            rate = sampling.sample_rate(self.spec.batch_size)
+            self.gradient_filters = build_gradient_chain(self.spec.gradient_defenses, sample_rate=rate)
         self.aggregator = AggregatorStep(decoder, make_loss(self.spec.loss), optimizer, self.gradient_filters)
         setup = RunSetup(
             run_id=self.job_id, model=self.config, seed=self.spec.seed,
-            optimizer=self.spec.site_optimizer, wire=self.spec.wire,
+            optimizer=self.spec.site_optimizer, wire=self.spec.wire, sampling=sampling,
         )
         list(self.pool.map(lambda c: c.setup_run(setup), self.clients.values()))
+        if self.spec.secure_sum is not None:
+            self.aggregator.inbound = establish_secure_sum(self.clients, self.job_id, self.spec.secure_sum, self.pool)
         self._timing("prepare_s", time.perf_counter() - t0)
 
     def _split(self, aligned: list[str]) -> tuple[list[str], list[str]]:
@@ -281,10 +289,14 @@ class TrainingJob:
                                            compress=wire.compress)
             self.recorder.record(run_id=self.job_id, step=step, site=name, flow=Flow.SENT, phase=Phase.TRAIN.value,
                                  data=data, sha256=frame_sha256(data))
-            client.backward(self.job_id, step, data)
+            ack = client.backward(self.job_id, step, data)
+            site_defenses[name] = ack.defenses or []
             return len(data)
 
+        site_defenses: dict[str, list] = {}
         sent = sum(self.pool.map(send, self.clients))
+        self._update(defenses={"gradients": self.aggregator.filters.stats(), "sites": site_defenses,
+                               "secure_sum": self.spec.secure_sum is not None})
         received_bytes = sum(len(r.data) for r in received.values())
         status = self.status()
         self._update(bytes_sent=status.bytes_sent + sent, bytes_received=status.bytes_received + received_bytes)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.client_site.protection import SiteProtection
 from services.client_site.settings import SiteSettings
 from splitunet import __version__
 from splitunet.checkpoint import load_checkpoint, save_checkpoint
@@ -50,6 +51,7 @@ from splitunet.schemas import (
     RunSetup,
     SiteInfo,
 )
+from splitunet.secure_sum import SecureSumAck, SecureSumOffer, SecureSumPeers
 from splitunet.service.device import resolve_device
 from splitunet.service.metrics import ServiceMetrics
 from splitunet.wire import BundleExpectation, BundleKind, BundleMeta, WireDtype, decode_bundle, encode_bundle
@@ -79,7 +81,7 @@ class SiteRuntime:
     Args:
         settings: the site's settings.
         metrics: the service's metrics registry (step latency, tensor bytes in and out).
-        filters: outbound activation filters (defenses) applied to every forward; none by default.
+        filters: outbound activation filters (defenses) applied to every forward; default: ``settings.defenses``.
     """
 
     def __init__(
@@ -87,7 +89,8 @@ class SiteRuntime:
     ) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self.filters = filters or FilterChain()
+        self.protection = SiteProtection(settings, metrics, filters)
+        self.filters = self.protection.chain
         # file headers checked at start-up: missing files and disagreeing grids are reported (or skipped) now
         scan = scan_cohort(settings.data_dir, modalities=settings.modalities, on_bad_case=settings.on_bad_case)
         self.cases: dict[str, BratsCase] = dict(scan.cases)
@@ -125,7 +128,7 @@ class SiteRuntime:
             modalities=list(self.settings.modalities),
             version=__version__,
             device=str(self.device),
-            defenses=self.filters.describe(),
+            defenses=self.protection.describe(),
             runs=runs,
             model_policy=None if self.settings.model is None else self.settings.model.model_dump(mode="json"),
         )
@@ -187,7 +190,7 @@ class SiteRuntime:
             )
             run = SiteRun(
                 setup=setup,
-                step=SiteStep(encoder, optimizer, self.filters),
+                step=SiteStep(encoder, optimizer, self.filters, self.protection.loss_terms),
                 fingerprint=encoder.fingerprint(),
                 parameters=sum(p.numel() for p in encoder.parameters()),
             )
@@ -195,6 +198,7 @@ class SiteRuntime:
                 oldest = min(self._runs, key=lambda r: self._runs[r].created)
                 logger.info("dropping run %s (more than %d runs)", oldest, MAX_RUNS)
                 del self._runs[oldest]
+                self.protection.drop_run(oldest)
             self._runs[setup.run_id] = run
             logger.info("run %s: encoder %s with %d parameters", setup.run_id, run.fingerprint, run.parameters)
             return self._run_info(setup.run_id, run)
@@ -217,8 +221,11 @@ class SiteRuntime:
         started = time.perf_counter()
         batch = self._batch(request, run)
         tensors = run.step.forward(
-            batch, step=request.step, run_id=run_id, train=request.phase == Phase.TRAIN
+            batch, step=request.step, run_id=run_id, train=request.phase == Phase.TRAIN,
+            groups=self.protection.patients(request),
+            sample_rate=self.protection.sample_rate(run.setup, request, len(self._aligned or self.cases)),
         )
+        tensors = self.protection.outbound(run_id, request, tensors)
         if request.phase == Phase.TRAIN:
             run.last_forward = (request.step, {k: tuple(v.shape) for k, v in tensors.items()})
         data = encode_bundle(
@@ -262,7 +269,15 @@ class SiteRuntime:
         run.step.backward(grads, step=step, run_id=run_id)
         run.last_applied = step
         self._observe("backward", started, received=len(body))
-        return BackwardAck(run_id=run_id, step=step, applied=True)
+        return BackwardAck(run_id=run_id, step=step, applied=True, defenses=self.protection.stats() or None)
+
+    # ------------------------------------------------------------------ secure sum (see splitunet.secure_sum)
+    def secure_sum_offer(self, run_id: str) -> SecureSumOffer:
+        return self.protection.secure_sum_offer(run_id, self._run(run_id).setup)
+
+    def secure_sum_establish(self, run_id: str, peers: SecureSumPeers) -> SecureSumAck:
+        self._run(run_id)
+        return self.protection.secure_sum_establish(run_id, peers)
 
     def _batch(self, request: ForwardRequest, run: SiteRun) -> torch.Tensor:
         """Stack the samples' crops: ``B, C_site, *size`` float32 on the run's device."""

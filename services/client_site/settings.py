@@ -10,6 +10,8 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from splitunet.config import MODALITIES, SplitUNetConfig
 from splitunet.data.layout import OnBadCase, canonical_modality
+from splitunet.defenses import SiteDefenseConfig
+from splitunet.defenses.config import load_defense_list
 from splitunet.service.device import DeviceChoice
 from splitunet.service.settings import ServiceSettings
 from splitunet.wire import DEFAULT_MAX_BYTES
@@ -31,7 +33,9 @@ class SiteSettings(ServiceSettings):
         max_bundle_bytes: largest gradient bundle accepted and activation bundle produced.
         max_batch_voxels: most voxels (samples x spatial size) one forward may ask for; bounds the memory a request
             can make the site allocate (default 32 Mi voxels, e.g. 4 patches of 128^3 or 256 slices of 240^2).
-        defenses: names of the outbound activation filters (empty until the defense issue lands).
+        defenses: this site's defenses, applied in order to every forward (``SITE_DEFENSES``: a JSON list or the
+            path of a YAML/JSON file; see :mod:`splitunet.defenses.config`).
+        require_secure_sum: refuse forwards of runs without secure-sum masking (see :mod:`splitunet.secure_sum`).
     """
 
     model_config = SettingsConfigDict(env_prefix="SITE_")
@@ -48,6 +52,13 @@ class SiteSettings(ServiceSettings):
     torch_threads: int = Field(default=0, ge=0)
     max_bundle_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0)
     max_batch_voxels: int = Field(default=32 * 2**20, gt=0)
+    defenses: Annotated[tuple[SiteDefenseConfig, ...], NoDecode] = ()
+    require_secure_sum: bool = False
+
+    @field_validator("defenses", mode="before")
+    @classmethod
+    def _load_defenses(cls, value: Any) -> Any:
+        return load_defense_list(value)
 
     @field_validator("modalities", mode="before")
     @classmethod
