@@ -12,7 +12,7 @@ the aggregator learns ``S`` and nothing about one ``F_k`` (each ``M_k`` alone is
              PRG = ChaCha20 keystream; nonce = SHA-256(run | the forward request), the same at every site
     aggregator: S = decode(sum_k M_k mod 2**bits); the decoder fuses S (every site gets the gradient dL/dS)
 
-Fixed point: ``enc(x) = round(clip(x, -R, R) * s)`` with ``s = (2**(bits-1) - 1) / (K * R)``, so any sum of K
+Fixed point: ``enc(x) = round(clip(x, -R, R) * s)`` with ``s = (2**(bits-1) - K) / (K * R)``, so any sum of K
 values fits the signed range and wraps exactly modulo ``2**bits``. ``bits = 24`` keeps every masked value an
 integer below ``2**24``, which fp32 (the required activation wire dtype) carries exactly; the resolution is
 ``1 / s`` (for K = 4, R = 64: 7.6e-6 per site). Values beyond ``+-R`` are clipped (counted in the stats).
@@ -83,7 +83,7 @@ def keys_digest(keys: Mapping[str, str]) -> str:
 
 def scale_for(options: SecureSumOptions, sites: int) -> float:
     """Fixed-point scale ``s``: ``sites`` values in ``[-R, R]`` sum inside the signed ``bits`` range."""
-    return (2 ** (options.bits - 1) - 1) / (sites * options.clip_range)
+    return (2 ** (options.bits - 1) - sites) / (sites * options.clip_range)  # rounding cannot reach 2**(bits-1)
 
 
 def request_nonce(run_id: str, request_json: str) -> bytes:

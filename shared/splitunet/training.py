@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from splitunet.config import SplitUNetConfig
+from splitunet.filters import FilterChain
 from splitunet.losses import LossKind, make_loss
 from splitunet.metrics import RegionMetrics
 from splitunet.networks.factory import make_optimizer, make_split_unet
@@ -34,6 +35,9 @@ class InProcessFederation:
         lr_site, lr_server: Adam learning rates of the encoders and of the decoder.
         weight_decay: Adam weight decay for all parts.
         loss: the loss (see :mod:`splitunet.losses`).
+        site_filters: ``site_filters(site name) -> outbound filter chain`` (defenses), none by default.
+        site_loss_terms: site loss terms (NoPeek) of every site, none by default.
+        gradient_filters: the aggregator's outbound gradient filters, none by default.
     """
 
     def __init__(
@@ -45,17 +49,24 @@ class InProcessFederation:
         lr_server: float = 1e-4,
         weight_decay: float = 1e-5,
         loss: LossKind | str = LossKind.DICE,
+        site_filters: Callable[[str], FilterChain] | None = None,
+        site_loss_terms: Sequence = (),
+        gradient_filters: FilterChain | None = None,
     ) -> None:
         self.config = config
         self.model = make_split_unet(config, seed)
         self.sites = {
-            name: SiteStep(enc, make_optimizer(enc.parameters(), lr=lr_site, weight_decay=weight_decay))
+            name: SiteStep(
+                enc, make_optimizer(enc.parameters(), lr=lr_site, weight_decay=weight_decay),
+                site_filters(name) if site_filters is not None else None, site_loss_terms,
+            )
             for name, enc in self.model.encoders.items()
         }
         self.aggregator = AggregatorStep(
             self.model.decoder,
             make_loss(loss),
             make_optimizer(self.model.decoder.parameters(), lr=lr_server, weight_decay=weight_decay),
+            gradient_filters,
         )
 
     def train_step(self, images: torch.Tensor, regions: torch.Tensor, step: int) -> float:
