@@ -119,7 +119,10 @@ class LocalFederation:
         doc = [{"name": p.name, "pid": p.process.pid, "url": p.url, "log": str(p.log_path)} for p in self.processes]
         (self.workdir / "services.json").write_text(json.dumps(doc, indent=2))
 
-    def start_site(self, name: str, modalities: list[str], data_dir: Path, *, device: str = "cpu") -> ServiceProcess:
+    def start_site(
+        self, name: str, modalities: list[str], data_dir: Path, *, device: str = "cpu", defenses: str | None = None
+    ) -> ServiceProcess:
+        """Start a site; ``defenses`` is its ``SITE_DEFENSES`` (a JSON list or a YAML file path)."""
         env = {
             "SITE_SITE_ID": name,
             "SITE_MODALITIES": ",".join(modalities),
@@ -129,6 +132,8 @@ class LocalFederation:
             "SITE_DEVICE": device,
             "SITE_LOG_LEVEL": "warning",
         }
+        if defenses:
+            env["SITE_DEFENSES"] = defenses
         return self._start(f"site-{name}", "site", env)
 
     def start_aggregator(self, data_dir: Path, *, device: str = "cpu") -> ServiceProcess:
