@@ -69,6 +69,13 @@ class SiteProtection:
     def stats(self) -> list[dict[str, Any]]:
         """Every defense's statistics, also published to ``/metrics``."""
         report = self.defenses.stats()
+        with self._lock:
+            maskers = [m for m in self._maskers.values() if m.established]
+        if maskers:
+            masked = sum(m.stats()["masked_entries"] for m in maskers)
+            clipped = sum(m.stats()["clip_rate"] * m.stats()["masked_entries"] for m in maskers)
+            report.append({"name": "secure_sum", "runs": float(len(maskers)), "masked_entries": masked,
+                           "clip_rate": clipped / masked if masked else 0.0})
         if self._gauge is not None:
             for entry in report:
                 for key, value in entry.items():

@@ -35,6 +35,9 @@ class DemoOptions:
         cases: phantom cases (default by mode).
         steps: training steps (default by mode and dims).
         cache_dir: where generated phantom cohorts are kept between runs.
+        site_defenses: every site's ``SITE_DEFENSES`` (JSON list or YAML path; see :mod:`splitunet.defenses`).
+        gradient_defenses: the job's gradient defenses (a list of defense configurations).
+        secure_sum: secure-sum fusion (switches the model to ``fusion=sum`` and fp32 activations).
     """
 
     workdir: Path
@@ -45,6 +48,9 @@ class DemoOptions:
     steps: int | None = None
     seed: int = 0
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    site_defenses: str | None = None
+    gradient_defenses: list[dict[str, Any]] = field(default_factory=list)
+    secure_sum: bool = False
 
     def __post_init__(self) -> None:
         if self.dims not in (2, 3):
@@ -99,6 +105,12 @@ def training_plan(options: DemoOptions) -> dict[str, Any]:
         "server_optimizer": {"lr": lr, "weight_decay": 1e-5},
         "wire": {"activations": "fp16", "gradients": "fp32", "compress": False},
     }
+    if options.gradient_defenses:
+        plan["gradient_defenses"] = list(options.gradient_defenses)
+    if options.secure_sum:
+        plan["model"]["fusion"] = "sum"
+        plan["wire"]["activations"] = "fp32"
+        plan["secure_sum"] = {}
     return plan
 
 
@@ -158,7 +170,7 @@ def run_demo(
     with LocalFederation(workdir) as federation:
         sites = []
         for m in MODALITIES:
-            proc = federation.start_site(m, [m], partition.site_dir(m))
+            proc = federation.start_site(m, [m], partition.site_dir(m), defenses=options.site_defenses)
             sites.append({"name": m, "url": proc.url, "token_file": str(federation.site_token_file)})
         aggregator = federation.start_aggregator(partition.aggregator_dir)
         federation.wait_ready(timeout_s=180)
@@ -211,6 +223,7 @@ def run_demo(
         "cases": {"aligned": status.get("aligned_cases"), "train": status.get("train_cases"),
                   "validation": status.get("val_cases")},
         "final_loss": status.get("loss"),
+        "defenses": status.get("defenses"),
         "data": str(options.data) if options.data is not None else f"phantom {PHANTOM_SHAPE}",
         "mode": "quick" if options.quick else "default",
         "job": {k: v for k, v in spec.items() if k != "sites"},

@@ -119,6 +119,7 @@ def test_secure_sum_trains_like_plain_sum(start_app, site_settings, aggregator_s
     secure = run_job(secure_agg, base | {"secure_sum": {"clip_range": 64.0}}, timeout_s=300)
     assert plain["state"] == secure["state"] == "succeeded", secure["error"]
     assert secure["defenses"]["secure_sum"] is True
+    assert secure["defenses"]["sites"]["t1"][-1]["name"] == "secure_sum"
     # fixed point (1/s ~ 8e-6 per site) changes the losses only in the last digits, and training converges
     assert secure["losses"] == pytest.approx(plain["losses"], rel=1e-3)
     losses = secure["losses"]
