@@ -64,6 +64,7 @@ class PrivacyLedger:
         self.history: list[tuple[float, float, int]] = []
         self.releases: Counter[str] = Counter()
         self._per_count: dict[int, float] = {}
+        self._cached: tuple[tuple, float] | None = None  # (history, epsilon)
         self._lock = threading.Lock()
         if path is not None and path.is_file():
             state = json.loads(path.read_text())
@@ -86,7 +87,10 @@ class PrivacyLedger:
     def epsilon(self) -> float:
         """Subsampled epsilon of the training releases so far."""
         with self._lock:
-            return accountant_epsilon(self.kind, self.history, self.delta)
+            key = tuple(self.history)
+            if self._cached is None or self._cached[0] != key:
+                self._cached = (key, accountant_epsilon(self.kind, self.history, self.delta))
+            return self._cached[1]
 
     def epsilon_for_count(self, releases: int) -> float:
         """Epsilon of ``releases`` unsubsampled releases of one patient (cached per count)."""

@@ -57,11 +57,10 @@ class DPGaussian:
         rate = context.sample_rate if context.sample_rate is not None else self.default_sample_rate
         return 1.0 if rate is None else min(1.0, max(float(rate), 1e-12))
 
-    def _patients(self, tensors: Mapping[str, torch.Tensor], context: FilterContext) -> list[str]:
-        if context.groups is not None:
-            return [str(g) for g in context.groups]
-        batch = next(iter(tensors.values())).shape[0]
-        return [f"{context.run_id}:{context.step}:{context.phase}:{i}" for i in range(batch)]
+    @staticmethod
+    def _patients(context: FilterContext) -> list[str]:
+        """The patients of a release; unknown patients are counted as one (the worst case: always the same)."""
+        return ["<unknown>"] if context.groups is None else [str(g) for g in context.groups]
 
     def check_budget(self, q: float | None, patients: list[str]) -> None:
         """Raise :class:`PolicyError` if releasing ``patients`` now would exceed the epsilon budget."""
@@ -86,7 +85,7 @@ class DPGaussian:
 
     def __call__(self, tensors: Mapping[str, torch.Tensor], context: FilterContext) -> dict[str, torch.Tensor]:
         q = self._sample_rate(context)
-        patients = self._patients(tensors, context)
+        patients = self._patients(context)
         self.check_budget(q, patients)
         factors, clipped, seen = group_clip_factors(tensors, self.config.clip, context.groups)
         clipped_tensors = scale_samples(tensors, factors)
