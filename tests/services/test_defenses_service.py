@@ -24,7 +24,7 @@ MILD_SITE = {
     "nopeek": [{"name": "nopeek", "alpha": 0.05, "patch": 4, "points": 64}],
 }
 MILD_GRADIENT = {
-    "gradient-dp": [{"name": "dp", "clip": 10.0, "noise_multiplier": 0.01}],
+    "gradient-dp": [{"name": "dp", "clip": 1e-4, "noise_multiplier": 0.001}],
     "norm_equalize": [{"name": "norm_equalize"}],
     "smooth": [{"name": "smooth", "sigma": 0.5}],
 }
