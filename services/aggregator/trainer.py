@@ -37,6 +37,7 @@ from splitunet.checkpoint import apply_checkpoint, check_disk_budget, read_check
 from splitunet.config import SiteSpec, SplitUNetConfig
 from splitunet.data.grid import CaseGrid, brain_slices, combine_grids
 from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices
+from splitunet.defenses import build_gradient_chain
 from splitunet.errors import (
     CaseNotFoundError,
     ConfigurationError,
@@ -54,7 +55,8 @@ from splitunet.networks.factory import make_optimizer, make_server_decoder
 from splitunet.protocol import AggregatorStep, expected_site_shapes
 from splitunet.recorder import Flow, NullRecorder, Recorder
 from splitunet.schedules import set_lr
-from splitunet.schemas import Phase, RunSetup
+from splitunet.schemas import Phase, RunSetup, SamplingPlan
+from splitunet.secure_sum import establish as establish_secure_sum
 from splitunet.wire import WireDtype, frame_sha256
 
 logger = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ class TrainingJob:
         self.state_dir = Path(state_dir) / job_id
         self.checkpoint_budget_bytes = checkpoint_budget_bytes
         self.recorder = recorder or NullRecorder()
-        self.gradient_filters = gradient_filters or FilterChain()
+        self.gradient_filters = gradient_filters  # built from spec.gradient_defenses in prepare() when None
         self.pool = ThreadPoolExecutor(max_workers=max_workers or len(self.clients), thread_name_prefix=f"job-{job_id}")
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -234,13 +236,19 @@ class TrainingJob:
         decoder = make_server_decoder(self.config, self.spec.seed).to(self.device)
         opt = self.spec.server_optimizer
         optimizer = make_optimizer(decoder.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+        sampling = SamplingPlan(batch_size=self.spec.batch_size, population=len(self.train_cases))
+        if self.gradient_filters is None:
+            rate = sampling.sample_rate(self.spec.batch_size)
+            self.gradient_filters = build_gradient_chain(self.spec.gradient_defenses, sample_rate=rate)
         self.aggregator = AggregatorStep(decoder, make_loss(self.spec.loss), optimizer, self.gradient_filters)
         setup = self._setup = RunSetup(
             run_id=self.job_id, model=self.config,
             optimizer=self.spec.site_optimizer.model_copy(update={"total_steps": self.spec.steps}),
-            wire=self.spec.wire,
+            wire=self.spec.wire, sampling=sampling,
         )
         list(self.pool.map(lambda c: c.setup_run(setup), self.clients.values()))
+        if self.spec.secure_sum is not None:
+            self.aggregator.inbound = establish_secure_sum(self.clients, self.job_id, self.spec.secure_sum, self.pool)
         self._timing("prepare_s", time.perf_counter() - t0)
 
     def _split(self, aligned: list[str]) -> tuple[list[str], list[str]]:
@@ -419,10 +427,14 @@ class TrainingJob:
                                            compress=wire.compress)
             self.recorder.record(run_id=self.job_id, step=step, site=name, flow=Flow.SENT, phase=Phase.TRAIN.value,
                                  data=data, sha256=frame_sha256(data))
-            client.backward(self.job_id, step, data)
+            ack = client.backward(self.job_id, step, data)
+            site_defenses[name] = ack.defenses or []
             return len(data)
 
+        site_defenses: dict[str, list] = {}
         sent = sum(self.pool.map(send, self.clients))
+        self._update(defenses={"gradients": self.aggregator.filters.stats(), "sites": site_defenses,
+                               "secure_sum": self.spec.secure_sum is not None})
         received_bytes = sum(len(r.data) for r in received.values())
         status = self.status()
         self._update(bytes_sent=status.bytes_sent + sent, bytes_received=status.bytes_received + received_bytes)

@@ -26,6 +26,7 @@ from splitunet.schemas import (
     RunSetup,
     SiteInfo,
 )
+from splitunet.secure_sum import SecureSumAck, SecureSumOffer, SecureSumPeers
 from splitunet.service.auth import principal
 from splitunet.service.deps import BundleBody, BundleResponse, runtime_dep
 from splitunet.service.gate import body_limit
@@ -72,7 +73,10 @@ def forward(runtime: SiteRuntimeDep, run_id: RunId, request: ForwardRequest) -> 
     return BundleResponse(runtime.forward(run_id, request))
 
 
-@router.post("/runs/{run_id}/backward", dependencies=[body_limit(lambda s: s.max_tensor_request_bytes())])
+@router.post(
+    "/runs/{run_id}/backward", response_model_exclude_none=True,
+    dependencies=[body_limit(lambda s: s.max_tensor_request_bytes())],
+)
 def backward(
     runtime: SiteRuntimeDep, run_id: RunId, body: BundleBody, step: Annotated[int, Query(ge=0, lt=STEP_LIMIT)]
 ) -> BackwardAck:
@@ -87,3 +91,13 @@ def checkpoint(runtime: SiteRuntimeDep, run_id: RunId, request: CheckpointReques
 @router.post("/runs/{run_id}/restore")
 def restore(runtime: SiteRuntimeDep, run_id: RunId, request: CheckpointRequest) -> CheckpointInfo:
     return runtime.restore(run_id, request.step)
+
+
+@router.get("/runs/{run_id}/secure-sum")
+def secure_sum_offer(runtime: SiteRuntimeDep, run_id: RunId) -> SecureSumOffer:
+    return runtime.secure_sum_offer(run_id)
+
+
+@router.post("/runs/{run_id}/secure-sum")
+def secure_sum_establish(runtime: SiteRuntimeDep, run_id: RunId, peers: SecureSumPeers) -> SecureSumAck:
+    return runtime.secure_sum_establish(run_id, peers)

@@ -25,6 +25,7 @@ import torch
 
 from services.client_site.alignment import AlignmentGuard, not_aligned
 from services.client_site.policy import EvalBudget
+from services.client_site.protection import SiteProtection
 from services.client_site.settings import SiteSettings
 from services.client_site.store import RunStore
 from splitunet import __version__
@@ -60,6 +61,7 @@ from splitunet.schemas import (
     RunSetup,
     SiteInfo,
 )
+from splitunet.secure_sum import SecureSumAck, SecureSumOffer, SecureSumPeers
 from splitunet.service.device import resolve_device
 from splitunet.service.metrics import ServiceMetrics
 from splitunet.wire import BundleExpectation, BundleKind, BundleMeta, WireDtype, decode_bundle, encode_bundle
@@ -98,7 +100,7 @@ class SiteRuntime:
     Args:
         settings: the site's settings.
         metrics: the service's metrics registry (step latency, tensor bytes in and out).
-        filters: outbound activation filters (defenses) applied to every forward; none by default.
+        filters: outbound activation filters (defenses) applied to every forward; default: ``settings.defenses``.
     """
 
     def __init__(
@@ -106,7 +108,8 @@ class SiteRuntime:
     ) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self.filters = filters or FilterChain()
+        self.protection = SiteProtection(settings, metrics, filters)
+        self.filters = self.protection.chain
         # file headers checked at start-up: missing files and disagreeing grids are reported (or skipped) now
         scan = scan_cohort(settings.data_dir, modalities=settings.modalities, on_bad_case=settings.on_bad_case)
         self.cases: dict[str, BratsCase] = dict(scan.cases)
@@ -152,7 +155,7 @@ class SiteRuntime:
             modalities=list(self.settings.modalities),
             version=__version__,
             device=str(self.device),
-            defenses=self.filters.describe(),
+            defenses=self.protection.describe(),
             runs=runs,
             model_policy=None if self.settings.model is None else self.settings.model.model_dump(mode="json"),
             policy=self.settings.policy.model_dump(mode="json"),
@@ -248,6 +251,7 @@ class SiteRuntime:
         logger.info("dropping idle run %s (more than %d runs)", oldest, MAX_RUNS)
         del self._runs[oldest]
         self.eval_budget.forget_run(oldest)
+        self.protection.drop_run(oldest)
         self.store.delete_run(oldest)
 
     def _build_run(self, setup: RunSetup, *, cohort: frozenset[str], created: float | None = None) -> SiteRun:
@@ -260,7 +264,7 @@ class SiteRuntime:
         )
         return SiteRun(
             setup=setup,
-            step=SiteStep(encoder, optimizer, self.filters),
+            step=SiteStep(encoder, optimizer, self.filters, self.protection.loss_terms),
             fingerprint=encoder.fingerprint(),
             parameters=sum(p.numel() for p in encoder.parameters()),
             created=created or time.time(),
@@ -302,12 +306,17 @@ class SiteRuntime:
         else:
             run.active = time.monotonic()
         batch = self._batch(request, run)
+        protection = {
+            "groups": self.protection.patients(request),
+            "sample_rate": self.protection.sample_rate(run.setup, request, len(run.cohort or self.cases)),
+        }
         if request.phase == Phase.TRAIN:
             with run.lock:
-                tensors = run.step.forward(batch, step=request.step, run_id=run_id, train=True)
+                tensors = run.step.forward(batch, step=request.step, run_id=run_id, train=True, **protection)
                 run.last_forward = (request.step, {k: tuple(v.shape) for k, v in tensors.items()})
         else:
-            tensors = run.step.forward(batch, step=request.step, run_id=run_id, train=False)
+            tensors = run.step.forward(batch, step=request.step, run_id=run_id, train=False, **protection)
+        tensors = self.protection.outbound(run_id, request, tensors)
         data = encode_bundle(
             tensors,
             meta=BundleMeta(run_id=run_id, step=request.step, site=self.settings.site_id, kind=BundleKind.ACTIVATIONS),
@@ -365,7 +374,15 @@ class SiteRuntime:
         run.last_applied, run.applied_digest = step, digest
         run.active = time.monotonic()
         self._observe("backward", started, received=len(body))
-        return BackwardAck(run_id=run_id, step=step, applied=True)
+        return BackwardAck(run_id=run_id, step=step, applied=True, defenses=self.protection.stats() or None)
+
+    # ------------------------------------------------------------------ secure sum (see splitunet.secure_sum)
+    def secure_sum_offer(self, run_id: str) -> SecureSumOffer:
+        return self.protection.secure_sum_offer(run_id, self._run(run_id).setup)
+
+    def secure_sum_establish(self, run_id: str, peers: SecureSumPeers) -> SecureSumAck:
+        self._run(run_id)
+        return self.protection.secure_sum_establish(run_id, peers)
 
     def _batch(self, request: ForwardRequest, run: SiteRun) -> torch.Tensor:
         """Stack the samples' crops: ``B, C_site, *size`` float32 on the run's device."""

@@ -11,6 +11,8 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from services.client_site.policy import SitePolicy
 from splitunet.config import MODALITIES, SplitUNetConfig
 from splitunet.data.layout import OnBadCase, canonical_modality
+from splitunet.defenses import SiteDefenseConfig
+from splitunet.defenses.config import load_defense_list
 from splitunet.service.device import DeviceChoice
 from splitunet.service.scopes import Scope
 from splitunet.service.settings import ServiceSettings
@@ -33,7 +35,8 @@ class SiteSettings(ServiceSettings):
         max_bundle_bytes: largest gradient bundle accepted and activation bundle produced.
         max_batch_voxels: most voxels (samples x spatial size) one forward may ask for; bounds the memory a request
             can make the site allocate (default 32 Mi voxels, e.g. 4 patches of 128^3 or 256 slices of 240^2).
-        defenses: names of the outbound activation filters (empty until the defense issue lands).
+        defenses: this site's defenses, applied in order to every forward (``SITE_DEFENSES``: a JSON list or the
+            path of a YAML/JSON file; see :mod:`splitunet.defenses.config`).
         seed: ``SITE_SEED``: build encoders from this seed (reproducible tests and studies). Default: from the
             site's own secret randomness; the aggregator never chooses it (with the seed it could rebuild the
             encoder and invert the activations).
@@ -41,6 +44,7 @@ class SiteSettings(ServiceSettings):
         run_idle_s: a run with no step for this long may make room for a new run; a run that is training is
             never evicted (the new run is refused with 409).
         checkpoint_budget_bytes: most bytes of checkpoints under ``state_dir``; a checkpoint beyond it is refused.
+        require_secure_sum: refuse forwards of runs without secure-sum masking (see :mod:`splitunet.secure_sum`).
     """
 
     model_config = SettingsConfigDict(env_prefix="SITE_")
@@ -70,6 +74,13 @@ class SiteSettings(ServiceSettings):
         least 4x per level), plus framing; never above ``max_bundle_bytes``."""
         derived = 4 * self.max_batch_voxels * self.policy.max_width * 4 // 3 + 2**16
         return min(derived, self.max_bundle_bytes)
+    defenses: Annotated[tuple[SiteDefenseConfig, ...], NoDecode] = ()
+    require_secure_sum: bool = False
+
+    @field_validator("defenses", mode="before")
+    @classmethod
+    def _load_defenses(cls, value: Any) -> Any:
+        return load_defense_list(value)
 
     @field_validator("modalities", mode="before")
     @classmethod

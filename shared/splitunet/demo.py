@@ -38,6 +38,9 @@ class DemoOptions:
         steps: training steps (default by mode and dims).
         cache_dir: where generated phantom cohorts are kept between runs.
         preset: ``brats``: the documented real-BraTS job (:data:`BRATS_PRESET`, 3D, needs ``data``).
+        site_defenses: every site's ``SITE_DEFENSES`` (JSON list or YAML path; see :mod:`splitunet.defenses`).
+        gradient_defenses: the job's gradient defenses (a list of defense configurations).
+        secure_sum: secure-sum fusion (switches the model to ``fusion=sum`` and fp32 activations).
     """
 
     workdir: Path
@@ -49,6 +52,9 @@ class DemoOptions:
     seed: int = 0
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     preset: Preset | None = None
+    site_defenses: str | None = None
+    gradient_defenses: list[dict[str, Any]] = field(default_factory=list)
+    secure_sum: bool = False
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -141,6 +147,12 @@ def training_plan(options: DemoOptions) -> dict[str, Any]:
         "server_optimizer": {"lr": lr, "weight_decay": 1e-5, **schedule},
         "wire": {"activations": "fp16", "gradients": "fp32", "compress": False},
     }
+    if options.gradient_defenses:
+        plan["gradient_defenses"] = list(options.gradient_defenses)
+    if options.secure_sum:
+        plan["model"]["fusion"] = "sum"
+        plan["wire"]["activations"] = "fp32"
+        plan["secure_sum"] = {}
     return plan
 
 
@@ -232,7 +244,7 @@ def run_demo(
     with LocalFederation(workdir) as federation:
         sites = []
         for m in MODALITIES:  # each site its own token; the aggregator's registry (AGG_SITES) lists them
-            federation.start_site(m, [m], partition.site_dir(m))
+            federation.start_site(m, [m], partition.site_dir(m), defenses=options.site_defenses)
             sites.append(m)
         aggregator = federation.start_aggregator(partition.aggregator_dir)
         federation.wait_ready(timeout_s=180)
@@ -288,6 +300,7 @@ def run_demo(
         "cases": {"aligned": status.get("aligned_cases"), "train": status.get("train_cases"),
                   "validation": status.get("val_cases")},
         "final_loss": status.get("loss"),
+        "defenses": status.get("defenses"),
         "data": str(options.data) if options.data is not None else f"phantom {PHANTOM_SHAPE}",
         "mode": options.preset.value if options.preset else ("quick" if options.quick else "default"),
         "job": {k: v for k, v in spec.items() if k != "sites"},

@@ -14,9 +14,11 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from splitunet.config import Fusion, SiteSpec, SkipPolicy, SplitUNetConfig
+from splitunet.defenses.config import GradientDefenseConfig
 from splitunet.inference import DEFAULT_OVERLAP
 from splitunet.losses import DEFAULT_LOSS, LossKind
-from splitunet.schemas import RUN_ID_PATTERN, OptimizerOptions, WireOptions
+from splitunet.schemas import RUN_ID_PATTERN, OptimizerOptions, WireDtypeName, WireOptions
+from splitunet.secure_sum import SecureSumOptions
 
 SITE_NAME_PATTERN = r"^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$"
 SiteName = Annotated[str, Field(min_length=1, max_length=63, pattern=SITE_NAME_PATTERN)]
@@ -93,6 +95,10 @@ class FederationSpec(BaseModel):
         wire: wire dtypes and compression.
         checkpoint_interval: checkpoint every N steps (0: only at the end).
         timeout_s: read timeout of one call to a site.
+        gradient_defenses: the aggregator's defenses on the gradients it returns, in order (label protection;
+            see :mod:`splitunet.defenses`).
+        secure_sum: mask the sites' tensors pairwise so the aggregator sees only their sum (needs
+            ``model.fusion = sum`` and fp32 activations on the wire; see :mod:`splitunet.secure_sum`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -120,6 +126,8 @@ class FederationSpec(BaseModel):
     wire: WireOptions = Field(default_factory=WireOptions)
     checkpoint_interval: int = Field(default=0, ge=0)
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    gradient_defenses: list[GradientDefenseConfig] = Field(default_factory=list, max_length=16)
+    secure_sum: SecureSumOptions | None = None
 
     @field_validator("sites", mode="before")
     @classmethod
@@ -158,6 +166,13 @@ class FederationSpec(BaseModel):
         multiple = 2 ** (len(self.model.features) - 1)
         if any(r % multiple or r < 2 * multiple for r in self.roi):
             raise ValueError(f"roi sizes must be multiples of {multiple} and >= {2 * multiple}, got {list(self.roi)}")
+        if self.secure_sum is not None:
+            if self.model.fusion != Fusion.SUM:
+                raise ValueError(f"secure_sum needs model.fusion='sum', got {self.model.fusion.value!r}")
+            if self.wire.activations != WireDtypeName.FP32:
+                raise ValueError("secure_sum needs wire.activations='fp32' (masked fixed-point values are exact there)")
+            if len(self.sites) < 2:
+                raise ValueError("secure_sum needs at least 2 sites")
         return self
 
 
@@ -208,6 +223,10 @@ class JobStatus(BaseModel):
     bytes_received: int = 0
     error: dict[str, Any] | None = None
     timing: dict[str, float] = Field(default_factory=dict)
+    defenses: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what the defenses did: {'gradients': [aggregator's], 'sites': {site: [site's]}, 'secure_sum'}",
+    )
 
 
 class JobCreated(BaseModel):

@@ -174,10 +174,11 @@ class LocalFederation:
 
     def start_site(
         self, name: str, modalities: list[str], data_dir: Path, *, device: str = "cpu", seed: int | None = None,
-        env: Mapping[str, str] | None = None,
+        defenses: str | None = None, env: Mapping[str, str] | None = None,
     ) -> ServiceProcess:
         """Start site ``name`` with its own token; ``seed``: ``SITE_SEED`` (default: the site's secret
-        randomness); ``env`` adds or overrides ``SITE_*`` settings (e.g. its policy)."""
+        randomness); ``defenses``: its ``SITE_DEFENSES`` (a JSON list or a YAML file path); ``env`` adds or
+        overrides ``SITE_*`` settings (e.g. its policy)."""
         token = secrets.token_urlsafe(24)
         self.site_tokens[name] = token
         token_file = self._secret(self.secrets_dir / f"site-{name}-token", token)
@@ -193,6 +194,8 @@ class LocalFederation:
             **({} if seed is None else {"SITE_SEED": str(seed)}),
             **dict(env or {}),
         }
+        if defenses:
+            site_env["SITE_DEFENSES"] = defenses
         proc = self._start(f"site-{name}", "site", site_env)
         self._site_urls[name] = proc.url
         return proc

@@ -70,6 +70,22 @@ class OptimizerOptions(BaseModel):
         )
 
 
+class SamplingPlan(BaseModel):
+    """How the aggregator draws training batches: ``batch_size`` cases uniformly with replacement from
+    ``population`` training cases per step (a site's DP accountant takes its sampling rate from this)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    population: int = Field(ge=1)
+
+    def sample_rate(self, batch: int, cohort: int | None = None) -> float:
+        """``P(a given case is in a batch of `batch` draws)`` = ``1 - (1 - 1/N)**batch``; ``N`` is capped by the
+        ``cohort`` the site knows (a larger declared population would understate the rate)."""
+        n = self.population if cohort is None else max(1, min(self.population, cohort))
+        return 1.0 - (1.0 - 1.0 / n) ** max(batch, self.batch_size)
+
+
 class RunSetup(BaseModel):
     """``POST /v1/runs``: build this site's encoder for a run.
 
@@ -81,6 +97,7 @@ class RunSetup(BaseModel):
     model: SplitUNetConfig
     optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
     wire: WireOptions = Field(default_factory=WireOptions)
+    sampling: SamplingPlan | None = None
 
 
 class RunInfo(BaseModel):
@@ -120,6 +137,7 @@ class BackwardAck(BaseModel):
     run_id: str
     step: int
     applied: bool = True
+    defenses: list[dict[str, Any]] | None = Field(default=None, description="what each site defense did so far")
 
 
 class CheckpointRequest(BaseModel):
@@ -144,7 +162,7 @@ class SiteInfo(BaseModel):
     modalities: list[str]
     version: str
     device: str
-    defenses: list[str]
+    defenses: list[dict[str, Any]]
     runs: dict[str, RunInfo]
     model_policy: dict[str, Any] | None = None
     policy: dict[str, Any] | None = Field(default=None, description="the site's policy (services.client_site.policy)")

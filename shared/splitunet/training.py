@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitunet.config import SplitUNetConfig
+from splitunet.filters import FilterChain
 from splitunet.inference import DEFAULT_OVERLAP, predict_volume
 from splitunet.losses import DEFAULT_LOSS, LossKind, make_loss
 from splitunet.metrics import RegionMetrics
@@ -60,6 +61,9 @@ class InProcessFederation:
         loss: the loss (see :mod:`splitunet.losses`).
         schedule, total_steps, warmup_steps: the learning-rate schedule of every party
             (:mod:`splitunet.schedules`); constant unless ``total_steps`` is given.
+        site_filters: ``site_filters(site name) -> outbound filter chain`` (defenses), none by default.
+        site_loss_terms: site loss terms (NoPeek) of every site, none by default.
+        gradient_filters: the aggregator's outbound gradient filters, none by default.
     """
 
     def __init__(
@@ -74,6 +78,9 @@ class InProcessFederation:
         schedule: LrSchedule | str = LrSchedule.CONSTANT,
         total_steps: int | None = None,
         warmup_steps: int = 0,
+        site_filters: Callable[[str], FilterChain] | None = None,
+        site_loss_terms: Sequence = (),
+        gradient_filters: FilterChain | None = None,
     ) -> None:
         self.config = config
         common = dict(weight_decay=weight_decay, schedule=schedule, total_steps=total_steps,
@@ -82,13 +89,17 @@ class InProcessFederation:
         self.server_options = OptimizerOptions(lr=lr_server, **common)
         self.model = make_split_unet(config, seed)
         self.sites = {
-            name: SiteStep(enc, make_optimizer(enc.parameters(), lr=lr_site, weight_decay=weight_decay))
+            name: SiteStep(
+                enc, make_optimizer(enc.parameters(), lr=lr_site, weight_decay=weight_decay),
+                site_filters(name) if site_filters is not None else None, site_loss_terms,
+            )
             for name, enc in self.model.encoders.items()
         }
         self.aggregator = AggregatorStep(
             self.model.decoder,
             make_loss(loss),
             make_optimizer(self.model.decoder.parameters(), lr=lr_server, weight_decay=weight_decay),
+            gradient_filters,
         )
 
     def train_step(self, images: torch.Tensor, regions: torch.Tensor, step: int) -> float:

@@ -19,6 +19,12 @@ def demo_command(
     steps: Annotated[int | None, typer.Option(help="Training steps (default by mode).")] = None,
     seed: Annotated[int, typer.Option(help="Data, initialisation and sampling seed.")] = 0,
     preset: Annotated[str | None, typer.Option(help="'brats': the real-BraTS 3D job (needs --data).")] = None,
+    site_defenses: Annotated[str | None, typer.Option(
+        help='Every site\'s SITE_DEFENSES: a JSON list or a YAML file, e.g. \'[{"name": "dp", "clip": 20, '
+             '"noise_multiplier": 1}]\'.')] = None,
+    gradient_defenses: Annotated[str | None, typer.Option(
+        help='The aggregator\'s gradient defenses (JSON list), e.g. \'[{"name": "smooth", "sigma": 1}]\'.')] = None,
+    secure_sum: Annotated[bool, typer.Option("--secure-sum", help="Secure-sum fusion (fusion=sum, fp32).")] = False,
 ) -> None:
     """Start 4 site services (t1, t1ce, t2, flair) and the aggregator on 127.0.0.1, align the patients privately,
     train the Split-U-Net through the REST API, validate, segment a held-out case and write WORKDIR/report.json.
@@ -35,9 +41,12 @@ def demo_command(
     console = Console()
     workdir = workdir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
+        import json
+
         dims = dims if dims is not None else (3 if preset else 2)
         options = DemoOptions(workdir=workdir, quick=quick, data=data, dims=dims, cases=cases, steps=steps, seed=seed,
-                              preset=preset)
+                              preset=preset, site_defenses=site_defenses, secure_sum=secure_sum,
+                              gradient_defenses=json.loads(gradient_defenses) if gradient_defenses else [])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
