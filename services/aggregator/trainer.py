@@ -36,6 +36,7 @@ from splitunet.metrics import RegionMetrics
 from splitunet.networks.factory import make_optimizer, make_server_decoder
 from splitunet.protocol import AggregatorStep, expected_site_shapes
 from splitunet.recorder import Flow, NullRecorder, Recorder
+from splitunet.transcript import run_description
 from splitunet.schemas import Phase, RunSetup
 from splitunet.wire import WireDtype, frame_sha256
 
@@ -182,6 +183,7 @@ class TrainingJob:
             optimizer=self.spec.site_optimizer, wire=self.spec.wire,
         )
         list(self.pool.map(lambda c: c.setup_run(setup), self.clients.values()))
+        self.recorder.start(run_id=self.job_id, meta=run_description(self.spec, self.config))
         self._timing("prepare_s", time.perf_counter() - t0)
 
     def _split(self, aligned: list[str]) -> tuple[list[str], list[str]]:
@@ -260,6 +262,7 @@ class TrainingJob:
         """One split step over HTTP; returns the loss."""
         assert self.aggregator is not None
         samples = self.plan(step)
+        self.recorder.plan(run_id=self.job_id, step=step, phase=Phase.TRAIN.value, samples=samples)
         labels = self._labels_for(samples)
         wire = self.spec.wire
         shapes = self.shapes_for(len(samples))
@@ -302,6 +305,8 @@ class TrainingJob:
             shapes_for=self.shapes_for, dtype=WireDtype(self.spec.wire.activations.value), pool=self.pool,
             resize_slices=self.spec.resize_slices,
             on_received=lambda name, step, item: self._record_received(name, step, item, Phase.EVAL),
+            on_plan=lambda step, samples: self.recorder.plan(run_id=self.job_id, step=step, phase=Phase.EVAL.value,
+                                                             samples=samples),
         )
 
     def validate(self, step: int) -> dict:
@@ -345,6 +350,7 @@ class TrainingJob:
                  "rng": self._rng.bit_generator.state},
             )
         list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), self.clients.values()))
+        self.recorder.checkpoint(run_id=self.job_id, step=step)
         self._update(checkpoint_step=step)
 
     def restore(self, step: int) -> None:
