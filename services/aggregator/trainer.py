@@ -36,8 +36,8 @@ from splitunet.metrics import RegionMetrics
 from splitunet.networks.factory import make_optimizer, make_server_decoder
 from splitunet.protocol import AggregatorStep, expected_site_shapes
 from splitunet.recorder import Flow, NullRecorder, Recorder
-from splitunet.transcript import run_description
 from splitunet.schemas import Phase, RunSetup
+from splitunet.transcript import run_description
 from splitunet.wire import WireDtype, frame_sha256
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.client_site.audit import SiteAuditor
 from services.client_site.settings import SiteSettings
 from splitunet import __version__
 from splitunet.checkpoint import load_checkpoint, save_checkpoint
@@ -97,6 +98,7 @@ class SiteRuntime:
         self._aligned: frozenset[str] | None = None
         self._lock = threading.Lock()
         self._metrics = metrics
+        self.audit = SiteAuditor(self)
         if metrics is not None:
             self._step_seconds = metrics.histogram(
                 "site_step_seconds", "Seconds per forward/backward at this site", ["phase"]
@@ -216,6 +218,7 @@ class SiteRuntime:
         run = self._run(run_id)
         started = time.perf_counter()
         batch = self._batch(request, run)
+        self.audit.on_forward(run_id, run, request.step, request.phase)
         tensors = run.step.forward(
             batch, step=request.step, run_id=run_id, train=request.phase == Phase.TRAIN
         )

@@ -31,6 +31,9 @@ class SiteSettings(ServiceSettings):
         max_bundle_bytes: largest gradient bundle accepted and activation bundle produced.
         max_batch_voxels: most voxels (samples x spatial size) one forward may ask for; bounds the memory a request
             can make the site allocate (default 32 Mi voxels, e.g. 4 patches of 128^3 or 256 slices of 240^2).
+        audit_snapshot_every: keep the encoder weights of every n-th train step for audits (0: keep none; see
+            :mod:`services.client_site.audit`); ``audit_keep_last``: also the last n train steps;
+            ``audit_max_snapshots``: at most this many kept snapshots per run (oldest dropped).
         defenses: names of the outbound activation filters (empty until the defense issue lands).
     """
 
@@ -48,6 +51,9 @@ class SiteSettings(ServiceSettings):
     torch_threads: int = Field(default=0, ge=0)
     max_bundle_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0)
     max_batch_voxels: int = Field(default=32 * 2**20, gt=0)
+    audit_snapshot_every: int = Field(default=10, ge=0)
+    audit_keep_last: int = Field(default=4, ge=1)
+    audit_max_snapshots: int = Field(default=64, ge=1)
 
     @field_validator("modalities", mode="before")
     @classmethod
