@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from services.aggregator.labels import LabelStore
+from services.aggregator.privacy_gate import PrivacyGate
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.site_client import SiteClient
 from services.aggregator.trainer import Aligner, TrainingJob
@@ -37,6 +38,7 @@ class JobManager:
         aligner: the alignment protocol (PSI) used by every job.
         client_factory: builds the :class:`SiteClient` of one peer (tests inject in-process transports).
         recorder_factory: builds the recorder of a job (default: none).
+        gate_factory: builds the privacy gate of a job (default: none).
         device: torch device of the decoder.
     """
 
@@ -48,6 +50,7 @@ class JobManager:
         aligner: Aligner,
         client_factory: Callable[..., SiteClient],
         recorder_factory: Callable[[str], Recorder] | None = None,
+        gate_factory: Callable[[str, FederationSpec], PrivacyGate | None] | None = None,
         device: torch.device,
     ) -> None:
         self.settings = settings
@@ -55,6 +58,7 @@ class JobManager:
         self.aligner = aligner
         self.client_factory = client_factory
         self.recorder_factory = recorder_factory
+        self.gate_factory = gate_factory
         self.device = device
         self._jobs: dict[str, TrainingJob] = {}
         self._threads: dict[str, threading.Thread] = {}
@@ -74,11 +78,12 @@ class JobManager:
             if job_id in self._jobs:
                 raise ConflictError(f"a job {job_id!r} already exists; choose another run_id")
             clients = {peer.name: self.client_factory(peer, spec) for peer in spec.sites}
+            gate = self.gate_factory(job_id, spec) if self.gate_factory else None
             job = TrainingJob(
                 job_id, spec, labels=self.labels, clients=clients, aligner=self.aligner, device=self.device,
                 state_dir=self.settings.state_dir,
                 recorder=self.recorder_factory(job_id) if self.recorder_factory else None,
-                max_workers=self.settings.concurrency,
+                max_workers=self.settings.concurrency, privacy_gate=gate,
             )
             thread = threading.Thread(target=job.run, name=f"job-{job_id}", daemon=True)
             self._jobs[job_id] = job
@@ -105,6 +110,12 @@ class JobManager:
     def stop(self, job_id: str) -> JobStatus:
         job = self.get(job_id)
         job.stop()
+        return job.status()
+
+    def resume(self, job_id: str) -> JobStatus:
+        """Resume a job paused by the privacy gate (409 otherwise)."""
+        job = self.get(job_id)
+        job.pause.resume()
         return job.status()
 
     def infer(self, request: InferRequest) -> tuple[bytes, str]:

@@ -42,6 +42,12 @@ def stop_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
     return runtime.jobs.stop(job_id)
 
 
+@router.post("/jobs/{job_id}/resume")
+def resume_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
+    """Resume a job paused by the privacy gate."""
+    return runtime.jobs.resume(job_id)
+
+
 @router.post("/infer", response_class=Response, responses={200: {"content": {"application/gzip": {}}}})
 def infer(runtime: AggregatorDep, request: InferRequest) -> Response:
     data, filename = runtime.jobs.infer(request)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.aggregator.privacy_gate import PrivacyGateSettings
 from splitunet.data.layout import OnBadCase
 from splitunet.service.device import DeviceChoice
 from splitunet.service.settings import ServiceSettings
+from splitunet.transcript import TranscriptSettings
 from splitunet.wire import DEFAULT_MAX_BYTES
 
 
@@ -27,6 +29,8 @@ class AggregatorSettings(ServiceSettings):
         site_ca_file: CA bundle to verify HTTPS site services (default: system CAs).
         site_client_cert_file, site_client_key_file: client certificate for mutual TLS to the sites.
         concurrency: threads calling sites concurrently (default: one per site).
+        transcript: the traffic transcript (``AGG_TRANSCRIPT__ENABLED``, ``__DIR``, ``__EVERY``, ...).
+        privacy_gate: the gate audit every n steps (``AGG_PRIVACY_GATE__EVERY``, ``__MAX_SSIM``, ...).
     """
 
     model_config = SettingsConfigDict(env_prefix="AGG_")
@@ -43,6 +47,14 @@ class AggregatorSettings(ServiceSettings):
     site_client_cert_file: Path | None = None
     site_client_key_file: Path | None = None
     concurrency: int = Field(default=0, ge=0, le=64)
+    transcript: TranscriptSettings = Field(default_factory=TranscriptSettings)
+    privacy_gate: PrivacyGateSettings = Field(default_factory=PrivacyGateSettings)
+
+    @model_validator(mode="after")
+    def _gate_needs_transcript(self) -> AggregatorSettings:
+        if self.privacy_gate.every and not self.transcript.enabled:
+            raise ValueError("privacy_gate.every needs the transcript: set AGG_TRANSCRIPT__ENABLED=true")
+        return self
 
     @field_validator("data_dir")
     @classmethod

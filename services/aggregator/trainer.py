@@ -24,6 +24,7 @@ import torch
 
 from services.aggregator.evaluation import SplitPredictor
 from services.aggregator.labels import LabelStore
+from services.aggregator.privacy_gate import JobPause, PrivacyGate
 from services.aggregator.site_client import Received, SiteClient
 from splitunet.checkpoint import load_checkpoint, save_checkpoint
 from splitunet.config import SiteSpec, SplitUNetConfig
@@ -81,6 +82,7 @@ class TrainingJob:
         recorder: Recorder | None = None,
         gradient_filters: FilterChain | None = None,
         max_workers: int = 0,
+        privacy_gate: PrivacyGate | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -91,6 +93,7 @@ class TrainingJob:
         self.state_dir = Path(state_dir) / job_id
         self.recorder = recorder or NullRecorder()
         self.gradient_filters = gradient_filters or FilterChain()
+        self.privacy_gate, self.pause = privacy_gate, JobPause()
         self.pool = ThreadPoolExecutor(max_workers=max_workers or len(self.clients), thread_name_prefix=f"job-{job_id}")
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -231,7 +234,21 @@ class TrainingJob:
                 self.validate(step)
             if (spec.checkpoint_interval and step % spec.checkpoint_interval == 0) or last:
                 self.checkpoint(step)
+            if self.privacy_gate is not None and self.privacy_gate.due(step):
+                self._gate(step)
         self._timing("train_s", t_train)
+
+    def _gate(self, step: int) -> None:
+        """Run the privacy gate audit of ``step``; on failure pause until resumed (or stopped)."""
+        assert self.privacy_gate is not None
+        decision = self.privacy_gate.check(step)
+        self._update(privacy_gate=decision)
+        if not decision["passed"]:
+            logger.warning("job %s paused by the privacy gate: %s", self.job_id, decision["message"])
+            self._update(state=JobState.PAUSED_BY_PRIVACY_GATE)
+            self.pause.wait(self._stop, on_stop=self._check_stop)
+            self._update(state=JobState.RUNNING)
+            logger.info("job %s resumed after the privacy gate", self.job_id)
 
     def plan(self, step: int) -> list[Sample]:
         """The samples of one step: random training cases, foreground-weighted crops or slices, random flips."""

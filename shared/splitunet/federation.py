@@ -147,6 +147,7 @@ class JobState(StrEnum):
     ALIGNING = "aligning"
     RUNNING = "running"
     STOPPING = "stopping"
+    PAUSED_BY_PRIVACY_GATE = "paused_by_privacy_gate"
     STOPPED = "stopped"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -175,6 +176,7 @@ class JobStatus(BaseModel):
     bytes_received: int = 0
     error: dict[str, Any] | None = None
     timing: dict[str, float] = Field(default_factory=dict)
+    privacy_gate: dict[str, Any] | None = Field(default=None, description="the last privacy-gate decision")
 
 
 class JobCreated(BaseModel):
