@@ -11,13 +11,16 @@ from splitunet import __version__
 from splitunet.service.app import create_service_app
 
 
-def create_app(settings: AuditSettings | None = None) -> FastAPI:
-    """Build the audit app; settings come from ``AUDIT_...`` environment variables unless given."""
+def create_app(settings: AuditSettings | None = None, **runtime_options) -> FastAPI:
+    """Build the audit app; settings come from ``AUDIT_...`` environment variables unless given.
+
+    ``runtime_options`` go to :class:`~services.audit.runtime.AuditManager` (tests pass a ``transport_factory``).
+    """
     settings = settings or AuditSettings()
     return create_service_app(
         title="splitunet-audit",
         version=__version__,
         settings=settings,
-        runtime_factory=audit_runtime,
+        runtime_factory=lambda s: audit_runtime(s, **runtime_options),
         routers=[router],
     )

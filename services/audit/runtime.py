@@ -65,8 +65,9 @@ class AuditStatus(BaseModel):
 
 
 class AuditManager:
-    def __init__(self, settings: AuditSettings) -> None:
+    def __init__(self, settings: AuditSettings, *, transport_factory=None) -> None:
         self.settings = settings
+        self._transport_factory = transport_factory
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
         self._audits: OrderedDict[str, AuditStatus] = OrderedDict()
         self._artifacts: dict[str, AuditArtifacts] = {}
@@ -100,7 +101,8 @@ class AuditManager:
 
     def _run(self, audit_id: str, request: AuditRequest, spec: AuditSpec) -> None:
         self._update(audit_id, state=AuditState.RUNNING)
-        client = SiteAuditClient(request.peers, timeout_s=self.settings.site_timeout_s) if request.peers else None
+        client = SiteAuditClient(request.peers, timeout_s=self.settings.site_timeout_s,
+                                 transport_factory=self._transport_factory) if request.peers else None
         try:
             lab = None
             if request.mode == AuditMode.LAB:
@@ -144,10 +146,11 @@ class AuditManager:
 
 
 @contextmanager
-def audit_runtime(settings: AuditSettings) -> Iterator[AuditManager]:
+def audit_runtime(settings: AuditSettings, **options) -> Iterator[AuditManager]:
+    """``options`` go to :class:`AuditManager` (tests pass an in-process ``transport_factory``)."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    manager = AuditManager(settings)
+    manager = AuditManager(settings, **options)
     try:
         yield manager
     finally:

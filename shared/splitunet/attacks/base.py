@@ -108,3 +108,9 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 def feature_mismatch(outputs: Mapping[str, torch.Tensor], observed: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Sum over tensors of the MSE normalised by the observed tensor's mean square (scale-free)."""
     return sum(((outputs[k] - v) ** 2).mean() / (v**2).mean().clamp_min(1e-8) for k, v in observed.items())
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance per sample and channel of ``B, C, *spatial`` (the sites' z-scoring, known to all)."""
+    dims = tuple(range(2, x.ndim))
+    return (x - x.mean(dims, keepdim=True)) / x.std(dims, keepdim=True).clamp_min(1e-6)

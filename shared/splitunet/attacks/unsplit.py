@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from splitunet.attacks.base import AttackKind, Observation, Target, feature_mismatch, total_variation
+from splitunet.attacks.base import AttackKind, Observation, Target, feature_mismatch, standardise, total_variation
 from splitunet.networks.factory import make_site_encoder
 from splitunet.networks.split_unet import SiteEncoder
 
@@ -64,4 +64,4 @@ class UnSplit:
                 feature_mismatch(clone(fixed), target).backward()
                 opt_m.step()
         self.clone = clone.requires_grad_(False)
-        return x.detach()
+        return x.detach() if observation.prior is not None else standardise(x.detach())

@@ -6,7 +6,8 @@ Knowing the site encoder's weights at the recorded step, the attacker solves
 
 with Adam from a prior image (the cohort's mean image). ``x`` is ``B, C_site, *spatial``. An instance-normalised
 first block is blind to the input's offset and scale; starting from the prior keeps the prior's (the public
-preprocessing's) intensity scale, which is close to the original's.
+preprocessing's) intensity scale, which is close to the original's; without a prior the result is standardised
+per sample and channel (zero mean, unit variance: the sites' z-scoring).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from splitunet.attacks.base import (
     Observation,
     Target,
     feature_mismatch,
+    standardise,
     total_variation,
 )
 
@@ -57,4 +59,4 @@ class WhiteBoxInversion:
             loss.backward()
             optimizer.step()
         logger.debug("white-box inversion of site %s: final loss %.4g", observation.site, loss.item())
-        return x.detach()
+        return x.detach() if observation.prior is not None else standardise(x.detach())

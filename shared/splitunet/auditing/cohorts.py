@@ -45,7 +45,7 @@ class PublicCohort:
 
     @cached_property
     def volumes(self) -> tuple[np.ndarray, np.ndarray]:
-        """``images (N, 4, X, Y, Z)`` in canonical modality order, ``wt (N, 1, X, Y, Z)`` uint8."""
+        """``images (N, 4, X, Y, Z)`` in canonical modality order, ``regions (N, 3, X, Y, Z)`` uint8 (TC, WT, ET)."""
         from splitunet.data.mni import MniAnatomy
         from splitunet.data.phantom import Orientation, make_case, output_spacing
 
@@ -55,7 +55,7 @@ class PublicCohort:
             case = make_case((self.seed, index), self.shape, anatomy=anatomy, orientation=Orientation.RAS)
             array = np.ascontiguousarray(np.stack([case.images[m] for m in MODALITIES]).astype(np.float32))
             images.append(normalize_nonzero(array))
-            wt.append(labels_to_regions(case.label, case.et_label)[1:2])
+            wt.append(labels_to_regions(case.label, case.et_label))
         return np.stack(images), np.stack(wt)
 
     def images(self, samples: Sequence[Sample], modalities: Sequence[str]) -> np.ndarray:
@@ -75,12 +75,17 @@ class PublicCohort:
         images = self.images(samples, modalities)
         return images.reshape(-1, *images.shape[2:])
 
+    def regions(self, samples: Sequence[Sample]) -> np.ndarray:
+        """Region channels (TC, WT, ET) of every public case cut like each sample: ``(N, B, 3, *size)``."""
+        _, regions = self.volumes
+        return np.stack([
+            np.stack([extract(regions[i], _unbound(s), interpolation="nearest") for s in samples])
+            for i in range(self.n)
+        ])
+
     def masks(self, samples: Sequence[Sample]) -> np.ndarray:
         """Whole-tumour masks of every public case cut like each sample: ``(N, B, 1, *size)``."""
-        _, wt = self.volumes
-        return np.stack([
-            np.stack([extract(wt[i], _unbound(s), interpolation="nearest") for s in samples]) for i in range(self.n)
-        ])
+        return self.regions(samples)[:, :, 1:2]
 
 
 def _unbound(sample: Sample) -> Sample:

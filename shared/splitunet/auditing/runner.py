@@ -34,6 +34,7 @@ from splitunet.auditing.cohorts import LabCohort, PublicCohort
 from splitunet.auditing.gate import GateDecision, GateThreshold
 from splitunet.auditing.sources import Scorer, WeightSource
 from splitunet.config import SplitUNetConfig
+from splitunet.data.phantom import check_shape
 from splitunet.errors import DataError, NotFoundError
 from splitunet.leakage import dice, distance_correlation, leak_auc, rdlv, reidentification_top1
 from splitunet.recorder import Flow
@@ -180,11 +181,17 @@ class AuditRunner:
                              gate=spec.gate.evaluate(findings))
         return result, artifacts
 
-    def _public(self, samples, budgets: AttackBudgets) -> PublicCohort:
+    def _public(self, samples, budgets: AttackBudgets) -> PublicCohort | None:
+        """The public cohort on the samples' grid, or ``None`` (zero prior) when no phantom fits that grid."""
         shape = samples[0].volume_shape
         if shape is None:
-            raise DataError("the recorded samples carry no volume_shape; the public prior needs the grid")
+            return None
         if self.public is None or self.public.shape != tuple(shape):
+            try:
+                check_shape(shape)
+            except ValueError:
+                logger.warning("no public phantom cohort on a %s grid: zero prior, no learned attack", shape)
+                return None
             self.public = PublicCohort(shape, budgets.public_cases)
         return self.public
 
@@ -200,14 +207,14 @@ class AuditRunner:
             grads = decode_bundle(transcript.frame(sent_rec), max_bytes=max(sent_rec.nbytes, DEFAULT_MAX_BYTES))
             gradients = {k: v[:b] for k, v in grads.tensors.items()}
         public = self._public(samples, spec.budgets)
-        prior = torch.from_numpy(public.prior(samples, modalities)).float()
+        prior = None if public is None else torch.from_numpy(public.prior(samples, modalities)).float()
         state = None
         if self.weights is not None and ({AttackKind.WHITEBOX, AttackKind.LEARNED} & set(spec.attacks)):
             state = self.weights.encoder_state(site, transcript.run_id, step, spec.phase)
         obs = Observation(config=config, site=site, activations=activations, gradients=gradients,
                           encoder_state=state, prior=prior)
         originals = self.lab.images(samples, modalities) if self.lab is not None else None
-        arrays: dict[str, np.ndarray] = {"prior": prior.numpy()}
+        arrays: dict[str, np.ndarray] = {} if prior is None else {"prior": prior.numpy()}
         if originals is not None:
             arrays["original"] = originals
         findings: list[Finding] = []
@@ -232,15 +239,15 @@ class AuditRunner:
                 recon = unsplit(obs)
             else:
                 shadow = obs.encoder() if state is not None else (unsplit.clone if unsplit is not None else None)
-                if shadow is None:
+                if shadow is None or public is None:
                     logger.info("learned attack on site %s skipped: no shadow encoder (weights or UnSplit)", site)
                     continue
                 aux = torch.from_numpy(public.training_images(samples, modalities)).float()
                 recon = LearnedInversion(steps=budgets.learned_steps).fit(shadow, config, site, aux)(obs)
             arrays[kind.value] = recon.numpy()
-            scores = self.scorer.score(site, modalities, transcript.run_id, step, samples,
-                                       {"reconstruction": recon, "prior": prior})
-            rows, prior_rows = scores["reconstruction"], scores["prior"]
+            tensors = {"reconstruction": recon} | ({} if prior is None else {"prior": prior})
+            scores = self.scorer.score(site, modalities, transcript.run_id, step, samples, tensors)
+            rows, prior_rows = scores["reconstruction"], scores.get("prior", [])
             finding = Finding(site=site, step=step, attack=kind, ssim=_mean(rows, "ssim"), psnr=_mean(rows, "psnr"),
                               nmse=_mean(rows, "nmse"), prior_ssim=_mean(prior_rows, "ssim"),
                               seconds=time.perf_counter() - t0)
@@ -257,11 +264,11 @@ class AuditRunner:
             d = distance_correlation(torch.from_numpy(originals), first)
         return findings, arrays, d
 
-    def _label_finding(self, obs: Observation, public: PublicCohort, samples, site: str, step: int) -> Finding:
+    def _label_finding(self, obs: Observation, public: PublicCohort | None, samples, site: str, step: int) -> Finding:
         assert self.lab is not None
         scores = LabelLeakage()(obs).numpy()[:, 0]
         truth = self.lab.masks(samples)[:, 0].astype(bool)
-        blob_freq = public.masks(samples).mean(0)[:, 0]
+        blob_freq = public.masks(samples).mean(0)[:, 0] if public is not None else np.zeros_like(scores)
         dices, aucs, empty, blob = [], [], [], []
         for i in range(len(samples)):
             if not truth[i].any():
