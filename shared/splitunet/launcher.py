@@ -138,6 +138,9 @@ class LocalFederation:
             "AGG_AUTH_TOKEN_FILE": str(self.aggregator_token_file),
             "AGG_DEVICE": device,
             "AGG_LOG_LEVEL": "info",
+            # the traffic transcript is on in local federations (the demo): the audit replays it
+            "AGG_TRANSCRIPT__ENABLED": os.environ.get("AGG_TRANSCRIPT__ENABLED", "true"),
+            "AGG_TRANSCRIPT__DIR": os.environ.get("AGG_TRANSCRIPT__DIR", str(self.workdir / "transcripts")),
         }
         return self._start("aggregator", "aggregator", env)
 
