@@ -76,8 +76,6 @@ class SiteAuditor:
         if path.is_file():
             return
         keep = phase == Phase.EVAL or step % every == 0
-        if phase == Phase.EVAL and not keep:
-            return
         with run.step.lock:
             state = {k: v.detach().cpu().contiguous().clone() for k, v in run.step.encoder.state_dict().items()}
         path.parent.mkdir(parents=True, exist_ok=True)
