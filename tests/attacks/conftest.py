@@ -7,28 +7,14 @@ inside the brain like the sites' preprocessing. Generated once per session (abou
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
+from phantom_slices import SHAPE, Slices
 
 from splitunet.auditing.cohorts import PublicCohort
-from splitunet.config import SiteSpec, SplitUNetConfig
 from splitunet.data.sampling import Sample
-
-SHAPE = (128, 128, 80)
-
-
-@dataclass(frozen=True)
-class Slices:
-    """``images (B, 4, 128, 128)`` float32 (t1, t1ce, t2, flair), ``regions (B, 3, 128, 128)``, the samples, and the
-    public cohort cut like them."""
-
-    images: np.ndarray
-    regions: np.ndarray
-    samples: list[Sample]
-    public: PublicCohort
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,8 +34,3 @@ def slices() -> Slices:
     images = np.stack([federation.images([s], ["t1", "t1ce", "t2", "flair"])[i, 0] for i, s in enumerate(samples)])
     regions = np.stack([federation.regions([s])[i, 0] for i, s in enumerate(samples)])
     return Slices(images=images, regions=regions.astype(np.float32), samples=samples, public=public)
-
-
-def site_config(cut_level: int = 0, skips: str = "all", site: str = "t1") -> SplitUNetConfig:
-    return SplitUNetConfig(spatial_dims=2, features=(16, 32, 64, 128), sites=(SiteSpec(name=site, modalities=(site,)),),
-                           cut_level=cut_level, skips=skips)

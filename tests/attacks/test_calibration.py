@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 import torch
-from conftest import Slices, site_config
+from phantom_slices import Slices, site_config
 
 from splitunet.attacks.base import Observation
 from splitunet.attacks.label_leakage import LabelLeakage, mask_from_scores
@@ -82,10 +82,10 @@ def test_unsplit_and_learned_inversion_produce_measured_figures(slices: Slices):
     obs, x, encoder = _observe(slices)
     prior = obs.prior
     prior_ssim = _ssim(prior.expand(x.shape[0], -1, -1, -1), x)
-    unsplit = UnSplit(main_iters=8, input_iters=15, model_iters=15)
+    unsplit = UnSplit(main_iters=4, input_iters=10, model_iters=10)
     unsplit_ssim = _ssim(unsplit(obs), x)
     aux = torch.from_numpy(slices.public.training_images(slices.samples, ["t1"]))
-    learned = LearnedInversion(steps=150).fit(encoder, obs.config, "t1", aux)
+    learned = LearnedInversion(steps=100, batch_size=4, width=16).fit(encoder, obs.config, "t1", aux)
     learned_ssim = _ssim(learned(obs), x)
     logger.warning("brain SSIM: prior %.3f, UnSplit %.3f, learned %.3f", prior_ssim, unsplit_ssim, learned_ssim)
     assert np.isfinite(unsplit_ssim) and np.isfinite(learned_ssim)
