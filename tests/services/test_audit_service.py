@@ -126,3 +126,25 @@ def test_site_audit_endpoints(site, tmp_path):
     assert bad.status_code == 400 and "x.samples" in bad.json()["message"]
     wrong = site.post("/v1/score", content=bundle({"samples": json.dumps([sample])}, (1, 1, 8, 8)), headers=headers)
     assert wrong.status_code == 400
+
+
+def test_audit_run_command_in_lab_mode(start_app, aggregator_settings, sites, cohort, tmp_path):
+    from typer.testing import CliRunner
+
+    from splitunet.cli import app
+
+    root = _recorded_run(start_app, aggregator_settings, sites, tmp_path)
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(app, [
+        "audit", "run", str(root / "audited"), "--lab-images", str(cohort.site_dirs["t1"]),
+        "--lab-labels", str(cohort.labels_dir), "--snapshots", f"t1={tmp_path / 'site-t1-state'}",
+        "--sites", "t1", "--steps", "2", "--attacks", "whitebox,label_leakage", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output[: result.output.rindex("}") + 1])
+    kinds = {f["attack"]: f for f in doc["findings"]}
+    assert set(kinds) == {"whitebox", "label_leakage"}
+    assert kinds["whitebox"]["ssim"] is not None and kinds["whitebox"]["reid_top1"] is not None
+    assert 0.0 <= kinds["label_leakage"]["auc"] <= 1.0 and kinds["label_leakage"]["baseline_empty_dice"] == 0.0
+    assert "t1" in doc["dcor"]
+    assert "data:image/png;base64" in out.read_text()  # lab mode draws the reconstruction grid
