@@ -29,6 +29,8 @@ from splitunet.wire import WireDtype
 
 #: Called with (site name, step, received bundle) for every activation bundle received (the recorder seam).
 OnReceived = Callable[[str, int, Received], None]
+#: Called with (step, samples) before the sites are asked for a batch (the recorder's planned samples).
+OnPlan = Callable[[int, list[Sample]], None]
 
 
 class SplitPredictor:
@@ -60,6 +62,7 @@ class SplitPredictor:
         overlap: float = DEFAULT_OVERLAP,
         resize_slices: bool = False,
         on_received: OnReceived | None = None,
+        on_plan: OnPlan | None = None,
     ) -> None:
         self.clients = clients
         self.aggregator = aggregator
@@ -72,6 +75,7 @@ class SplitPredictor:
         self.overlap = overlap
         self.resize_slices = resize_slices
         self.on_received = on_received
+        self.on_plan = on_plan
         self.calls = 0
 
     def predict_case(self, case_id: str, shape: Sequence[int], *, step: int) -> torch.Tensor:
@@ -128,6 +132,8 @@ class SplitPredictor:
 
     def _predict_samples(self, samples: list[Sample], *, step: int) -> torch.Tensor:
         shapes = self.shapes_for(len(samples))
+        if self.on_plan is not None:
+            self.on_plan(step, samples)
         futures = {
             name: self.pool.submit(
                 client.forward, self.run_id, step, samples, phase=Phase.EVAL, shapes=shapes, dtype=self.dtype

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from services.aggregator.labels import LabelStore
+from services.aggregator.privacy_gate import PrivacyGate
 from services.aggregator.recovery import RecoveryPolicy
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.site_client import SiteClient
@@ -46,6 +47,7 @@ class JobManager:
         aligner: the alignment protocol (PSI) used by every job.
         client_factory: builds the :class:`SiteClient` of one peer (tests inject in-process transports).
         recorder_factory: builds the recorder of a job (default: none).
+        gate_factory: builds the privacy gate of a job (default: none).
         device: torch device of the decoder.
     """
 
@@ -57,6 +59,7 @@ class JobManager:
         aligner: Aligner,
         client_factory: Callable[..., SiteClient],
         recorder_factory: Callable[[str], Recorder] | None = None,
+        gate_factory: Callable[[str, FederationSpec], PrivacyGate | None] | None = None,
         device: torch.device,
     ) -> None:
         self.settings = settings
@@ -64,6 +67,7 @@ class JobManager:
         self.aligner = aligner
         self.client_factory = client_factory
         self.recorder_factory = recorder_factory
+        self.gate_factory = gate_factory
         self.device = device
         self._jobs: dict[str, TrainingJob] = {}
         self._threads: dict[str, threading.Thread] = {}
@@ -119,7 +123,8 @@ class JobManager:
             state_dir=self.settings.state_dir,
             recorder=self.recorder_factory(job_id) if self.recorder_factory else None,
             max_workers=self.settings.concurrency, checkpoint_budget_bytes=self.settings.checkpoint_budget_bytes,
-            store=self.store, policy=self.policy, **resume,
+            store=self.store, policy=self.policy,
+            privacy_gate=self.gate_factory(job_id, spec) if self.gate_factory else None, **resume,
         )
 
     def _start(self, job: TrainingJob) -> None:
@@ -149,6 +154,21 @@ class JobManager:
             logger.info("job %s: released its threads, site clients and model", job.job_id)
         return [j.job_id for j in done]
     def resume(self, job_id: str) -> JobStatus:
+        """``POST /v1/jobs/{id}/resume``: a job paused by the privacy gate continues where it paused
+        (:meth:`_continue_paused`); a failed or stopped one restarts from the latest step every party checkpointed
+        (:meth:`_restart`)."""
+        job = self.get(job_id)
+        if job.status().state == JobState.PAUSED_BY_PRIVACY_GATE:
+            return self._continue_paused(job)
+        return self._restart(job_id)
+
+    def _continue_paused(self, job: TrainingJob) -> JobStatus:
+        """Let a job paused by the privacy gate continue (e.g. after its sites strengthened their defenses)."""
+        job.pause.resume()
+        logger.info("job %s: continued after the privacy gate by request", job.job_id)
+        return job.status()
+
+    def _restart(self, job_id: str) -> JobStatus:
         """Restart a failed or stopped job from the latest step every party checkpointed (a fault outlasted the
         job's patience, or an operator stopped it); 409 while it or another job runs, or once it succeeded."""
         job = self.get(job_id)
@@ -188,6 +208,12 @@ class JobManager:
     def stop(self, job_id: str) -> JobStatus:
         job = self.get(job_id)
         job.stop()
+        return job.status()
+
+    def resume(self, job_id: str) -> JobStatus:
+        """Resume a job paused by the privacy gate (409 otherwise)."""
+        job = self.get(job_id)
+        job.pause.resume()
         return job.status()
 
     def infer(self, request: InferRequest) -> tuple[bytes, str]:

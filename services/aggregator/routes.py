@@ -44,6 +44,8 @@ def stop_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
 
 @router.post("/jobs/{job_id}/resume")
 def resume_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
+    """Continue a job paused by the privacy gate, or restart a failed or stopped one from its latest complete
+    checkpoint."""
     return runtime.jobs.resume(job_id)
 
 

@@ -11,6 +11,7 @@ import torch
 from services.aggregator.alignment import psi_align
 from services.aggregator.jobs import JobManager
 from services.aggregator.labels import LabelStore
+from services.aggregator.privacy_gate import audit_hooks
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.site_client import SiteClient
 from services.aggregator.trainer import Aligner
@@ -46,7 +47,8 @@ class AggregatorRuntime:
             )
         self._verify = verify
         self.jobs = JobManager(
-            settings, self.labels, aligner=aligner, client_factory=self._client, device=self.device
+            settings, self.labels, aligner=aligner, client_factory=self._client, device=self.device,
+            **audit_hooks(settings),
         )
         logger.info("aggregator: %d labelled cases on %s", len(self.labels.cases), self.device)
 

@@ -7,10 +7,12 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.aggregator.privacy_gate import PrivacyGateSettings
 from services.aggregator.registry import SiteRegistry
 from splitunet.data.layout import OnBadCase
 from splitunet.service.device import DeviceChoice
 from splitunet.service.settings import ServiceSettings
+from splitunet.transcript import TranscriptSettings
 from splitunet.wire import DEFAULT_MAX_BYTES
 
 
@@ -35,6 +37,8 @@ class AggregatorSettings(ServiceSettings):
         site_wait_s: how long a job waits for an unreachable site before it fails (``waiting_for_site``).
         site_retry_max_s: longest pause between two probes of an unreachable site (the backoff doubles up to it).
         max_recoveries: roll-backs to a common checkpoint one job may do before it fails.
+        transcript: the traffic transcript (``AGG_TRANSCRIPT__ENABLED``, ``__DIR``, ``__EVERY``, ...).
+        privacy_gate: the gate audit every n steps (``AGG_PRIVACY_GATE__EVERY``, ``__MAX_SSIM``, ...).
     """
 
     model_config = SettingsConfigDict(env_prefix="AGG_")
@@ -56,6 +60,8 @@ class AggregatorSettings(ServiceSettings):
     site_wait_s: float = Field(default=3600.0, gt=0)
     site_retry_max_s: float = Field(default=10.0, gt=0)
     max_recoveries: int = Field(default=100, ge=0)
+    transcript: TranscriptSettings = Field(default_factory=TranscriptSettings)
+    privacy_gate: PrivacyGateSettings = Field(default_factory=PrivacyGateSettings)
 
     @model_validator(mode="after")
     def _check_sites(self) -> AggregatorSettings:
@@ -72,6 +78,12 @@ class AggregatorSettings(ServiceSettings):
         """The site registry, read now (:class:`ConfigurationError` if it is missing or malformed)."""
         tls = self.site_ca_file is not None or self.site_client_cert_file is not None
         return SiteRegistry.load(self.sites, tls_configured=tls)
+
+    @model_validator(mode="after")
+    def _gate_needs_transcript(self) -> AggregatorSettings:
+        if self.privacy_gate.every and not self.transcript.enabled:
+            raise ValueError("privacy_gate.every needs the transcript: set AGG_TRANSCRIPT__ENABLED=true")
+        return self
 
     @field_validator("data_dir")
     @classmethod

@@ -30,6 +30,7 @@ import torch
 
 from services.aggregator.evaluation import SplitPredictor
 from services.aggregator.labels import LabelStore
+from services.aggregator.privacy_gate import JobPause, PrivacyGate
 from services.aggregator.recovery import RecoveryPolicy, recoverable, unreachable, wait_for_sites
 from services.aggregator.site_client import Received, SiteClient
 from services.aggregator.store import JobStore
@@ -57,6 +58,7 @@ from splitunet.recorder import Flow, NullRecorder, Recorder
 from splitunet.schedules import set_lr
 from splitunet.schemas import Phase, RunSetup, SamplingPlan
 from splitunet.secure_sum import establish as establish_secure_sum
+from splitunet.transcript import run_description
 from splitunet.wire import WireDtype, frame_sha256
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ class TrainingJob:
         policy: RecoveryPolicy | None = None,
         resume_from: Sequence[int] | None = None,
         previous: JobStatus | None = None,
+        privacy_gate: PrivacyGate | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -121,6 +124,7 @@ class TrainingJob:
         self.checkpoint_budget_bytes = checkpoint_budget_bytes
         self.recorder = recorder or NullRecorder()
         self.gradient_filters = gradient_filters  # built from spec.gradient_defenses in prepare() when None
+        self.privacy_gate, self.pause = privacy_gate, JobPause()
         self.pool = ThreadPoolExecutor(max_workers=max_workers or len(self.clients), thread_name_prefix=f"job-{job_id}")
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -249,6 +253,7 @@ class TrainingJob:
         list(self.pool.map(lambda c: c.setup_run(setup), self.clients.values()))
         if self.spec.secure_sum is not None:
             self.aggregator.inbound = establish_secure_sum(self.clients, self.job_id, self.spec.secure_sum, self.pool)
+        self.recorder.start(run_id=self.job_id, meta=run_description(self.spec, self.config))
         self._timing("prepare_s", time.perf_counter() - t0)
 
     def _split(self, aligned: list[str]) -> tuple[list[str], list[str]]:
@@ -306,6 +311,8 @@ class TrainingJob:
                 self.validate(step)
             if (spec.checkpoint_interval and step % spec.checkpoint_interval == 0) or last:
                 self.checkpoint(step)
+            if self.privacy_gate is not None and self.privacy_gate.due(step):
+                self._gate(step)
         self._timing("train_s", t_train)
 
     def case_grids(self, case_ids: Sequence[str]) -> dict[str, CaseGrid]:
@@ -372,6 +379,18 @@ class TrainingJob:
         raise DataError(f"job {self.job_id}: no checkpointed step that every party can restore",
                         detail={"errors": self.status().checkpoint_errors})
 
+    def _gate(self, step: int) -> None:
+        """Run the privacy gate audit of ``step``; on failure pause until resumed (or stopped)."""
+        assert self.privacy_gate is not None
+        decision = self.privacy_gate.check(step)
+        self._update(privacy_gate=decision)
+        if not decision["passed"]:
+            logger.warning("job %s paused by the privacy gate: %s", self.job_id, decision["message"])
+            self._update(state=JobState.PAUSED_BY_PRIVACY_GATE)
+            self.pause.wait(self._stop, on_stop=self._check_stop)
+            self._update(state=JobState.RUNNING)
+            logger.info("job %s resumed after the privacy gate", self.job_id)
+
     def plan(self, step: int) -> list[Sample]:
         """The samples of one step: random training cases, foreground-weighted crops or slices (only slices inside
         the brain, as the sites report it), random flips."""
@@ -406,6 +425,7 @@ class TrainingJob:
         samples = self.plan(step)
         set_lr(self.aggregator.optimizer, self.spec.server_optimizer.model_copy(
             update={"total_steps": self.spec.steps}).lr_at(step))
+        self.recorder.plan(run_id=self.job_id, step=step, phase=Phase.TRAIN.value, samples=samples)
         labels = self._labels_for(samples)
         wire = self.spec.wire
         shapes = self.shapes_for(len(samples))
@@ -452,6 +472,8 @@ class TrainingJob:
             shapes_for=self.shapes_for, dtype=WireDtype(self.spec.wire.activations.value), pool=self.pool,
             resize_slices=self.spec.resize_slices, overlap=self.spec.sw_overlap,
             on_received=lambda name, step, item: self._record_received(name, step, item, Phase.EVAL),
+            on_plan=lambda step, samples: self.recorder.plan(run_id=self.job_id, step=step, phase=Phase.EVAL.value,
+                                                             samples=samples),
         )
 
     def validate(self, step: int) -> dict:
@@ -512,6 +534,8 @@ class TrainingJob:
             )
         infos = list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), self.clients.values()))
         self._complete.append(step)
+        list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), self.clients.values()))
+        self.recorder.checkpoint(run_id=self.job_id, step=step)
         self._update(checkpoint_step=step)
         if self.store is not None and self._persist:
             digests = {"aggregator": digest} | {name: info.sha256 for name, info in zip(self.clients, infos)}

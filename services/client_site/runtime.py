@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from services.client_site.alignment import AlignmentGuard, not_aligned
+from services.client_site.audit import SiteAuditor
 from services.client_site.policy import EvalBudget
 from services.client_site.protection import SiteProtection
 from services.client_site.settings import SiteSettings
@@ -127,6 +128,7 @@ class SiteRuntime:
             run.needs_restore, run.checkpoint_step = stored.checkpoint_step is not None, stored.checkpoint_step
             self._runs[stored.setup.run_id] = run
         self._metrics = metrics
+        self.audit = SiteAuditor(self)
         if metrics is not None:
             self._step_seconds = metrics.histogram(
                 "site_step_seconds", "Seconds per forward/backward at this site", ["phase"]
@@ -306,6 +308,7 @@ class SiteRuntime:
         else:
             run.active = time.monotonic()
         batch = self._batch(request, run)
+        self.audit.on_forward(run_id, run, request.step, request.phase)
         protection = {
             "groups": self.protection.patients(request),
             "sample_rate": self.protection.sample_rate(run.setup, request, len(run.cohort or self.cases)),

@@ -35,6 +35,9 @@ class SiteSettings(ServiceSettings):
         max_bundle_bytes: largest gradient bundle accepted and activation bundle produced.
         max_batch_voxels: most voxels (samples x spatial size) one forward may ask for; bounds the memory a request
             can make the site allocate (default 32 Mi voxels, e.g. 4 patches of 128^3 or 256 slices of 240^2).
+        audit_snapshot_every: keep the encoder weights of every n-th train step for audits (0: keep none; see
+            :mod:`services.client_site.audit`); ``audit_keep_last``: also the last n train steps;
+            ``audit_max_snapshots``: at most this many kept snapshots per run (oldest dropped).
         defenses: this site's defenses, applied in order to every forward (``SITE_DEFENSES``: a JSON list or the
             path of a YAML/JSON file; see :mod:`splitunet.defenses.config`).
         seed: ``SITE_SEED``: build encoders from this seed (reproducible tests and studies). Default: from the
@@ -81,6 +84,9 @@ class SiteSettings(ServiceSettings):
     @classmethod
     def _load_defenses(cls, value: Any) -> Any:
         return load_defense_list(value)
+    audit_snapshot_every: int = Field(default=10, ge=0)
+    audit_keep_last: int = Field(default=4, ge=1)
+    audit_max_snapshots: int = Field(default=64, ge=1)
 
     @field_validator("modalities", mode="before")
     @classmethod

@@ -187,6 +187,7 @@ class JobState(StrEnum):
     WAITING_FOR_SITE = "waiting_for_site"
     RESUMING = "resuming"
     STOPPING = "stopping"
+    PAUSED_BY_PRIVACY_GATE = "paused_by_privacy_gate"
     STOPPED = "stopped"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -227,6 +228,7 @@ class JobStatus(BaseModel):
         default_factory=dict,
         description="what the defenses did: {'gradients': [aggregator's], 'sites': {site: [site's]}, 'secure_sum'}",
     )
+    privacy_gate: dict[str, Any] | None = Field(default=None, description="the last privacy-gate decision")
 
 
 class JobCreated(BaseModel):

@@ -225,6 +225,9 @@ class LocalFederation:
             "AGG_DEVICE": device,
             "AGG_LOG_LEVEL": "info",
             **self._tls_env("AGG_", "aggregator", client_auth=False),
+            # the traffic transcript is on in local federations (the demo): the audit replays it
+            "AGG_TRANSCRIPT__ENABLED": "true",
+            "AGG_TRANSCRIPT__DIR": str(self.workdir / "transcripts"),
         } | dict(env or {})
         if self._ca is not None:
             client = self._ca.client("aggregator-client", "aggregator")

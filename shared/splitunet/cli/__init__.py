@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from splitunet.cli import audit as _audit
 from splitunet.cli import demo as _demo
 from splitunet.cli import partition as _partition
 from splitunet.cli import phantom as _phantom
@@ -33,6 +34,7 @@ app.command("plan")(_plan.plan_command)
 app.command("partition")(_partition.partition_command)
 app.command("phantom")(_phantom.phantom_command)
 app.command("serve")(_serve.serve_command)
+app.add_typer(_audit.app, name="audit")
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import typer
 class ServiceName(StrEnum):
     SITE = "site"
     AGGREGATOR = "aggregator"
+    AUDIT = "audit"
 
 
 def serve_command(
@@ -29,6 +30,11 @@ def serve_command(
             from services.client_site.settings import SiteSettings
 
             settings = SiteSettings() if port is None else SiteSettings(port=port)
+        elif service == ServiceName.AUDIT:
+            from services.audit.app import create_app
+            from services.audit.settings import AuditSettings
+
+            settings = AuditSettings() if port is None else AuditSettings(port=port)
         else:
             from services.aggregator.app import create_app
             from services.aggregator.settings import AggregatorSettings
