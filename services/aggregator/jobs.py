@@ -153,6 +153,7 @@ class JobManager:
             job.aggregator = None  # the decoder and its optimizer state; status and metrics stay
             logger.info("job %s: released its threads, site clients and model", job.job_id)
         return [j.job_id for j in done]
+
     def resume(self, job_id: str) -> JobStatus:
         """``POST /v1/jobs/{id}/resume``: a job paused by the privacy gate continues where it paused
         (:meth:`_continue_paused`); a failed or stopped one restarts from the latest step every party checkpointed
@@ -208,12 +209,6 @@ class JobManager:
     def stop(self, job_id: str) -> JobStatus:
         job = self.get(job_id)
         job.stop()
-        return job.status()
-
-    def resume(self, job_id: str) -> JobStatus:
-        """Resume a job paused by the privacy gate (409 otherwise)."""
-        job = self.get(job_id)
-        job.pause.resume()
         return job.status()
 
     def infer(self, request: InferRequest) -> tuple[bytes, str]:
