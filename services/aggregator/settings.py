@@ -8,8 +8,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.aggregator.privacy_gate import PrivacyGateSettings
-from services.aggregator.registry import SiteRegistry
 from splitunet.data.layout import OnBadCase
+from splitunet.registry import SiteRegistry
 from splitunet.service.device import DeviceChoice
 from splitunet.service.settings import ServiceSettings
 from splitunet.transcript import TranscriptSettings
@@ -28,7 +28,7 @@ class AggregatorSettings(ServiceSettings):
         torch_threads: intra-op threads (``0``: torch's default).
         max_bundle_bytes: largest activation bundle accepted / gradient bundle produced.
         sites: the site registry file (``AGG_SITES``; YAML/JSON: name, URL, token file of every site a job may
-            name; see :mod:`services.aggregator.registry`).
+            name; see :mod:`splitunet.registry`).
         site_ca_file: CA bundle to verify HTTPS site services (default: system CAs).
         site_client_cert_file, site_client_key_file: client certificate for mutual TLS to the sites.
         concurrency: threads calling sites concurrently (default: one per site).

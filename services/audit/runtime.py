@@ -1,7 +1,8 @@
 """The audit service's runtime: audits run one at a time in a background thread; status, results and reports.
 
 Modes: *federated* (default) — white-box weights and scores come from the sites' audit endpoints (the request
-names the sites and their audit credentials), no image moves; *lab* — the service reads the cohort configured
+names sites of the audit's own registry, ``AUDIT_SITES``, which holds their URLs and audit credentials), no image
+moves; *lab* — the service reads the cohort configured
 in ``AUDIT_LAB_IMAGES_DIR`` (phantom, tests) and draws reconstruction grids.
 """
 
@@ -18,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.audit.settings import AuditSettings
 from splitunet.auditing.cohorts import LabCohort
@@ -26,7 +27,7 @@ from splitunet.auditing.report import render_html
 from splitunet.auditing.runner import AuditArtifacts, AuditResult, AuditRunner, AuditSpec
 from splitunet.auditing.sources import LabScorer, SiteAuditClient
 from splitunet.errors import ConfigurationError, NotFoundError, SplitUNetError
-from splitunet.federation import SitePeer
+from splitunet.federation import SiteName
 from splitunet.schemas import RUN_ID_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -38,12 +39,15 @@ class AuditMode(StrEnum):
 
 
 class AuditRequest(BaseModel):
-    """``POST /v1/audits``: the run (its transcript under ``AUDIT_TRANSCRIPTS_DIR``), the sites with their audit
-    credentials, and what to attack (see :class:`~splitunet.auditing.runner.AuditSpec`)."""
+    """``POST /v1/audits``: the run (its transcript under ``AUDIT_TRANSCRIPTS_DIR``), the sites to ask for
+    weights and scores (names of the audit's registry ``AUDIT_SITES``, never URLs or credentials), and what to
+    attack (see :class:`~splitunet.auditing.runner.AuditSpec`)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     mode: AuditMode = AuditMode.FEDERATED
-    peers: list[SitePeer] = Field(default_factory=list)
+    sites: list[SiteName] = Field(default_factory=list, max_length=64)
     spec: dict = Field(default_factory=dict, description="AuditSpec fields except transcript")
 
 
@@ -78,9 +82,13 @@ class AuditManager:
         if not transcript.is_dir():
             raise NotFoundError(f"no transcript of run {request.run_id!r} in the audit's transcripts folder")
         if request.mode == AuditMode.LAB and self.settings.lab_images_dir is None:
-            raise ConfigurationError("lab mode needs AUDIT_LAB_IMAGES_DIR; use mode=federated with site peers")
-        if request.mode == AuditMode.FEDERATED and not request.peers:
-            raise ConfigurationError("federated mode needs the sites' URLs and audit credentials (peers)")
+            raise ConfigurationError("lab mode needs AUDIT_LAB_IMAGES_DIR; use mode=federated naming registered sites")
+        if request.mode == AuditMode.FEDERATED and not request.sites:
+            raise ConfigurationError(
+                "federated mode needs the sites to ask: names of the audit's site registry (AUDIT_SITES)"
+            )
+        if request.sites:
+            self.settings.registry().resolve(request.sites)  # unknown names: 403 now, not a failed audit
         try:
             spec = AuditSpec.model_validate({**request.spec, "transcript": transcript})
         except ValueError as exc:
@@ -101,8 +109,11 @@ class AuditManager:
 
     def _run(self, audit_id: str, request: AuditRequest, spec: AuditSpec) -> None:
         self._update(audit_id, state=AuditState.RUNNING)
-        client = SiteAuditClient(request.peers, timeout_s=self.settings.site_timeout_s,
-                                 transport_factory=self._transport_factory) if request.peers else None
+        client = (
+            SiteAuditClient(self.settings.registry().resolve(request.sites), timeout_s=self.settings.site_timeout_s,
+                            transport_factory=self._transport_factory, verify=self.settings.site_verify())
+            if request.sites else None
+        )
         try:
             lab = None
             if request.mode == AuditMode.LAB:

@@ -13,11 +13,13 @@ from services.client_site.audit import ScoreResponse
 from services.client_site.runtime import SiteRuntime
 from splitunet.schemas import RUN_ID_PATTERN, STEP_LIMIT, Phase
 from splitunet.service.deps import BundleBody, runtime_dep
+from splitunet.service.gate import body_limit
+from splitunet.service.scopes import Scope, requires_scope
 
 SiteRuntimeDep = runtime_dep(SiteRuntime)
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
 
-router = APIRouter(prefix="/v1", tags=["site-audit"])
+router = APIRouter(prefix="/v1", tags=["site-audit"], dependencies=[requires_scope(Scope.AUDIT)])
 
 
 @router.get("/runs/{run_id}/audit/encoder", response_class=Response,
@@ -30,6 +32,6 @@ def encoder_weights(
     return Response(runtime.audit.encoder_weights(run_id, step, phase), media_type="application/octet-stream")
 
 
-@router.post("/score")
+@router.post("/score", dependencies=[body_limit(lambda s: s.max_bundle_bytes)])
 def score(runtime: SiteRuntimeDep, body: BundleBody) -> ScoreResponse:
     return runtime.audit.score(body)

@@ -1,7 +1,7 @@
 """The federation spec a user posts to the aggregator (``POST /v1/jobs``), and the job status it reports.
 
 The spec names the sites by **name only** (entries of the aggregator's own site registry, ``AGG_SITES``: see
-:mod:`services.aggregator.registry`) and the training run; the sites' modalities come from the sites themselves
+:mod:`splitunet.registry`) and the training run; the sites' modalities come from the sites themselves
 (``GET /v1/info``), so the model's ``sites`` are filled in by the aggregator in the spec's order.
 """
 

@@ -20,8 +20,8 @@ from federation_testkit import (
 )
 
 from services.aggregator.app import create_app as create_aggregator_app
-from services.aggregator.registry import SiteRegistry
 from splitunet.errors import ConfigurationError
+from splitunet.registry import SiteRegistry
 
 
 def job_spec(**overrides: Any) -> dict[str, Any]:

@@ -8,15 +8,16 @@ import json
 import time
 
 import torch
-from federation_testkit import AGG_TOKEN, SITE_HEADERS, peers, run_job
+from federation_testkit import AGG_TOKEN, AUDIT_TOKEN, SITE_HEADERS, SITES, peers, run_job, write_registry
 
 from services.audit.app import create_app as create_audit_app
 from services.audit.settings import AuditSettings
 from splitunet.transcript import Transcript, verify_transcript
 from splitunet.wire import CONTENT_TYPE, BundleKind, BundleMeta, WireDtype, encode_bundle
 
-AUDIT_TOKEN = "audit-token-0123456789abcdef"
-AUDIT_HEADERS = {"Authorization": f"Bearer {AUDIT_TOKEN}"}
+#: The audit service's own API takes an operator token; it presents AUDIT_TOKEN (scope ``audit``) to the sites.
+OPERATOR_TOKEN = "audit-operator-token-0123456789abcdef"
+AUDIT_HEADERS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 SPEC = {
     "sites": peers(("t1", "flair")),
     "model": {"spatial_dims": 2, "features": [4, 8, 16], "cut_level": 0},
@@ -54,10 +55,11 @@ def test_job_transcript_records_planned_samples_and_verifies(start_app, aggregat
 
 def test_audit_service_attacks_a_recorded_run_in_federated_mode(start_app, aggregator_settings, sites, tmp_path):
     root = _recorded_run(start_app, aggregator_settings, sites, tmp_path)
-    app = create_audit_app(AuditSettings(transcripts_dir=root, auth_token=AUDIT_TOKEN),
+    registry = write_registry(tmp_path / "audit-registry", tokens={m: AUDIT_TOKEN for m in SITES})
+    app = create_audit_app(AuditSettings(transcripts_dir=root, auth_token=OPERATOR_TOKEN, sites=registry),
                            transport_factory=lambda peer: sites[peer.name]._transport)
     audit = start_app(app)
-    body = {"run_id": "audited", "peers": peers(("t1", "flair")),
+    body = {"run_id": "audited", "sites": peers(("t1", "flair")),
             "spec": {"steps": [2], "attacks": ["whitebox", "unsplit"], "gate": {"max_ssim": 0.2},
                      "budgets": {"whitebox_iterations": 100, "unsplit_main_iters": 2, "unsplit_inner_iters": 5}}}
     created = audit.post("/v1/audits", json=body, headers=AUDIT_HEADERS)
@@ -86,37 +88,49 @@ def test_audit_service_attacks_a_recorded_run_in_federated_mode(start_app, aggre
 
 def test_audit_service_errors_are_clear(start_app, tmp_path):
     (tmp_path / "t").mkdir()
-    audit = start_app(create_audit_app(AuditSettings(transcripts_dir=tmp_path / "t", auth_token=AUDIT_TOKEN)))
-    missing = audit.post("/v1/audits", json={"run_id": "nope", "peers": peers()}, headers=AUDIT_HEADERS)
+    registry = write_registry(tmp_path / "audit-registry", tokens={m: AUDIT_TOKEN for m in SITES})
+    audit = start_app(create_audit_app(AuditSettings(transcripts_dir=tmp_path / "t", auth_token=OPERATOR_TOKEN,
+                                                     sites=registry)))
+    missing = audit.post("/v1/audits", json={"run_id": "nope", "sites": peers()}, headers=AUDIT_HEADERS)
     assert missing.status_code == 404 and "no transcript" in missing.json()["message"]
     assert audit.post("/v1/audits", json={"run_id": "../etc"}, headers=AUDIT_HEADERS).status_code == 422
+    # sites are names of the audit's own registry: never URLs or credential files (no confused deputy)
+    deputy = {"run_id": "nope", "sites": [{"name": "t1", "url": "http://attacker.test", "token_file": "/etc/passwd"}]}
+    assert audit.post("/v1/audits", json=deputy, headers=AUDIT_HEADERS).status_code == 422
     assert audit.get("/v1/audits/audit-000000000000", headers=AUDIT_HEADERS).status_code == 404
     assert audit.post("/v1/audits", json={"run_id": "nope"}).status_code == 401
 
 
-def test_site_audit_endpoints(site, tmp_path):
-    from federation_testkit import model_config
+def test_site_audit_endpoints(site, cohort, tmp_path):
+    from federation_testkit import align_site, model_config
 
     config = model_config(features=(4, 8, 16), cut_level=0)
-    setup = {"run_id": "r1", "model": config.model_dump(mode="json"), "seed": 1}
+    assert align_site(site, cohort.case_ids).status_code == 200
+    setup = {"run_id": "r1", "model": config.model_dump(mode="json")}
     assert site.post("/v1/runs", json=setup, headers=SITE_HEADERS).status_code == 200
     sample = {"case_id": "BraTS2021_00000", "start": [0, 0], "size": [16, 16], "axial_index": 8}
     forward = site.post("/v1/runs/r1/forward", json={"step": 0, "phase": "train", "samples": [sample]},
                         headers=SITE_HEADERS)
     assert forward.status_code == 200, forward.text
-    weights = site.get("/v1/runs/r1/audit/encoder", params={"step": 0}, headers=SITE_HEADERS)
+    audit_headers = {"Authorization": f"Bearer {AUDIT_TOKEN}"}
+    # audit routes take only the audit credential: the aggregator's token of this site is of another scope
+    refused = site.get("/v1/runs/r1/audit/encoder", params={"step": 0}, headers=SITE_HEADERS)
+    assert refused.status_code == 403 and refused.json()["code"] == "insufficient_scope"
+    weights = site.get("/v1/runs/r1/audit/encoder", params={"step": 0}, headers=audit_headers)
     assert weights.status_code == 200
     from safetensors.torch import load
 
     assert set(load(weights.content)) == set(site.app.state.runtime.encoder("r1").state_dict())
-    assert site.get("/v1/runs/r1/audit/encoder", params={"step": 7}, headers=SITE_HEADERS).status_code == 404
+    assert site.get("/v1/runs/r1/audit/encoder", params={"step": 7}, headers=audit_headers).status_code == 404
 
     def bundle(extra: dict, shape=(1, 1, 16, 16)) -> bytes:
         meta = BundleMeta(run_id="r1", step=0, site="t1", kind=BundleKind.ACTIVATIONS, extra=extra)
         return encode_bundle({"reconstruction": torch.zeros(shape)}, meta=meta, dtype=WireDtype.FP32,
                              max_bytes=2**20)
 
-    headers = SITE_HEADERS | {"Content-Type": CONTENT_TYPE}
+    headers = audit_headers | {"Content-Type": CONTENT_TYPE}
+    assert site.post("/v1/score", content=bundle({"samples": json.dumps([sample])}),
+                     headers=SITE_HEADERS | {"Content-Type": CONTENT_TYPE}).status_code == 403
     ok = site.post("/v1/score", content=bundle({"samples": json.dumps([sample])}), headers=headers)
     assert ok.status_code == 200, ok.text
     scores = ok.json()["scores"]["reconstruction"]

@@ -86,12 +86,12 @@ class SiteAuditClient:
     """Federated mode: the sites' audit endpoints, one :class:`PeerClient` per site (audit credential)."""
 
     def __init__(self, peers: Sequence[SitePeer], *, timeout_s: float = 120.0, transport_factory=None,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, verify: object = True) -> None:
         self.max_bytes = max_bytes
         self.clients = {
             p.name: PeerClient(p.url, name=f"site {p.name}", token=p.bearer(),
                                timeouts=PeerTimeouts(connect=10.0, read=timeout_s, write=timeout_s, pool=timeout_s),
-                               retries=2, max_response_bytes=max_bytes,
+                               retries=2, max_response_bytes=max_bytes, verify=verify,
                                transport=transport_factory(p) if transport_factory else None)
             for p in peers
         }

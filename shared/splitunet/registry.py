@@ -1,8 +1,10 @@
-"""The aggregator's site registry (``AGG_SITES``): the only sites a job may name, with their URLs and credentials.
+"""A service's site registry: the only sites an API caller may name, with their URLs and credentials.
 
-A job spec names sites by name only (``"sites": ["t1", "t2"]``); URLs and credential files come from this file,
-which the operator of the aggregator controls. So no API caller can make the aggregator dial an address of the
-caller's choosing or send a site's credential there (the *confused deputy*). The file is YAML or JSON::
+The aggregator reads it from ``AGG_SITES`` (a job spec names sites by name only, ``"sites": ["t1", "t2"]``), the
+audit service from ``AUDIT_SITES`` (an audit names the sites whose audit endpoints it calls). URLs and credential
+files come from this file, which the operator of the service controls, so no API caller can make the service dial
+an address of the caller's choosing or send a site's credential there (the *confused deputy*). The file is YAML
+or JSON::
 
     sites:
       - name: t1
@@ -12,9 +14,10 @@ caller's choosing or send a site's credential there (the *confused deputy*). The
         url: https://site-t2.hospital-b.example:8101
         token_file: site-t2-token
 
-Every site has its own token: a token accepted by site A is refused by site B. Token files are re-read for every
-job (a rotation needs no restart). A registry whose URL is ``http://`` while the aggregator is configured with a
-CA or a client certificate for the sites is a configuration error (the TLS settings would silently not apply).
+Every site has its own token: a token accepted by site A is refused by site B (the aggregator's are of scope
+``aggregator``, the audit's of scope ``audit``). Token files are re-read for every job or audit (a rotation needs no
+restart). A registry whose URL is ``http://`` while the service is configured with a CA or a client certificate
+for the sites is a configuration error (the TLS settings would silently not apply).
 """
 
 from __future__ import annotations
@@ -44,35 +47,37 @@ class RegistryFile(BaseModel):
 
 
 class SiteRegistry:
-    """The sites this aggregator may call, by name.
+    """The sites a service may call, by name.
 
     Args:
         peers: the registry's sites.
-        tls_configured: the aggregator has a CA or client certificate for the sites (then ``http://`` is refused).
+        tls_configured: the service has a CA or client certificate for the sites (then ``http://`` is refused).
+        setting: the setting that names the registry file (for messages), e.g. ``AGG_SITES``.
 
     Raises:
         ConfigurationError: a missing token file, or ``http://`` with TLS configured.
     """
 
-    def __init__(self, peers: Sequence[SitePeer], *, tls_configured: bool = False) -> None:
+    def __init__(self, peers: Sequence[SitePeer], *, tls_configured: bool = False, setting: str = "AGG_SITES") -> None:
+        self.setting = setting
         for peer in peers:
             if not peer.token_file.is_file():
                 raise ConfigurationError(f"site registry: the token file of site {peer.name!r} does not exist")
             if tls_configured and peer.url.lower().startswith("http://"):
                 raise ConfigurationError(
-                    f"site registry: site {peer.name!r} has an http:// URL but AGG_SITE_CA_FILE or a client "
-                    "certificate is configured; use https:// (TLS would silently not apply)"
+                    f"site registry: site {peer.name!r} has an http:// URL but a CA or a client certificate for the "
+                    "sites is configured; use https:// (TLS would silently not apply)"
                 )
         self._peers = {p.name: p for p in peers}
 
     @classmethod
-    def load(cls, path: Path, *, tls_configured: bool = False) -> SiteRegistry:
+    def load(cls, path: Path, *, tls_configured: bool = False, setting: str = "AGG_SITES") -> SiteRegistry:
         """Read a registry file (YAML or JSON); :class:`ConfigurationError` saying what is wrong."""
         path = Path(path)
         try:
             doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigurationError(f"cannot read the site registry AGG_SITES={str(path)!r}: {exc}") from None
+            raise ConfigurationError(f"cannot read the site registry {setting}={str(path)!r}: {exc}") from None
         try:
             parsed = RegistryFile.model_validate(doc)
         except ValidationError as exc:
@@ -82,7 +87,7 @@ class SiteRegistry:
             p if p.token_file.is_absolute() else p.model_copy(update={"token_file": path.parent / p.token_file})
             for p in parsed.sites
         ]
-        return cls(peers, tls_configured=tls_configured)
+        return cls(peers, tls_configured=tls_configured, setting=setting)
 
     @property
     def names(self) -> list[str]:
@@ -93,8 +98,8 @@ class SiteRegistry:
         unknown = [n for n in names if n not in self._peers]
         if unknown:
             raise PolicyError(
-                f"site(s) {unknown} are not in this aggregator's site registry (AGG_SITES); a job may name only "
-                f"the registered sites {self.names}",
+                f"site(s) {unknown} are not in this service's site registry ({self.setting}); name only the "
+                f"registered sites {self.names}",
                 detail={"rule": "site_registry", "unknown": unknown, "registered": self.names},
             )
         return [self._peers[n] for n in names]
