@@ -17,7 +17,6 @@ from local_pods import LocalCluster, secret_value
 from manifests import SITES
 
 
-
 def _secret_name(cluster: LocalCluster, prefix: str) -> str:
     names = [n for n in cluster.rendered.names("Secret") if n.startswith(prefix + "-") or n == prefix]
     assert len(names) == 1, f"expected one Secret {prefix}-<hash>, got {names}"
