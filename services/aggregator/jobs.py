@@ -79,7 +79,9 @@ class JobManager:
         for stored in self.store.jobs():
             try:
                 spec = FederationSpec.model_validate(stored.spec)
-                if stored.status.state in FINAL_STATES:
+                if stored.status.state in FINAL_STATES or stored.status.state == JobState.PAUSED_BY_PRIVACY_GATE:
+                    # a job the privacy gate paused stays paused across a restart: only an operator's
+                    # POST /v1/jobs/{id}/resume continues it (from its latest complete checkpoint)
                     self._jobs[stored.job_id] = self._job(stored.job_id, spec, previous=stored.status)
                 else:
                     logger.info("job %s was %s when the aggregator stopped; resuming it", stored.job_id,
@@ -159,7 +161,9 @@ class JobManager:
         (:meth:`_continue_paused`); a failed or stopped one restarts from the latest step every party checkpointed
         (:meth:`_restart`)."""
         job = self.get(job_id)
-        if job.status().state == JobState.PAUSED_BY_PRIVACY_GATE:
+        with self._lock:
+            thread = self._threads.get(job_id)
+        if job.status().state == JobState.PAUSED_BY_PRIVACY_GATE and thread is not None and thread.is_alive():
             return self._continue_paused(job)
         return self._restart(job_id)
 
@@ -171,10 +175,13 @@ class JobManager:
 
     def _restart(self, job_id: str) -> JobStatus:
         """Restart a failed or stopped job from the latest step every party checkpointed (a fault outlasted the
-        job's patience, or an operator stopped it); 409 while it or another job runs, or once it succeeded."""
+        job's patience, or an operator stopped it), or a job the privacy gate paused before the aggregator
+        restarted; 409 while it or another job runs, or once it succeeded."""
         job = self.get(job_id)
         with self._lock:
-            running = [j for j in self._jobs.values() if not j.finished]
+            idle_paused = job.status().state == JobState.PAUSED_BY_PRIVACY_GATE and not (
+                (thread := self._threads.get(job_id)) is not None and thread.is_alive())
+            running = [j for j in self._jobs.values() if not j.finished and not (j is job and idle_paused)]
             if running:
                 raise ConflictError(
                     f"job {running[0].job_id} is {running[0].status().state.value}; only a failed or stopped job "

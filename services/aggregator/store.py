@@ -36,15 +36,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 
 
 def spec_document(spec: FederationSpec) -> dict[str, Any]:
-    """The spec as JSON with the site tokens in clear, so the job can be rebuilt after a restart.
-
-    The database file is owner-only (0600); prefer ``token_file`` in specs, which stores only the path.
-    """
-    doc = spec.model_dump(mode="json")
-    for peer, entry in zip(spec.sites, doc["sites"], strict=True):
-        if peer.token is not None:
-            entry["token"] = peer.token.get_secret_value()
-    return doc
+    """The spec as JSON, so the job can be rebuilt after a restart. It holds no secret: sites are names of the
+    aggregator's registry (``AGG_SITES``), whose URLs and token files are read again when the job is rebuilt."""
+    return spec.model_dump(mode="json")
 
 
 @dataclass(frozen=True)

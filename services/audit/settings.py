@@ -79,7 +79,9 @@ class AuditSettings(ServiceSettings):
     @field_validator("transcripts_dir")
     @classmethod
     def _exists(cls, value: Path) -> Path:
-        if not value.is_dir():
-            raise ValueError(f"transcripts_dir {str(value)!r} is not a folder; point AUDIT_TRANSCRIPTS_DIR at the "
-                             "aggregator's transcripts (AGG_TRANSCRIPT__DIR)")
+        # The aggregator creates the folder with its first transcript: the audit may start before it, but the
+        # volume it lives on must be there (a missing mount is a configuration error).
+        if not value.is_dir() and not value.parent.is_dir():
+            raise ValueError(f"transcripts_dir {str(value)!r} is not a folder (nor is its parent); point "
+                             "AUDIT_TRANSCRIPTS_DIR at the aggregator's transcripts (AGG_TRANSCRIPT__DIR)")
         return value

@@ -120,7 +120,7 @@ def run_description(spec: Any, config: Any) -> dict[str, Any]:
     """
     return {
         "model": config.model_dump(mode="json"),
-        "sites": [p.name for p in spec.sites],
+        "sites": list(spec.sites),
         "roi": list(spec.roi),
         "batch_size": spec.batch_size,
         "resize_slices": spec.resize_slices,
