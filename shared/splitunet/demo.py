@@ -1,9 +1,13 @@
-"""The main job: a whole federation on this machine, trained through the REST API.
+"""The main job: a whole federation on this machine, trained through the REST API, compared and audited.
 
 Steps: make (or reuse) a phantom cohort, or take a real BraTS folder; partition it into one folder per site
-(only its modalities) and one for the aggregator (only segmentations); start 4 site services and the aggregator
-as real uvicorn processes on 127.0.0.1; post a job; follow it; segment one held-out case; write
-``WORKDIR/report.json``; stop every process (also on error and Ctrl-C).
+(only its modalities) and one for the aggregator (only segmentations), holding out validation cases (the audit's
+public auxiliary cohort is generated apart, from another seed: :mod:`splitunet.auditing.cohorts`); start 4 site
+services, the aggregator and the audit service as real uvicorn processes on 127.0.0.1; train the Split-U-Net
+through the aggregator; segment one held-out case; train the baselines in process with the same budget
+(:mod:`splitunet.baseline_training`); run the privacy–utility study (:mod:`splitunet.study`), each configuration
+trained over REST and audited by the audit service; write ``WORKDIR/report.json``, ``WORKDIR/report.html`` and
+``WORKDIR/figures/*.png`` (:mod:`splitunet.report`); stop every process (also on error and Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from splitunet.config import MODALITIES
+from splitunet.study import StudyLevel
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,10 @@ class DemoOptions:
         site_defenses: every site's ``SITE_DEFENSES`` (JSON list or YAML path; see :mod:`splitunet.defenses`).
         gradient_defenses: the job's gradient defenses (a list of defense configurations).
         secure_sum: secure-sum fusion (switches the model to ``fusion=sum`` and fp32 activations).
+        study: the privacy–utility sweep (``none``, ``quick``, ``full``; default ``quick`` with ``quick``, else
+            ``full``).
+        baselines: train the centralized and single-modality baselines.
+        device: ``cpu``, ``cuda`` or ``auto`` for every service and the baselines.
     """
 
     workdir: Path
@@ -55,8 +64,20 @@ class DemoOptions:
     site_defenses: str | None = None
     gradient_defenses: list[dict[str, Any]] = field(default_factory=list)
     secure_sum: bool = False
+    study: StudyLevel | None = None
+    baselines: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        default = StudyLevel.NONE if self.preset is not None else (
+            StudyLevel.QUICK if self.quick else StudyLevel.FULL)
+        level = self.study if self.study is not None else default
+        try:
+            object.__setattr__(self, "study", StudyLevel(level))
+        except ValueError:
+            raise ValueError(f"study must be one of {[v.value for v in StudyLevel]}, got {level!r}") from None
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.preset is not None:
             object.__setattr__(self, "preset", Preset(self.preset))
             if self.data is None:
@@ -156,6 +177,19 @@ def training_plan(options: DemoOptions) -> dict[str, Any]:
     return plan
 
 
+def study_plan(options: DemoOptions, plan: dict[str, Any]) -> dict[str, Any]:
+    """The job plan of every study configuration: the main plan with ``--quick`` (the undefended row is then the
+    main run itself); otherwise the quick model (2D, widths 8-64) for :data:`STUDY_STEPS` steps, so that ten
+    trainings and their audits fit the demo's budget."""
+    if options.quick or options.preset is not None:
+        return plan
+    return training_plan(replace(options, quick=True, steps=STUDY_STEPS, site_defenses=None, gradient_defenses=[],
+                                 secure_sum=False))
+
+
+#: Training steps of each configuration of the full study (a multiple of the transcript's and the sites'
+#: snapshot interval, 10, so the last step is recorded and its encoder weights kept for the white-box attack).
+STUDY_STEPS = 120
 #: 3D steps by ``quick``: what fits 5 (quick) and 15 minutes on 2 CPU cores with 48^3 patches.
 THREE_D_STEPS = {True: 200, False: 600}
 #: Held-out cases of the demo (phantom cases: 12 quick, 24 default).
@@ -206,19 +240,47 @@ class DemoResult:
     report: dict[str, Any]
     report_path: Path
     pids: list[int]
+    html_path: Path | None = None
+
+
+#: ``on_task(task, completed, total, info)``: the progress of a phase (``total`` None: unknown).
+TaskCallback = Callable[[str, float, float | None, str], None]
+
+
+def _follow(client: Any, job_id: str, task: str, on_task: TaskCallback | None, log: Any) -> dict[str, Any]:
+    from splitunet.study import follow_job
+
+    def show(status: dict[str, Any]) -> None:
+        if on_task is not None:
+            loss = status.get("loss")
+            dice = (status.get("validation") or {}).get("dice") or {}
+            info = status["state"] + ("" if loss is None else f"  loss {loss:.3f}")
+            if dice.get("WT") is not None:
+                info += f"  val WT {dice['WT']:.2f}"
+            on_task(task, status["step"], status["steps"], info)
+
+    try:
+        return follow_job(client, job_id, show)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}\naggregator log:\n{log.log_tail()}") from None
 
 
 def run_demo(
     options: DemoOptions,
     *,
-    on_status: Callable[[dict[str, Any]], None] | None = None,
+    on_task: TaskCallback | None = None,
     on_phase: Callable[[str], None] | None = None,
     on_case: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the main job; see the module docstring. Callbacks report progress to the CLI."""
+    from splitunet.baseline_training import train_baselines
+    from splitunet.data.layout import discover_cases
     from splitunet.data.partition import partition_cohort
     from splitunet.launcher import LocalFederation
+    from splitunet.report.assemble import assemble_report
+    from splitunet.report.page import write_report
     from splitunet.service.client import PeerClient, PeerTimeouts
+    from splitunet.study import NONE, add_audit, audit_budgets, pick_best, row_from_runs, run_audit, study_configs
 
     phase = on_phase or (lambda _: None)
     t_start = time.perf_counter()
@@ -229,47 +291,48 @@ def run_demo(
     phase("data")
     t0 = time.perf_counter()
     source = Path(options.data) if options.data is not None else phantom_cohort(options, on_case)
-    from splitunet.data.layout import discover_cases
-
     n_cases = len(discover_cases(source))
     n_val = max(1, min(VAL_CASES, n_cases // 3))
     partition = partition_cohort(source, workdir / "partition", val_fraction=n_val / n_cases, seed=options.seed)
     timing["data_s"] = time.perf_counter() - t0
 
     plan = training_plan(options)
+    splan = study_plan(options, plan)
+    # the undefended main run is the study's "none" row when the study trains with the main plan
+    reuse_main = splan == plan and not (options.site_defenses or options.gradient_defenses or options.secure_sum)
+    configs = [] if options.study is StudyLevel.NONE else [
+        c for c in study_configs(options.study) if not (c is NONE and reuse_main)]
+    budgets = audit_budgets(options.study)
+    modalities = {m: [m] for m in MODALITIES}
     phase("start")
     t0 = time.perf_counter()
     # a demo starts afresh: services would otherwise resume a job an interrupted demo left in their state folders
     shutil.rmtree(workdir / "state", ignore_errors=True)
+    shutil.rmtree(workdir / "transcripts", ignore_errors=True)
+    rows = []
+    baselines: dict[str, Any] = {}
     with LocalFederation(workdir) as federation:
         sites = []
         for m in MODALITIES:  # each site its own token; the aggregator's registry (AGG_SITES) lists them
-            federation.start_site(m, [m], partition.site_dir(m), defenses=options.site_defenses)
+            federation.start_site(m, [m], partition.site_dir(m), defenses=options.site_defenses,
+                                  device=options.device)
             sites.append(m)
-        aggregator = federation.start_aggregator(partition.aggregator_dir)
+        aggregator = federation.start_aggregator(partition.aggregator_dir, device=options.device)
+        # lab mode: the demo's cohort is on this machine, the audit scores against it and draws reconstructions
+        audit = federation.start_audit(lab_images_dir=source)
         federation.wait_ready(timeout_s=180)
         timing["startup_s"] = time.perf_counter() - t0
 
         spec = {"sites": sites, "val_cases": list(partition.validation) or n_val, **plan}
-        client = PeerClient(aggregator.url, name="aggregator", token=federation.operator_token,
-                            timeouts=PeerTimeouts(connect=5, read=600, write=60, pool=10))
-        with client:
+        timeouts = PeerTimeouts(connect=5, read=600, write=60, pool=10)
+        client = PeerClient(aggregator.url, name="aggregator", token=federation.operator_token, timeouts=timeouts)
+        auditor = PeerClient(audit.url, name="audit", token=federation.operator_token, timeouts=timeouts)
+        with client, auditor:
             phase("train")
-            job = client.post_json("/v1/jobs", spec)
-            job_id = job["job_id"]
-            while True:
-                status = client.get_json(f"/v1/jobs/{job_id}")
-                if on_status is not None:
-                    on_status(status)
-                if status["state"] in ("succeeded", "failed", "stopped"):
-                    break
-                time.sleep(0.5)
-            if status["state"] != "succeeded":
-                error = status.get("error") or {}
-                raise RuntimeError(
-                    f"the training job ended {status['state']}: {error.get('message', 'no message')}\n"
-                    f"aggregator log:\n{aggregator.log_tail()}"
-                )
+            t0 = time.perf_counter()
+            job_id = client.post_json("/v1/jobs", {**spec, "run_id": "split"})["job_id"]
+            status = _follow(client, job_id, "Split-U-Net", on_task, aggregator)
+            main_train_s = time.perf_counter() - t0
             phase("infer")
             t0 = time.perf_counter()
             val_case = (status.get("val_case_ids") or list(partition.case_ids))[0]
@@ -279,34 +342,64 @@ def run_demo(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(response.content)
             timing["inference_s"] = time.perf_counter() - t0
+
+            def audit_row(row, run_id: str) -> None:
+                t = time.perf_counter()
+                progress = None if on_task is None else (
+                    lambda f, msg: on_task(f"audit {row.config.name}", f, 1.0, msg))
+                try:
+                    found = run_audit(auditor, run_id, sites, budgets, workdir / "audits", workdir / "figures",
+                                      progress)
+                    add_audit(row, found, modalities, time.perf_counter() - t)
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    logger.error("audit of %s failed: %s", run_id, exc)
+                    row.error = f"audit failed: {exc}"
+
+            if reuse_main and options.study is not StudyLevel.NONE:
+                phase("audit")
+                rows.append(row_from_runs(NONE, status, main_train_s))
+                audit_row(rows[-1], "split")
+
+            if options.baselines:
+                phase("baselines")
+                t0 = time.perf_counter()
+                train_ids = [c for c in partition.case_ids if c not in set(status.get("val_case_ids") or [])]
+                baselines = train_baselines(
+                    source, train_ids, status.get("val_case_ids") or list(partition.validation), plan,
+                    device="cpu" if options.device == "auto" else options.device,
+                    on_step=None if on_task is None else (lambda n, s, total, loss: on_task(
+                        f"baseline {n}", s, total, f"loss {loss:.3f}")))
+                timing["baselines_s"] = time.perf_counter() - t0
+
+            current_defenses = options.site_defenses
+            for config in configs:
+                phase(f"study {config.name}")
+                t0 = time.perf_counter()
+                if config.site_defenses_json != current_defenses:
+                    for m in sites:
+                        federation.reconfigure_site(m, defenses=config.site_defenses_json)
+                    federation.wait_ready(timeout_s=180)
+                    current_defenses = config.site_defenses_json
+                run_id = f"study-{config.name.replace('.', '_')}"
+                t0 = time.perf_counter()
+                try:
+                    job = client.post_json("/v1/jobs", {**spec, **config.job(splan), "run_id": run_id})
+                    done = _follow(client, job["job_id"], f"study {config.name}", on_task, aggregator)
+                except RuntimeError as exc:
+                    logger.error("study configuration %s failed: %s", config.name, exc)
+                    rows.append(row_from_runs(config, {}, time.perf_counter() - t0))
+                    rows[-1].error = str(exc).splitlines()[0]
+                    continue
+                rows.append(row_from_runs(config, done, time.perf_counter() - t0))
+                audit_row(rows[-1], run_id)
         pids = federation.pids()
 
     timing.update({f"job_{k}": v for k, v in status.get("timing", {}).items()})
+    phase("report")
+    best = pick_best(rows) if rows else {"name": None, "why": "no study ran (--study none)"}
     timing["total_s"] = time.perf_counter() - t_start
-    validation = status.get("validation") or {}
-    report = {
-        "dice": {"split": validation.get("dice")},
-        "hd95": {"split": validation.get("hd95")},
-        "dice_median": {"split": validation.get("dice_median")},
-        "hd95_median": {"split": validation.get("hd95_median")},
-        "per_case": validation.get("per_case") or [],
-        "validation_step": status.get("validation_step"),
-        "validation_history": status.get("validations"),
-        "timing": timing,
-        "throughput": {"steps_per_second": status.get("steps_per_second"),
-                       "samples_per_second": status.get("samples_per_second")},
-        "traffic_bytes": {"aggregator_received": status.get("bytes_received"),
-                          "aggregator_sent": status.get("bytes_sent")},
-        "cases": {"aligned": status.get("aligned_cases"), "train": status.get("train_cases"),
-                  "validation": status.get("val_cases")},
-        "final_loss": status.get("loss"),
-        "defenses": status.get("defenses"),
-        "data": str(options.data) if options.data is not None else f"phantom {PHANTOM_SHAPE}",
-        "mode": options.preset.value if options.preset else ("quick" if options.quick else "default"),
-        "job": {k: v for k, v in spec.items() if k != "sites"},
-        "sites": list(sites),
-        "inference": str(out),
-    }
+    report = assemble_report(options, status, spec, baselines, rows, best, timing, out, sites)
     report_path = workdir / "report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    return DemoResult(report=report, report_path=report_path, pids=pids)
+    html_path = write_report(report, workdir)
+    return DemoResult(report=report, report_path=report_path, pids=pids, html_path=html_path)

@@ -1,0 +1,132 @@
+"""The demo's baselines, trained in process with the Split-U-Net's budget and evaluated per case the same way.
+
+- ``centralized``: one 4-channel U-Net (all modalities in one place: the upper bound);
+- ``single_modality/<m>``: one U-Net per modality (the lower bounds).
+
+Same widths and depth as the split model (:mod:`splitunet.networks.baselines`), same steps, batch size, crop
+size, foreground ratio, flips, loss and optimiser settings as the job plan, and the same whole-volume per-case
+evaluation (:meth:`splitunet.training.InProcessFederation.evaluate`, sliding windows, Dice and HD95 in mm) on the
+held-out cases the aggregator validates on. Batches come from :class:`splitunet.data.dataset.BratsDataset` over the
+training cases (the planner's brain-slice rule in 2D).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from splitunet.config import MODALITIES, SiteSpec, SplitUNetConfig
+from splitunet.networks.baselines import centralized_config, single_modality_config
+from splitunet.training import EvalCase, InProcessFederation, train_in_process
+
+logger = logging.getLogger(__name__)
+
+#: ``on_step(baseline name, step, steps, loss)``
+StepCallback = Callable[[str, int, int, float], None]
+
+
+@dataclass
+class BaselineResult:
+    """One baseline: its final validation (``dice``/``hd95`` per region, mean and per case), losses, seconds."""
+
+    name: str
+    validation: dict[str, Any]
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _DeviceFederation(InProcessFederation):
+    """An in-process federation whose model lives on ``device`` (batches and windows moved there and back)."""
+
+    def __init__(self, config: SplitUNetConfig, device: torch.device, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.device = device
+        self.model.to(device)  # before any optimiser step: Adam's state is still empty
+
+    def train_step(self, images: torch.Tensor, regions: torch.Tensor, step: int) -> float:
+        return super().train_step(images.to(self.device), regions.to(self.device), step)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return super().predict(images.to(self.device)).cpu()
+
+
+def split_config(plan: dict[str, Any]) -> SplitUNetConfig:
+    """The demo's split model (one site per modality) from the job plan's ``model`` fields."""
+    sites = tuple(SiteSpec(name=m, modalities=(m,)) for m in MODALITIES)
+    return SplitUNetConfig.model_validate({**plan["model"], "sites": sites})
+
+
+def eval_cases(source: Path, case_ids: Sequence[str]) -> list[EvalCase]:
+    """The held-out cases as whole volumes (all four modalities, regions, spacing in mm)."""
+    from splitunet.data.cohort import scan_cohort
+    from splitunet.data.loader import load_images, load_regions
+    from splitunet.metrics import spacing_from_affine
+
+    scan = scan_cohort(source, modalities=MODALITIES, seg=True)
+    cases = []
+    for case_id in case_ids:
+        case = scan.case(case_id)
+        images = load_images(case, MODALITIES)
+        regions = load_regions(case)
+        cases.append(EvalCase(case_id, torch.from_numpy(np.array(images.array)),
+                              torch.from_numpy(np.asarray(regions, dtype=np.float32)),
+                              tuple(float(s) for s in spacing_from_affine(images.affine_ras))))
+    return cases
+
+
+def train_baselines(
+    source: Path, train_ids: Sequence[str], val_ids: Sequence[str], plan: dict[str, Any], *,
+    device: str = "cpu", which: Sequence[str] | None = None, on_step: StepCallback | None = None,
+) -> dict[str, BaselineResult]:
+    """Train and evaluate the centralized and the single-modality baselines (``which``: a subset of
+    ``centralized, t1, t1ce, t2, flair``); results by name (``centralized`` or the modality)."""
+    from splitunet.data.cache import ArrayCache
+    from splitunet.data.dataset import BratsDataset
+
+    base = split_config(plan)
+    dims = base.spatial_dims
+    steps, batch = int(plan["steps"]), int(plan["batch_size"])
+    roi = tuple(plan["roi"])
+    dataset = BratsDataset(source, spatial_dims=dims, roi=roi, fg_ratio=float(plan.get("fg_ratio", 0.0)),
+                           flip_prob=float(plan.get("flip_prob", 0.0)), seed=int(plan.get("seed", 0)),
+                           case_ids=list(train_ids),
+                           cache=ArrayCache(max_items=4 * len(train_ids) + 8, max_bytes=4 * 2**30))
+    validation = eval_cases(source, val_ids)
+    site_opt, server_opt = plan.get("site_optimizer", {}), plan.get("server_optimizer", {})
+    names = list(which) if which is not None else ["centralized", *MODALITIES]
+    results: dict[str, BaselineResult] = {}
+    for name in names:
+        config = centralized_config(base) if name == "centralized" else single_modality_config(base, name)
+        channels = [MODALITIES.index(m) for m in config.modalities]
+        rng = np.random.default_rng([int(plan.get("seed", 0)), names.index(name)])
+
+        def next_batch(step: int, channels=channels, rng=rng):
+            dataset.set_epoch(step)
+            items = [dataset[int(i)] for i in rng.integers(len(dataset), size=batch)]
+            images = torch.stack([it["images"] for it in items])[:, channels]
+            return images, torch.stack([it["regions"] for it in items])
+
+        federation = _DeviceFederation(
+            config, torch.device(device), seed=int(plan.get("seed", 0)), lr_site=float(site_opt.get("lr", 1e-3)),
+            lr_server=float(server_opt.get("lr", 1e-3)), weight_decay=float(site_opt.get("weight_decay", 1e-5)),
+            loss=plan.get("loss", "dice_ce"), schedule=site_opt.get("schedule", "constant"), total_steps=steps,
+            warmup_steps=int(site_opt.get("warmup_steps", 0)),
+        )
+        cases = [EvalCase(c.case_id, c.images[channels], c.regions, c.spacing) for c in validation]
+        history = train_in_process(
+            federation, next_batch, steps=steps,
+            on_step=None if on_step is None else (lambda s, loss, n=name: on_step(n, s, steps, loss)),
+        )
+        federation.model.eval()
+        with torch.no_grad():
+            result = federation.evaluate(cases, roi, hd95=True)
+        results[name] = BaselineResult(name=name, validation=result, losses=history.losses,
+                                       seconds=history.seconds)
+        logger.info("baseline %s: Dice %s", name, result["dice"])
+    return results
