@@ -125,7 +125,7 @@ def train_baselines(
         )
         federation.model.eval()
         with torch.no_grad():
-            result = federation.evaluate(cases, roi, hd95=True)
+            result = federation.evaluate(cases, roi, hd95=True, batch_size=32 if dims == 2 else 2)
         results[name] = BaselineResult(name=name, validation=result, losses=history.losses,
                                        seconds=history.seconds)
         logger.info("baseline %s: Dice %s", name, result["dice"])
