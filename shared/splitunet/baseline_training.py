@@ -7,12 +7,13 @@ Same widths and depth as the split model (:mod:`splitunet.networks.baselines`), 
 size, foreground ratio, flips, loss and optimiser settings as the job plan, and the same whole-volume per-case
 evaluation (:meth:`splitunet.training.InProcessFederation.evaluate`, sliding windows, Dice and HD95 in mm) on the
 held-out cases the aggregator validates on. Batches come from :class:`splitunet.data.dataset.BratsDataset` over the
-training cases (the planner's brain-slice rule in 2D).
+training cases (the planner's brain-slice rule in 2D), one batch per step shared by every baseline.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from splitunet.config import MODALITIES, SiteSpec, SplitUNetConfig
 from splitunet.networks.baselines import centralized_config, single_modality_config
-from splitunet.training import EvalCase, InProcessFederation, train_in_process
+from splitunet.training import EvalCase, InProcessFederation
 
 logger = logging.getLogger(__name__)
 
@@ -100,33 +101,37 @@ def train_baselines(
     validation = eval_cases(source, val_ids)
     site_opt, server_opt = plan.get("site_optimizer", {}), plan.get("server_optimizer", {})
     names = list(which) if which is not None else ["centralized", *MODALITIES]
-    results: dict[str, BaselineResult] = {}
+    models: dict[str, tuple[_DeviceFederation, list[int]]] = {}
     for name in names:
         config = centralized_config(base) if name == "centralized" else single_modality_config(base, name)
-        channels = [MODALITIES.index(m) for m in config.modalities]
-        rng = np.random.default_rng([int(plan.get("seed", 0)), names.index(name)])
-
-        def next_batch(step: int, channels=channels, rng=rng):
-            dataset.set_epoch(step)
-            items = [dataset[int(i)] for i in rng.integers(len(dataset), size=batch)]
-            images = torch.stack([it["images"] for it in items])[:, channels]
-            return images, torch.stack([it["regions"] for it in items])
-
-        federation = _DeviceFederation(
+        models[name] = (_DeviceFederation(
             config, torch.device(device), seed=int(plan.get("seed", 0)), lr_site=float(site_opt.get("lr", 1e-3)),
             lr_server=float(server_opt.get("lr", 1e-3)), weight_decay=float(site_opt.get("weight_decay", 1e-5)),
             loss=plan.get("loss", "dice_ce"), schedule=site_opt.get("schedule", "constant"), total_steps=steps,
             warmup_steps=int(site_opt.get("warmup_steps", 0)),
-        )
+        ), [MODALITIES.index(m) for m in config.modalities])
+    # lockstep: every model sees the same batch at each step (one load serves all five, and the comparison is
+    # on identical data)
+    rng = np.random.default_rng(int(plan.get("seed", 0)))
+    losses: dict[str, list[float]] = {n: [] for n in names}
+    seconds = dict.fromkeys(names, 0.0)
+    for step in range(1, steps + 1):
+        dataset.set_epoch(step)
+        items = [dataset[int(i)] for i in rng.integers(len(dataset), size=batch)]
+        images = torch.stack([it["images"] for it in items])
+        regions = torch.stack([it["regions"] for it in items])
+        for name, (federation, channels) in models.items():
+            t0 = time.perf_counter()
+            losses[name].append(federation.train_step(images[:, channels], regions, step))
+            seconds[name] += time.perf_counter() - t0
+            if on_step is not None:
+                on_step(name, step, steps, losses[name][-1])
+    results: dict[str, BaselineResult] = {}
+    for name, (federation, channels) in models.items():
         cases = [EvalCase(c.case_id, c.images[channels], c.regions, c.spacing) for c in validation]
-        history = train_in_process(
-            federation, next_batch, steps=steps,
-            on_step=None if on_step is None else (lambda s, loss, n=name: on_step(n, s, steps, loss)),
-        )
         federation.model.eval()
         with torch.no_grad():
             result = federation.evaluate(cases, roi, hd95=True, batch_size=32 if dims == 2 else 2)
-        results[name] = BaselineResult(name=name, validation=result, losses=history.losses,
-                                       seconds=history.seconds)
+        results[name] = BaselineResult(name=name, validation=result, losses=losses[name], seconds=seconds[name])
         logger.info("baseline %s: Dice %s", name, result["dice"])
     return results
