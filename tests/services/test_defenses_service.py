@@ -71,7 +71,7 @@ def test_each_mild_defense_still_improves_wt_dice(name, start_app, site_settings
     status = run_job(aggregator, job_spec(gradient_defenses=MILD_GRADIENT.get(name, [])), timeout_s=300)
     assert status["state"] == "succeeded", status["error"]
     dice = wt_dice(status)
-    assert dice[-1] > dice[0] + 0.05, dice
+    assert dice[-1] > dice[0] + 0.03, dice
     reported = status["defenses"]
     if site_defenses:
         assert [d["name"] for d in reported["sites"]["t1"]] == [site_defenses[0]["name"]]
