@@ -31,7 +31,7 @@ def _recorded_run(start_app, aggregator_settings, sites, tmp_path):
     from services.aggregator.app import create_app as create_aggregator_app
 
     settings = aggregator_settings(transcript={"enabled": True, "dir": tmp_path / "transcripts", "every": 1,
-                                               "fsync": False})
+                                               "fsync": False, "record_eval": True})
     app = create_aggregator_app(settings, aligner=identity_aligner,
                                 transport_factory=lambda peer: sites[peer.name]._transport)
     client = start_app(app)
@@ -48,7 +48,7 @@ def test_job_transcript_records_planned_samples_and_verifies(start_app, aggregat
     assert {(r.step, r.site, r.flow.value) for r in train} == {
         (s, m, f) for s in (1, 2) for m in ("t1", "flair") for f in ("received", "sent")}
     assert all(len(r.samples) == 2 and r.samples[0].size == (16, 16) for r in train)
-    assert transcript.records(phase="eval"), "validation forwards are always recorded"
+    assert transcript.records(phase="eval"), "validation forwards are recorded with record_eval"
     assert transcript.run["model"]["cut_level"] == 0
 
 
