@@ -18,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from services.audit.settings import AuditSettings
 from splitunet.auditing.cohorts import LabCohort
@@ -45,6 +45,15 @@ class AuditRequest(BaseModel):
     mode: AuditMode = AuditMode.FEDERATED
     peers: list[SitePeer] = Field(default_factory=list)
     spec: dict = Field(default_factory=dict, description="AuditSpec fields except transcript")
+
+    @field_validator("peers")
+    @classmethod
+    def _no_token_files(cls, peers: list[SitePeer]) -> list[SitePeer]:
+        # a path in a request would make the service read (and send) any file it can open
+        if any(p.token_file is not None for p in peers):
+            raise ValueError("peers: give each site's audit credential as `token`; `token_file` is not accepted "
+                             "in a request (the service would read a file named by the caller)")
+        return peers
 
 
 class AuditState(StrEnum):
