@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +24,10 @@ from splitunet.auditing.runner import AttackBudgets, AuditRunner, AuditSpec
 from splitunet.auditing.sources import SiteAuditClient
 from splitunet.errors import ConflictError
 from splitunet.federation import SitePeer
+
+if TYPE_CHECKING:
+    from services.aggregator.settings import AggregatorSettings
+    from splitunet.federation import FederationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +114,9 @@ class PrivacyGate:
                 "findings": [f.model_dump(mode="json") for f in result.findings]}
 
 
-def audit_hooks(settings) -> dict:
-    """The :class:`~services.aggregator.jobs.JobManager` factories for the transcript and the gate (``settings``
-    are the :class:`~services.aggregator.settings.AggregatorSettings`); empty when the transcript is off."""
+def audit_hooks(settings: AggregatorSettings) -> dict[str, Any]:
+    """The :class:`~services.aggregator.jobs.JobManager` factories for the transcript and the gate; empty when
+    the transcript is off."""
     from splitunet.transcript import TranscriptRecorder
 
     if not settings.transcript.enabled:
@@ -121,7 +126,7 @@ def audit_hooks(settings) -> dict:
     def recorder(job_id: str) -> TranscriptRecorder:
         return TranscriptRecorder(settings.transcript, force_every=gate.every)
 
-    def gate_factory(job_id: str, spec) -> PrivacyGate | None:
+    def gate_factory(job_id: str, spec: FederationSpec) -> PrivacyGate | None:
         if not gate.every:
             return None
         return PrivacyGate(gate, Path(settings.transcript.dir) / job_id, list(spec.sites))

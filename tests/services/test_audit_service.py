@@ -32,7 +32,7 @@ def _recorded_run(start_app, aggregator_settings, sites, tmp_path):
     from services.aggregator.app import create_app as create_aggregator_app
 
     settings = aggregator_settings(transcript={"enabled": True, "dir": tmp_path / "transcripts", "every": 1,
-                                               "fsync": False})
+                                               "fsync": False, "record_eval": True})
     app = create_aggregator_app(settings, aligner=identity_aligner,
                                 transport_factory=lambda peer: sites[peer.name]._transport)
     client = start_app(app)
@@ -49,7 +49,7 @@ def test_job_transcript_records_planned_samples_and_verifies(start_app, aggregat
     assert {(r.step, r.site, r.flow.value) for r in train} == {
         (s, m, f) for s in (1, 2) for m in ("t1", "flair") for f in ("received", "sent")}
     assert all(len(r.samples) == 2 and r.samples[0].size == (16, 16) for r in train)
-    assert transcript.records(phase="eval"), "validation forwards are always recorded"
+    assert transcript.records(phase="eval"), "validation forwards are recorded with record_eval"
     assert transcript.run["model"]["cut_level"] == 0
 
 
@@ -99,6 +99,9 @@ def test_audit_service_errors_are_clear(start_app, tmp_path):
     assert audit.post("/v1/audits", json=deputy, headers=AUDIT_HEADERS).status_code == 422
     assert audit.get("/v1/audits/audit-000000000000", headers=AUDIT_HEADERS).status_code == 404
     assert audit.post("/v1/audits", json={"run_id": "nope"}).status_code == 401
+    file_peer = [{"name": "t1", "url": "http://t1.test", "token_file": "/etc/passwd"}]
+    refused = audit.post("/v1/audits", json={"run_id": "nope", "peers": file_peer}, headers=AUDIT_HEADERS)
+    assert refused.status_code == 422 and "token_file" in refused.text
 
 
 def test_site_audit_endpoints(site, cohort, tmp_path):
