@@ -22,7 +22,7 @@ from splitunet.attacks.base import AttackKind
 from splitunet.auditing.gate import GateThreshold
 from splitunet.auditing.runner import AttackBudgets, AuditRunner, AuditSpec
 from splitunet.auditing.sources import SiteAuditClient
-from splitunet.errors import ConflictError
+from splitunet.errors import ConfigurationError, ConflictError
 from splitunet.federation import SitePeer
 
 if TYPE_CHECKING:
@@ -39,7 +39,10 @@ class PrivacyGateSettings(BaseModel):
         every: audit every n-th train step (0: no gate). Needs ``AGG_TRANSCRIPT__ENABLED=true``.
         max_ssim, max_rdlv: the thresholds (see :class:`~splitunet.auditing.gate.GateThreshold`).
         whitebox_iterations: the gate attack's budget; max_samples: samples attacked per site.
-        audit_token_file: the sites' ``audit`` credential (default: each site's token from the job spec).
+        audit_token_file: the sites' ``audit`` credential the gate presents to their audit endpoints; required
+            when ``every`` > 0. Note (docs/threat-model.md): with it the aggregator can fetch the encoder snapshots
+            the sites keep for audits, so enable the gate only where the audit credential may sit with the
+            aggregator's operator; otherwise run audits from the audit service alone.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -86,11 +89,13 @@ class PrivacyGate:
     """
 
     def __init__(self, settings: PrivacyGateSettings, transcript_dir: Path, peers: list[SitePeer]) -> None:
+        if settings.audit_token_file is None:
+            raise ConfigurationError("the privacy gate needs the sites' audit credential: set "
+                                     "AGG_PRIVACY_GATE__AUDIT_TOKEN_FILE")
         self.settings = settings
         self.transcript_dir = Path(transcript_dir)
-        if settings.audit_token_file is not None:
-            peers = [p.model_copy(update={"token": None, "token_file": settings.audit_token_file}) for p in peers]
-        self.peers = peers
+        # the registry's URLs, with the audit credential instead of the aggregator's own per-site tokens
+        self.peers = [p.model_copy(update={"token_file": settings.audit_token_file}) for p in peers]
 
     def due(self, step: int) -> bool:
         return bool(self.settings.every) and step % self.settings.every == 0
@@ -129,6 +134,6 @@ def audit_hooks(settings: AggregatorSettings) -> dict[str, Any]:
     def gate_factory(job_id: str, spec: FederationSpec) -> PrivacyGate | None:
         if not gate.every:
             return None
-        return PrivacyGate(gate, Path(settings.transcript.dir) / job_id, list(spec.sites))
+        return PrivacyGate(gate, Path(settings.transcript.dir) / job_id, settings.registry().resolve(spec.sites))
 
     return {"recorder_factory": recorder, "gate_factory": gate_factory}
