@@ -80,7 +80,9 @@ def test_dev_overlay_trains_and_audits_as_configured(dev_cluster: LocalCluster) 
     spec = {
         "sites": list(SITES),  # names of the registry the overlay mounts (AGG_SITES)
         "model": {"spatial_dims": 2, "features": [4, 8, 16], "cut_level": 0},
-        "roi": [32, 32], "batch_size": 2, "steps": 3, "val_cases": 2, "max_val_cases": 1,
+        # whole slices resized to 32x32 keep the validation to a few requests (sliding windows over a 96^2 slice
+        # would be hundreds on two shared cores)
+        "roi": [32, 32], "resize_slices": True, "batch_size": 8, "steps": 3, "val_cases": 2, "max_val_cases": 1,
     }
     with httpx.Client(base_url=cluster.url("aggregator"), headers=headers, timeout=60) as client:
         created = client.post("/v1/jobs", json=spec)
