@@ -20,13 +20,13 @@ import torch
 from fastapi.testclient import TestClient
 from federation_testkit import (
     AGG_HEADERS,
-    SITE_HEADERS,
     SITES,
     checkpoint_weights,
     identity_aligner,
     max_weight_difference,
     peers,
     run_job,
+    site_headers,
     wait_for_job,
 )
 from safetensors.torch import load_file
@@ -168,7 +168,7 @@ def test_a_site_restarted_mid_run_is_restored_when_the_aggregator_asks(federatio
     start(fed.aggregator, spec("faulty"))
     assert switch.tripped.wait(60)
     fed.restart_site("t1ce")  # a new site process over the same state folder: the run is back from its store
-    info = fed.sites["t1ce"].get("/v1/info", headers=SITE_HEADERS).json()
+    info = fed.sites["t1ce"].get("/v1/info", headers=site_headers("t1ce")).json()
     assert info["runs"]["faulty"]["restore_required"] is True
     switch.down.clear()
     status = wait_for_job(fed.aggregator, "faulty", timeout_s=120)
