@@ -90,7 +90,10 @@ class AuditManager:
         if request.sites:
             self.settings.registry().resolve(request.sites)  # unknown names: 403 now, not a failed audit
         try:
-            spec = AuditSpec.model_validate({**request.spec, "transcript": transcript})
+            # a federated audit attacks the sites it names (the ones it holds a credential for) unless the spec
+            # narrows them further
+            named = {"sites": list(request.sites)} if request.sites and "sites" not in request.spec else {}
+            spec = AuditSpec.model_validate({**request.spec, **named, "transcript": transcript})
         except ValueError as exc:
             raise ConfigurationError(f"bad audit spec: {exc}") from None
         audit_id = f"audit-{uuid.uuid4().hex[:12]}"
