@@ -177,6 +177,25 @@ def test_a_site_restarted_mid_run_is_restored_when_the_aggregator_asks(federatio
     assert_same_training(fed, "clean", "faulty")
 
 
+def test_a_secure_sum_site_restarted_mid_run_agrees_new_keys_and_trains_on(federation: Federation) -> None:
+    """A restarted site has lost its secure-sum key pair: the recovery agrees the pairwise keys again, so the
+    masks cancel and the job ends where an uninterrupted one does (the fixed-point sum is exact)."""
+    fed = federation
+    secure = {"model": {"spatial_dims": 2, "features": [4, 8, 16], "cut_level": 1, "fusion": "sum"},
+              "secure_sum": {"clip_range": 64.0}}
+    assert run_job(fed.aggregator, spec("clean", **secure))["state"] == "succeeded"
+    switch = fed.switches["t2"]
+    switch.trigger = backward_of("faulty", 3)
+    start(fed.aggregator, spec("faulty", **secure))
+    assert switch.tripped.wait(60)
+    fed.restart_site("t2")
+    switch.down.clear()
+    status = wait_for_job(fed.aggregator, "faulty", timeout_s=120)
+    assert status["state"] == "succeeded", status
+    assert status["resumed_from_step"] == 2 and status["defenses"]["secure_sum"] is True, status
+    assert_same_training(fed, "clean", "faulty")
+
+
 def test_an_aggregator_restarted_mid_job_resumes_and_skips_a_corrupt_latest_checkpoint(
     federation: Federation,
 ) -> None:
