@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m splitunet.bench.phantom_speed
 	$(BIN)/python -m splitunet.bench.http_step
+	$(BIN)/python -m splitunet.bench.defenses --part overhead
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

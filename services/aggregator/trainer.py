@@ -350,6 +350,11 @@ class TrainingJob:
                     self.prepare()
                 else:
                     list(self.pool.map(lambda c: c.setup_run(self._setup), self.clients.values()))
+                    if self.spec.secure_sum is not None:
+                        # a restarted site lost its key pair with its memory: agree the pairwise keys again (the
+                        # others keep theirs and re-derive the seeds from the relayed set)
+                        self.aggregator.inbound = establish_secure_sum(self.clients, self.job_id,
+                                                                       self.spec.secure_sum, self.pool)
                 step = self._roll_back()
             except PeerError as exc:
                 cause = exc
