@@ -34,12 +34,16 @@ StepCallback = Callable[[str, int, int, float], None]
 
 @dataclass
 class BaselineResult:
-    """One baseline: its final validation (``dice``/``hd95`` per region, mean and per case), losses, seconds."""
+    """One baseline: its final validation (``dice``/``hd95`` per region, mean and per case), losses, and wall
+    seconds: ``seconds`` its training steps, ``eval_s`` its evaluation, ``data_s`` loading the shared batches (the
+    same figure for every baseline: one load serves all)."""
 
     name: str
     validation: dict[str, Any]
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    eval_s: float = 0.0
+    data_s: float = 0.0
 
 
 class _DeviceFederation(InProcessFederation):
@@ -115,11 +119,14 @@ def train_baselines(
     rng = np.random.default_rng(int(plan.get("seed", 0)))
     losses: dict[str, list[float]] = {n: [] for n in names}
     seconds = dict.fromkeys(names, 0.0)
+    data_s = 0.0
     for step in range(1, steps + 1):
+        t0 = time.perf_counter()
         dataset.set_epoch(step)
         items = [dataset[int(i)] for i in rng.integers(len(dataset), size=batch)]
         images = torch.stack([it["images"] for it in items])
         regions = torch.stack([it["regions"] for it in items])
+        data_s += time.perf_counter() - t0
         for name, (federation, channels) in models.items():
             t0 = time.perf_counter()
             losses[name].append(federation.train_step(images[:, channels], regions, step))
@@ -130,8 +137,11 @@ def train_baselines(
     for name, (federation, channels) in models.items():
         cases = [EvalCase(c.case_id, c.images[channels], c.regions, c.spacing) for c in validation]
         federation.model.eval()
+        t0 = time.perf_counter()
         with torch.no_grad():
             result = federation.evaluate(cases, roi, hd95=True, batch_size=32 if dims == 2 else 2)
-        results[name] = BaselineResult(name=name, validation=result, losses=losses[name], seconds=seconds[name])
-        logger.info("baseline %s: Dice %s", name, result["dice"])
+        results[name] = BaselineResult(name=name, validation=result, losses=losses[name], seconds=seconds[name],
+                                       eval_s=time.perf_counter() - t0, data_s=data_s)
+        logger.info("baseline %s: Dice %s (train %.1f s, eval %.1f s, data %.1f s)", name, result["dice"],
+                    seconds[name], results[name].eval_s, data_s)
     return results
