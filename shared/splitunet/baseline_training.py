@@ -88,9 +88,27 @@ def eval_cases(source: Path, case_ids: Sequence[str]) -> list[EvalCase]:
 def train_baselines(
     source: Path, train_ids: Sequence[str], val_ids: Sequence[str], plan: dict[str, Any], *,
     device: str = "cpu", which: Sequence[str] | None = None, on_step: StepCallback | None = None,
+    threads: int | None = None,
 ) -> dict[str, BaselineResult]:
     """Train and evaluate the centralized and the single-modality baselines (``which``: a subset of
-    ``centralized, t1, t1ce, t2, flair``); results by name (``centralized`` or the modality)."""
+    ``centralized, t1, t1ce, t2, flair``); results by name (``centralized`` or the modality). ``threads``: torch
+    intra-op threads while they train (restored after; None keeps the process's setting), so that the baselines
+    leave the cores to the service processes that work at the same time (e.g. an audit)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None to keep torch's setting), got {threads}")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train_baselines(source, train_ids, val_ids, plan, device=device, which=which, on_step=on_step)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_baselines(
+    source: Path, train_ids: Sequence[str], val_ids: Sequence[str], plan: dict[str, Any], *,
+    device: str, which: Sequence[str] | None, on_step: StepCallback | None,
+) -> dict[str, BaselineResult]:
     from splitunet.data.cache import ArrayCache
     from splitunet.data.dataset import BratsDataset
 

@@ -235,6 +235,15 @@ def phantom_cache_key(options: DemoOptions, fingerprint: str | None = None) -> s
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:12]
 
 
+def baseline_threads(device: str, *, auditing: bool) -> int | None:
+    """Torch threads for the in-process baselines: on CPU, the cores less the one an audit running at the same
+    time takes (the audit service computes with one thread), at least one; None (keep) on a GPU."""
+    if device not in ("cpu", "auto"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - (1 if auditing else 0))
+
+
 @dataclass
 class DemoResult:
     report: dict[str, Any]
@@ -280,7 +289,16 @@ def run_demo(
     from splitunet.report.assemble import assemble_report
     from splitunet.report.page import write_report
     from splitunet.service.client import PeerClient, PeerTimeouts
-    from splitunet.study import NONE, add_audit, audit_budgets, pick_best, row_from_runs, run_audit, study_configs
+    from splitunet.study import (
+        NONE,
+        add_audit,
+        audit_budgets,
+        finish_audit,
+        pick_best,
+        row_from_runs,
+        start_audit,
+        study_configs,
+    )
 
     phase = on_phase or (lambda _: None)
     t_start = time.perf_counter()
@@ -343,22 +361,34 @@ def run_demo(
             out.write_bytes(response.content)
             timing["inference_s"] = time.perf_counter() - t0
 
-            def audit_row(row, run_id: str) -> None:
-                t = time.perf_counter()
-                progress = None if on_task is None else (
-                    lambda f, msg: on_task(f"audit {row.config.name}", f, 1.0, msg))
+            # audits queue at the audit service (one at a time, in the background) while the demo trains the
+            # next model; they are collected before the sites restart with other defenses (an audit asks them for
+            # the run's encoder snapshots) and at the end
+            pending: list[tuple[Any, str, str, float]] = []  # (row, run id, audit id, submitted at)
+
+            def submit_audit(row, run_id: str) -> None:
                 try:
-                    found = run_audit(auditor, run_id, sites, budgets, workdir / "audits", workdir / "figures",
-                                      progress)
-                    add_audit(row, found, modalities, time.perf_counter() - t)
-                except (RuntimeError, TimeoutError, OSError) as exc:
-                    logger.error("audit of %s failed: %s", run_id, exc)
+                    pending.append((row, run_id, start_audit(auditor, run_id, sites, budgets), time.perf_counter()))
+                except (RuntimeError, OSError) as exc:
+                    logger.error("audit of %s could not start: %s", run_id, exc)
                     row.error = f"audit failed: {exc}"
 
+            def collect_audits() -> None:
+                for row, run_id, audit_id, submitted in pending:
+                    progress = None if on_task is None else (
+                        lambda f, msg, name=row.config.name: on_task(f"audit {name}", f, 1.0, msg))
+                    try:
+                        found = finish_audit(auditor, audit_id, run_id, workdir / "audits", workdir / "figures",
+                                             progress)
+                        add_audit(row, found, modalities, found["seconds"] or time.perf_counter() - submitted)
+                    except (RuntimeError, TimeoutError, OSError) as exc:
+                        logger.error("audit of %s failed: %s", run_id, exc)
+                        row.error = f"audit failed: {exc}"
+                pending.clear()
+
             if reuse_main and options.study is not StudyLevel.NONE:
-                phase("audit")
                 rows.append(row_from_runs(NONE, status, main_train_s))
-                audit_row(rows[-1], "split")
+                submit_audit(rows[-1], "split")
 
             if options.baselines:
                 phase("baselines")
@@ -367,15 +397,19 @@ def run_demo(
                 baselines = train_baselines(
                     source, train_ids, status.get("val_case_ids") or list(partition.validation), plan,
                     device="cpu" if options.device == "auto" else options.device,
+                    threads=baseline_threads(options.device, auditing=bool(pending)),
                     on_step=None if on_task is None else (lambda n, s, total, loss: on_task(
                         f"baseline {n}", s, total, f"loss {loss:.3f}")))
                 timing["baselines_s"] = time.perf_counter() - t0
 
             current_defenses = options.site_defenses
-            for config in configs:
+            done_rows: dict[str, Any] = {}
+            for config in sorted(configs, key=lambda c: c.site_defenses_json != current_defenses):
                 phase(f"study {config.name}")
-                t0 = time.perf_counter()
                 if config.site_defenses_json != current_defenses:
+                    if pending:
+                        phase("audit")
+                        collect_audits()
                     for m in sites:
                         federation.reconfigure_site(m, defenses=config.site_defenses_json)
                     federation.wait_ready(timeout_s=180)
@@ -387,11 +421,15 @@ def run_demo(
                     done = _follow(client, job["job_id"], f"study {config.name}", on_task, aggregator)
                 except RuntimeError as exc:
                     logger.error("study configuration %s failed: %s", config.name, exc)
-                    rows.append(row_from_runs(config, {}, time.perf_counter() - t0))
-                    rows[-1].error = str(exc).splitlines()[0]
+                    done_rows[config.name] = row_from_runs(config, {}, time.perf_counter() - t0)
+                    done_rows[config.name].error = str(exc).splitlines()[0]
                     continue
-                rows.append(row_from_runs(config, done, time.perf_counter() - t0))
-                audit_row(rows[-1], run_id)
+                done_rows[config.name] = row_from_runs(config, done, time.perf_counter() - t0)
+                submit_audit(done_rows[config.name], run_id)
+            rows += [done_rows[c.name] for c in configs]  # the report keeps the study's order
+            if pending:
+                phase("audit")
+                collect_audits()
         pids = federation.pids()
 
     timing.update({f"job_{k}": v for k, v in status.get("timing", {}).items()})

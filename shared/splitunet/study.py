@@ -131,13 +131,28 @@ def follow_job(client: Any, job_id: str, on_status: Callable[[dict[str, Any]], N
 def run_audit(client: Any, run_id: str, sites: list[str], budgets: dict[str, Any], out_dir: Path,
               figures_dir: Path, on_progress: Callable[[float, str], None] | None = None,
               timeout_s: float = 1800.0) -> dict[str, Any]:
-    """Audit ``run_id`` through the audit service (lab mode, every attack); keep its HTML report and the
-    reconstruction grids it drew (``out_dir/<run_id>.html``, ``figures_dir/recon-<run_id>-<site>.png``).
+    """Audit ``run_id`` through the audit service (lab mode, every attack) and wait for it: :func:`start_audit`
+    then :func:`finish_audit`."""
+    audit_id = start_audit(client, run_id, sites, budgets)
+    return finish_audit(client, audit_id, run_id, out_dir, figures_dir, on_progress, timeout_s)
 
-    Returns ``{"result": AuditResult as JSON, "grids": {site: png path}, "report": html path}``."""
+
+def start_audit(client: Any, run_id: str, sites: list[str], budgets: dict[str, Any]) -> str:
+    """Ask the audit service to audit ``run_id`` (lab mode, every attack); its audit id. The service runs its
+    audits one at a time in the background, so the caller can train the next model meanwhile."""
     body = {"run_id": run_id, "mode": "lab", "sites": sites,
             "spec": {"attacks": list(ALL_ATTACKS), "max_samples": 2, "budgets": budgets}}
-    audit_id = client.post_json("/v1/audits", body)["audit_id"]
+    return client.post_json("/v1/audits", body)["audit_id"]
+
+
+def finish_audit(client: Any, audit_id: str, run_id: str, out_dir: Path, figures_dir: Path,
+                 on_progress: Callable[[float, str], None] | None = None,
+                 timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Wait for audit ``audit_id`` of ``run_id``; keep its HTML report and the reconstruction grids it drew
+    (``out_dir/<run_id>.html``, ``figures_dir/recon-<run_id>-<site>.png``).
+
+    Returns ``{"result": AuditResult as JSON, "grids": {site: png path}, "report": html path, "seconds": the
+    audit's own running time (None from an audit service that does not report it)}``."""
     deadline = time.monotonic() + timeout_s
     while (status := client.get_json(f"/v1/audits/{audit_id}"))["state"] in ("pending", "running"):
         if on_progress is not None:
@@ -158,7 +173,7 @@ def run_audit(client: Any, run_id: str, sites: list[str], budgets: dict[str, Any
         path = figures_dir / f"recon-{run_id}-{site}.png"
         path.write_bytes(base64.b64decode(data))
         grids[site] = str(path)
-    return {"result": status["result"], "grids": grids, "report": str(report)}
+    return {"result": status["result"], "grids": grids, "report": str(report), "seconds": status.get("seconds")}
 
 
 def find_epsilon(defenses: Any) -> float | None:
