@@ -52,6 +52,9 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # 1, 5 and 15-minute load averages when the report is written: above the core count, other work shared
+        # the machine and every time in the report is longer than on an idle one
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     try:
         with open("/proc/meminfo") as f:
