@@ -405,7 +405,6 @@ def run_demo(
             current_defenses = options.site_defenses
             done_rows: dict[str, Any] = {}
             for config in sorted(configs, key=lambda c: c.site_defenses_json != current_defenses):
-                phase(f"study {config.name}")
                 if config.site_defenses_json != current_defenses:
                     if pending:
                         phase("audit")
@@ -414,6 +413,7 @@ def run_demo(
                         federation.reconfigure_site(m, defenses=config.site_defenses_json)
                     federation.wait_ready(timeout_s=180)
                     current_defenses = config.site_defenses_json
+                phase(f"study {config.name}")
                 run_id = f"study-{config.name.replace('.', '_')}"
                 t0 = time.perf_counter()
                 try:

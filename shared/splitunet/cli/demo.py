@@ -77,7 +77,8 @@ def demo_command(
 
     def on_phase(name: str) -> None:
         labels = {"data": "preparing data", "start": "starting services", "train": "training the Split-U-Net",
-                  "infer": "inference", "audit": "auditing the undefended run", "baselines": "training baselines",
+                  "infer": "inference", "audit": "waiting for the audits",
+                  "baselines": "training baselines",
                   "report": "writing the report"}
         console.log(f"[bold cyan]phase[/bold cyan] {labels.get(name, name)}")
 
