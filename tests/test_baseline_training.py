@@ -4,11 +4,12 @@ timing reported, torch's thread setting applied while they train and restored af
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
-from splitunet.baseline_training import train_baselines
+from splitunet.baseline_training import BackgroundBaselines, BaselinesStopped, train_baselines
 from splitunet.demo import baseline_threads
 
 PLAN = {"model": {"spatial_dims": 2, "features": [4, 8, 8, 16], "cut_level": 0}, "roi": [16, 16], "batch_size": 2,
@@ -38,8 +39,25 @@ def test_bad_thread_count_is_refused(tmp_path):
         train_baselines(tmp_path, [], [], PLAN, threads=0)
 
 
-def test_baseline_threads_leave_a_core_to_a_running_audit():
+def test_baseline_threads_leave_a_core_to_the_services():
     cores = len(os.sched_getaffinity(0))
-    assert baseline_threads("cpu", auditing=False) == cores
-    assert baseline_threads("cpu", auditing=True) == max(1, cores - 1)
-    assert baseline_threads("cuda", auditing=True) is None
+    assert baseline_threads("cpu", concurrent=False) == cores
+    assert baseline_threads("cpu", concurrent=True) == max(1, cores - 1)
+    assert baseline_threads("cuda", concurrent=True) is None
+
+
+def test_background_baselines_give_their_result_or_stop_at_the_next_step(tmp_path, brats):
+    ids = brats.write_cohort(tmp_path / "cohort", 3)
+    with BackgroundBaselines(tmp_path / "cohort", ids[:2], ids[2:], PLAN, which=["t2"], threads=1) as job:
+        results = job.result()
+    assert list(results) == ["t2"] and len(results["t2"].losses) == 2 and job.seconds > 0
+    steps = []
+    long_plan = PLAN | {"steps": 10_000}
+    job = BackgroundBaselines(tmp_path / "cohort", ids[:2], ids[2:], long_plan, which=["t2"],
+                              on_step=lambda name, step, total, loss: steps.append(step))
+    while not steps:
+        time.sleep(0.01)
+    job.stop()  # returns once the thread ended (Ctrl-C must not wait for 10,000 steps)
+    with pytest.raises(BaselinesStopped, match="stopped at step"):
+        job.result()
+    assert len(steps) < 10_000

@@ -13,8 +13,10 @@ training cases (the planner's brain-slice rule in 2D), one batch per step shared
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,44 @@ class BaselineResult:
     seconds: float = 0.0
     eval_s: float = 0.0
     data_s: float = 0.0
+
+
+class BaselinesStopped(RuntimeError):
+    """The baselines were asked to stop (the demo was interrupted or failed) before they finished."""
+
+
+class BackgroundBaselines:
+    """:func:`train_baselines` in a background thread of this process, so that they train while the service
+    processes work (the study's trainings and audits): the constructor starts them and returns at once,
+    :meth:`result` waits for them, :meth:`stop` (also on leaving a ``with`` block) makes them end at the next step
+    and waits. ``kwargs`` are :func:`train_baselines`'s."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baselines")
+        self._started = time.perf_counter()
+        self.seconds: float | None = None  # wall seconds from start to the end of the last baseline's evaluation
+        self._future = self._pool.submit(self._train, *args, **kwargs)
+
+    def _train(self, *args: Any, **kwargs: Any) -> dict[str, BaselineResult]:
+        try:
+            return train_baselines(*args, should_stop=self._stop.is_set, **kwargs)
+        finally:
+            self.seconds = time.perf_counter() - self._started
+
+    def result(self) -> dict[str, BaselineResult]:
+        """The baselines' results (waits for them; re-raises what stopped them)."""
+        return self._future.result()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> BackgroundBaselines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class _DeviceFederation(InProcessFederation):
@@ -88,26 +128,28 @@ def eval_cases(source: Path, case_ids: Sequence[str]) -> list[EvalCase]:
 def train_baselines(
     source: Path, train_ids: Sequence[str], val_ids: Sequence[str], plan: dict[str, Any], *,
     device: str = "cpu", which: Sequence[str] | None = None, on_step: StepCallback | None = None,
-    threads: int | None = None,
+    threads: int | None = None, should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, BaselineResult]:
     """Train and evaluate the centralized and the single-modality baselines (``which``: a subset of
     ``centralized, t1, t1ce, t2, flair``); results by name (``centralized`` or the modality). ``threads``: torch
     intra-op threads while they train (restored after; None keeps the process's setting), so that the baselines
-    leave the cores to the service processes that work at the same time (e.g. an audit)."""
+    leave the cores to the service processes that work at the same time (e.g. an audit). ``should_stop`` is asked
+    before each step; when it says yes, :class:`BaselinesStopped` is raised."""
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 (or None to keep torch's setting), got {threads}")
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _train_baselines(source, train_ids, val_ids, plan, device=device, which=which, on_step=on_step)
+        return _train_baselines(source, train_ids, val_ids, plan, device=device, which=which, on_step=on_step,
+                                should_stop=should_stop or (lambda: False))
     finally:
         torch.set_num_threads(before)
 
 
 def _train_baselines(
     source: Path, train_ids: Sequence[str], val_ids: Sequence[str], plan: dict[str, Any], *,
-    device: str, which: Sequence[str] | None, on_step: StepCallback | None,
+    device: str, which: Sequence[str] | None, on_step: StepCallback | None, should_stop: Callable[[], bool],
 ) -> dict[str, BaselineResult]:
     from splitunet.data.cache import ArrayCache
     from splitunet.data.dataset import BratsDataset
@@ -139,6 +181,8 @@ def _train_baselines(
     seconds = dict.fromkeys(names, 0.0)
     data_s = 0.0
     for step in range(1, steps + 1):
+        if should_stop():
+            raise BaselinesStopped(f"baselines stopped at step {step} of {steps}")
         t0 = time.perf_counter()
         dataset.set_epoch(step)
         items = [dataset[int(i)] for i in rng.integers(len(dataset), size=batch)]

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -235,13 +236,15 @@ def phantom_cache_key(options: DemoOptions, fingerprint: str | None = None) -> s
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:12]
 
 
-def baseline_threads(device: str, *, auditing: bool) -> int | None:
-    """Torch threads for the in-process baselines: on CPU, the cores less the one an audit running at the same
-    time takes (the audit service computes with one thread), at least one; None (keep) on a GPU."""
+def baseline_threads(device: str, *, concurrent: bool) -> int | None:
+    """Torch threads for the in-process baselines: on CPU, the cores less one when the services work at the same
+    time (each service computes with one thread; more threads than cores make torch's threads wait on each other,
+    measured 6x slower evaluation with 2 threads beside 2 busy processes on 2 cores), at least one; None (keep) on
+    a GPU."""
     if device not in ("cpu", "auto"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - (1 if auditing else 0))
+    return max(1, cores - (1 if concurrent else 0))
 
 
 @dataclass
@@ -274,6 +277,40 @@ def _follow(client: Any, job_id: str, task: str, on_task: TaskCallback | None, l
         raise RuntimeError(f"{exc}\naggregator log:\n{log.log_tail()}") from None
 
 
+def _run_study(configs: list[Any], federation: Any, options: DemoOptions, sites: list[str], spec: dict[str, Any],
+               splan: dict[str, Any], client: Any, aggregator: Any, phase: Callable[[str], None],
+               on_task: TaskCallback | None, submit_audit: Callable[[Any, str], None],
+               collect_audits: Callable[[], None]) -> list[Any]:
+    """Train each study configuration over REST and queue its audit; the rows in the study's order.
+    Configurations that keep the sites' defenses train back to back (their audits run meanwhile); before the sites
+    restart with other defenses the queued audits are collected (an audit asks the sites for encoder snapshots)."""
+    from splitunet.study import row_from_runs
+
+    current = options.site_defenses
+    done: dict[str, Any] = {}
+    for config in sorted(configs, key=lambda c: c.site_defenses_json != current):
+        if config.site_defenses_json != current:
+            collect_audits()
+            for m in sites:
+                federation.reconfigure_site(m, defenses=config.site_defenses_json)
+            federation.wait_ready(timeout_s=180)
+            current = config.site_defenses_json
+        phase(f"study {config.name}")
+        run_id = f"study-{config.name.replace('.', '_')}"
+        t0 = time.perf_counter()
+        try:
+            job = client.post_json("/v1/jobs", {**spec, **config.job(splan), "run_id": run_id})
+            status = _follow(client, job["job_id"], f"study {config.name}", on_task, aggregator)
+        except RuntimeError as exc:
+            logger.error("study configuration %s failed: %s", config.name, exc)
+            done[config.name] = row_from_runs(config, {}, time.perf_counter() - t0)
+            done[config.name].error = str(exc).splitlines()[0]
+            continue
+        done[config.name] = row_from_runs(config, status, time.perf_counter() - t0)
+        submit_audit(done[config.name], run_id)
+    return [done[c.name] for c in configs]
+
+
 def run_demo(
     options: DemoOptions,
     *,
@@ -282,7 +319,7 @@ def run_demo(
     on_case: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the main job; see the module docstring. Callbacks report progress to the CLI."""
-    from splitunet.baseline_training import train_baselines
+    from splitunet.baseline_training import BackgroundBaselines
     from splitunet.data.layout import discover_cases
     from splitunet.data.partition import partition_cohort
     from splitunet.launcher import LocalFederation
@@ -374,6 +411,8 @@ def run_demo(
                     row.error = f"audit failed: {exc}"
 
             def collect_audits() -> None:
+                if pending:
+                    phase("audit")
                 for row, run_id, audit_id, submitted in pending:
                     progress = None if on_task is None else (
                         lambda f, msg, name=row.config.name: on_task(f"audit {name}", f, 1.0, msg))
@@ -390,46 +429,25 @@ def run_demo(
                 rows.append(row_from_runs(NONE, status, main_train_s))
                 submit_audit(rows[-1], "split")
 
+            # the baselines train in a thread of this process while the services train and audit the study
+            # (one core each side on 2 cores; the trainings share no state)
+            background = None
             if options.baselines:
-                phase("baselines")
-                t0 = time.perf_counter()
                 train_ids = [c for c in partition.case_ids if c not in set(status.get("val_case_ids") or [])]
-                baselines = train_baselines(
+                background = BackgroundBaselines(
                     source, train_ids, status.get("val_case_ids") or list(partition.validation), plan,
                     device="cpu" if options.device == "auto" else options.device,
-                    threads=baseline_threads(options.device, auditing=bool(pending)),
+                    threads=baseline_threads(options.device, concurrent=True),
                     on_step=None if on_task is None else (lambda n, s, total, loss: on_task(
                         f"baseline {n}", s, total, f"loss {loss:.3f}")))
-                timing["baselines_s"] = time.perf_counter() - t0
-
-            current_defenses = options.site_defenses
-            done_rows: dict[str, Any] = {}
-            for config in sorted(configs, key=lambda c: c.site_defenses_json != current_defenses):
-                if config.site_defenses_json != current_defenses:
-                    if pending:
-                        phase("audit")
-                        collect_audits()
-                    for m in sites:
-                        federation.reconfigure_site(m, defenses=config.site_defenses_json)
-                    federation.wait_ready(timeout_s=180)
-                    current_defenses = config.site_defenses_json
-                phase(f"study {config.name}")
-                run_id = f"study-{config.name.replace('.', '_')}"
-                t0 = time.perf_counter()
-                try:
-                    job = client.post_json("/v1/jobs", {**spec, **config.job(splan), "run_id": run_id})
-                    done = _follow(client, job["job_id"], f"study {config.name}", on_task, aggregator)
-                except RuntimeError as exc:
-                    logger.error("study configuration %s failed: %s", config.name, exc)
-                    done_rows[config.name] = row_from_runs(config, {}, time.perf_counter() - t0)
-                    done_rows[config.name].error = str(exc).splitlines()[0]
-                    continue
-                done_rows[config.name] = row_from_runs(config, done, time.perf_counter() - t0)
-                submit_audit(done_rows[config.name], run_id)
-            rows += [done_rows[c.name] for c in configs]  # the report keeps the study's order
-            if pending:
-                phase("audit")
+            with background or nullcontext():
+                rows += _run_study(configs, federation, options, sites, spec, splan, client, aggregator, phase,
+                                   on_task, submit_audit, collect_audits)
                 collect_audits()
+                if background is not None:
+                    phase("baselines")
+                    baselines = background.result()
+                    timing["baselines_s"] = background.seconds or 0.0
         pids = federation.pids()
 
     timing.update({f"job_{k}": v for k, v in status.get("timing", {}).items()})
