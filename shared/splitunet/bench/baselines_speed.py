@@ -1,11 +1,11 @@
 """Benchmark: the demo's in-process baselines, seconds per phase (batch loading, training steps, evaluation).
 
-Run ``python -m splitunet.bench.baselines_speed [--threads 2] [--steps 50] [--dims 2] [--profile 25]``. It trains
-the centralized and the four single-modality U-Nets of ``splitunet demo --quick`` (same plan, same cached phantom
-cohort; generated once if missing) for ``--steps`` steps and evaluates them on 4 held-out cases, then prints
-milliseconds per step per model, seconds of evaluation per model and of batch loading. ``--profile N`` also
-prints the N most expensive functions (cProfile, cumulative time). Results go to stdout: this is a command-line
-program.
+Run ``python -m splitunet.bench.baselines_speed [--threads 2] [--steps 50] [--dims 2] [--default] [--profile 25]``.
+It trains the centralized and the four single-modality U-Nets of ``splitunet demo --quick`` (``--default``: of
+``splitunet demo``; same plan, same cached phantom cohort, generated once if missing) for ``--steps`` steps and
+evaluates them on 4 held-out cases, then prints milliseconds per step per model, seconds of evaluation per model
+and of batch loading. ``--profile N`` also prints the N most expensive functions (cProfile, cumulative time).
+Results go to stdout: this is a command-line program.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--dims", type=int, default=2, choices=(2, 3))
+    parser.add_argument("--default", action="store_true", help="the default demo's plan instead of --quick's")
     parser.add_argument("--profile", type=int, default=0, help="print the N most expensive functions")
     args = parser.parse_args(argv)
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        options = DemoOptions(workdir=Path(tmp), quick=True, dims=args.dims)
+        options = DemoOptions(workdir=Path(tmp), quick=not args.default, dims=args.dims)
         source = phantom_cohort(options)
         ids = sorted(discover_cases(source))
         plan = training_plan(replace(options, steps=args.steps))
