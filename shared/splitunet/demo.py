@@ -382,7 +382,18 @@ def run_demo(
         timeouts = PeerTimeouts(connect=5, read=600, write=60, pool=10)
         client = PeerClient(aggregator.url, name="aggregator", token=federation.operator_token, timeouts=timeouts)
         auditor = PeerClient(audit.url, name="audit", token=federation.operator_token, timeouts=timeouts)
-        with client, auditor:
+        # the baselines train in a thread of this process from the start, beside the services' training and audits
+        # (one torch thread: the other core serves the services); they validate on the cases the aggregator does
+        background = None
+        if options.baselines:
+            held_out = list(partition.validation)
+            background = BackgroundBaselines(
+                source, [c for c in partition.case_ids if c not in set(held_out)], held_out, plan,
+                device="cpu" if options.device == "auto" else options.device,
+                threads=baseline_threads(options.device, concurrent=True),
+                on_step=None if on_task is None else (lambda n, s, total, loss: on_task(
+                    f"baseline {n}", s, total, f"loss {loss:.3f}")))
+        with client, auditor, background or nullcontext():
             phase("train")
             t0 = time.perf_counter()
             job_id = client.post_json("/v1/jobs", {**spec, "run_id": "split"})["job_id"]
@@ -429,25 +440,13 @@ def run_demo(
                 rows.append(row_from_runs(NONE, status, main_train_s))
                 submit_audit(rows[-1], "split")
 
-            # the baselines train in a thread of this process while the services train and audit the study
-            # (one core each side on 2 cores; the trainings share no state)
-            background = None
-            if options.baselines:
-                train_ids = [c for c in partition.case_ids if c not in set(status.get("val_case_ids") or [])]
-                background = BackgroundBaselines(
-                    source, train_ids, status.get("val_case_ids") or list(partition.validation), plan,
-                    device="cpu" if options.device == "auto" else options.device,
-                    threads=baseline_threads(options.device, concurrent=True),
-                    on_step=None if on_task is None else (lambda n, s, total, loss: on_task(
-                        f"baseline {n}", s, total, f"loss {loss:.3f}")))
-            with background or nullcontext():
-                rows += _run_study(configs, federation, options, sites, spec, splan, client, aggregator, phase,
-                                   on_task, submit_audit, collect_audits)
-                collect_audits()
-                if background is not None:
-                    phase("baselines")
-                    baselines = background.result()
-                    timing["baselines_s"] = background.seconds or 0.0
+            rows += _run_study(configs, federation, options, sites, spec, splan, client, aggregator, phase,
+                               on_task, submit_audit, collect_audits)
+            collect_audits()
+            if background is not None:
+                phase("baselines")
+                baselines = background.result()
+                timing["baselines_s"] = background.seconds or 0.0
         pids = federation.pids()
 
     timing.update({f"job_{k}": v for k, v in status.get("timing", {}).items()})
