@@ -447,6 +447,8 @@ def run_demo(
                 phase("baselines")
                 baselines = background.result()
                 timing["baselines_s"] = background.seconds or 0.0
+                # every REST figure above (split_step_s, train_s) was measured with the baselines training beside it
+                timing["baselines_concurrent"] = True
         pids = federation.pids()
 
     timing.update({f"job_{k}": v for k, v in status.get("timing", {}).items()})
