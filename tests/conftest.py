@@ -15,6 +15,7 @@ import nibabel as nib
 import nibabel.orientations as nio
 import numpy as np
 import pytest
+from security_ledger import ledger_configure, ledger_summary, security  # noqa: F401 - the `security` fixture
 
 from splitunet.config import MODALITIES
 
@@ -121,3 +122,12 @@ class BratsFactory:
 def brats() -> type[BratsFactory]:
     """Generators of tiny BraTS cases: ``brats.write_case``, ``write_cohort``, ``make_volumes``, ``save_nifti``."""
     return BratsFactory
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    ledger_configure(config)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """``make test`` ends with the security summary (see ``security_ledger.py``)."""
+    ledger_summary(terminalreporter, config)

@@ -19,13 +19,15 @@ logger = logging.getLogger(__name__)
 def psi_align(clients: Mapping[str, SiteClient], label_ids: Sequence[str]) -> list[str]:
     """Align ``label_ids`` with every site; return the aligned ids (sorted) after telling each site."""
     aligned = set(label_ids)
+    sessions: dict[str, str] = {}
     for name, client in clients.items():
         session = PsiClient(label_ids)
         shared = session.intersect(client.psi(session.request()))
         logger.info("PSI with site %s: %d of %d labelled cases shared", name, len(shared), len(label_ids))
         aligned &= set(shared)
+        sessions[name] = session.session
     result = sorted(aligned)
     if result:
-        for client in clients.values():
-            client.set_alignment(result)
+        for name, client in clients.items():  # each alignment names that site's PSI session (the site checks it)
+            client.set_alignment(result, sessions[name])
     return result

@@ -22,12 +22,15 @@ from monai.inferers import sliding_window_inference
 
 from services.aggregator.site_client import Received, SiteClient
 from splitunet.data.sampling import Sample
+from splitunet.inference import DEFAULT_OVERLAP
 from splitunet.protocol import AggregatorStep
 from splitunet.schemas import Phase
 from splitunet.wire import WireDtype
 
 #: Called with (site name, step, received bundle) for every activation bundle received (the recorder seam).
 OnReceived = Callable[[str, int, Received], None]
+#: Called with (step, samples) before the sites are asked for a batch (the recorder's planned samples).
+OnPlan = Callable[[int, list[Sample]], None]
 
 
 class SplitPredictor:
@@ -42,7 +45,7 @@ class SplitPredictor:
         shapes_for: ``batch -> {tensor name: shape}`` the sites must send.
         dtype: activation wire dtype.
         pool: the thread pool used to call the sites concurrently.
-        overlap: window overlap fraction.
+        overlap: window overlap fraction (default 0.5, MONAI's BraTS setting).
     """
 
     def __init__(
@@ -56,9 +59,10 @@ class SplitPredictor:
         shapes_for: Callable[[int], dict[str, tuple[int, ...]]],
         dtype: WireDtype,
         pool: ThreadPoolExecutor,
-        overlap: float = 0.25,
+        overlap: float = DEFAULT_OVERLAP,
         resize_slices: bool = False,
         on_received: OnReceived | None = None,
+        on_plan: OnPlan | None = None,
     ) -> None:
         self.clients = clients
         self.aggregator = aggregator
@@ -71,6 +75,7 @@ class SplitPredictor:
         self.overlap = overlap
         self.resize_slices = resize_slices
         self.on_received = on_received
+        self.on_plan = on_plan
         self.calls = 0
 
     def predict_case(self, case_id: str, shape: Sequence[int], *, step: int) -> torch.Tensor:
@@ -127,6 +132,8 @@ class SplitPredictor:
 
     def _predict_samples(self, samples: list[Sample], *, step: int) -> torch.Tensor:
         shapes = self.shapes_for(len(samples))
+        if self.on_plan is not None:
+            self.on_plan(step, samples)
         futures = {
             name: self.pool.submit(
                 client.forward, self.run_id, step, samples, phase=Phase.EVAL, shapes=shapes, dtype=self.dtype

@@ -8,8 +8,9 @@ from services.aggregator.settings import AggregatorSettings
 from splitunet.data.cache import ArrayCache, file_signature
 from splitunet.data.cohort import scan_cohort
 from splitunet.data.layout import BratsCase
-from splitunet.data.loader import labels_to_regions, load_labels
+from splitunet.data.loader import labels_to_regions, load_labels, read_geometry
 from splitunet.errors import CaseNotFoundError
+from splitunet.metrics import spacing_from_affine
 
 
 class LabelStore:
@@ -36,6 +37,17 @@ class LabelStore:
             return {"regions": labels_to_regions(label_map, case.et_label)}
 
         return self.cache.get_or_load(("regions", case_id, file_signature(case.seg_path())), load)["regions"]
+
+    def spacing(self, case_id: str) -> tuple[float, float, float]:
+        """Voxel size in mm along the RAS array axes, from the segmentation's header (cached)."""
+        case = self.case(case_id)
+
+        def load() -> dict[str, np.ndarray]:
+            geometry = read_geometry(case_id, case.seg_path())
+            return {"spacing": np.asarray(spacing_from_affine(geometry.ras_affine))}
+
+        spacing = self.cache.get_or_load(("spacing", case_id, file_signature(case.seg_path())), load)["spacing"]
+        return tuple(float(s) for s in spacing)  # type: ignore[return-value]
 
     def shape(self, case_id: str) -> tuple[int, int, int]:
         return tuple(self.regions(case_id).shape[1:])  # type: ignore[return-value]

@@ -42,7 +42,14 @@ def stop_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
     return runtime.jobs.stop(job_id)
 
 
-@router.post("/infer", response_class=Response, responses={200: {"content": {"application/gzip": {}}}})
+@router.post("/jobs/{job_id}/resume")
+def resume_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
+    """Continue a job paused by the privacy gate, or restart a failed or stopped one from its latest complete
+    checkpoint."""
+    return runtime.jobs.resume(job_id)
+
+
+@router.post("/infer", responses={200: {"content": {"application/gzip": {}}, "description": "the segmentation"}})
 def infer(runtime: AggregatorDep, request: InferRequest) -> Response:
     data, filename = runtime.jobs.infer(request)
     return Response(data, media_type="application/gzip",

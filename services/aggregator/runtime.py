@@ -11,6 +11,7 @@ import torch
 from services.aggregator.alignment import psi_align
 from services.aggregator.jobs import JobManager
 from services.aggregator.labels import LabelStore
+from services.aggregator.privacy_gate import audit_hooks
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.site_client import SiteClient
 from services.aggregator.trainer import Aligner
@@ -33,6 +34,7 @@ class AggregatorRuntime:
         transport_factory: Callable[[SitePeer], object] | None = None,
     ) -> None:
         self.settings = settings
+        self.registry = settings.registry()
         self.device = resolve_device(settings.device)
         self.labels = LabelStore(settings)
         self._transport_factory = transport_factory
@@ -45,11 +47,14 @@ class AggregatorRuntime:
             )
         self._verify = verify
         self.jobs = JobManager(
-            settings, self.labels, aligner=aligner, client_factory=self._client, device=self.device
+            settings, self.labels, aligner=aligner, client_factory=self._client, device=self.device,
+            **audit_hooks(settings),
         )
         logger.info("aggregator: %d labelled cases on %s", len(self.labels.cases), self.device)
 
-    def _client(self, peer: SitePeer, spec: FederationSpec) -> SiteClient:
+    def _client(self, name: str, spec: FederationSpec) -> SiteClient:
+        """The client of registry site ``name`` (403 if the registry has no such site)."""
+        (peer,) = self.registry.resolve([name])
         return SiteClient(
             peer,
             timeout_s=spec.timeout_s,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,8 +16,10 @@ from splitunet.schemas import (
     AlignedCases,
     AlignmentAck,
     BackwardAck,
+    CaseGrids,
     CheckpointInfo,
     ForwardRequest,
+    GridRequest,
     Phase,
     RunInfo,
     RunSetup,
@@ -33,6 +36,8 @@ from splitunet.wire import (
     decode_bundle,
     encode_bundle,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,15 @@ class SiteClient:
         """One PSI round trip (blinded elements only; see :mod:`splitunet.psi`)."""
         return parse_message(PsiResponse, self.peer.post_json("/v1/psi", request.model_dump(mode="json")))
 
-    def set_alignment(self, case_ids: Sequence[str]) -> AlignmentAck:
-        body = AlignedCases(case_ids=list(case_ids)).model_dump(mode="json")
+    def set_alignment(self, case_ids: Sequence[str], session: str) -> AlignmentAck:
+        """Tell the site the aligned cohort, bound to the PSI ``session`` just run with it."""
+        body = AlignedCases(case_ids=list(case_ids), session=session).model_dump(mode="json")
         return AlignmentAck.model_validate(self.peer.post_json("/v1/alignment", body, idempotent=True))
+
+    def grids(self, case_ids: Sequence[str]) -> CaseGrids:
+        """Header grid and brain extent of aligned cases (:mod:`splitunet.data.grid`)."""
+        body = GridRequest(case_ids=list(case_ids)).model_dump(mode="json")
+        return CaseGrids.model_validate(self.peer.post_json("/v1/grids", body, idempotent=True))
 
     def setup_run(self, setup: RunSetup) -> RunInfo:
         return RunInfo.model_validate(self.peer.post_json("/v1/runs", setup.model_dump(mode="json"), idempotent=True))
@@ -122,8 +133,10 @@ class SiteClient:
         try:
             bundle = decode_bundle(data, expect=expect, max_bytes=self.max_bundle_bytes)
         except WireFormatError as exc:
-            message = f"site {self.name} sent a bad activation bundle: {exc.message}"
-            raise PeerError(message, detail=exc.to_body()) from exc
+            # The decoder's message quotes the bundle: logged, never echoed into job status.
+            logger.warning("site %s sent a bad activation bundle: %s", self.name, exc.message[:300])
+            raise PeerError(f"site {self.name} sent a bad activation bundle ({exc.code})",
+                            detail={"code": exc.code}) from exc
         return Received(bundle=bundle, data=data)
 
     def encode_gradients(

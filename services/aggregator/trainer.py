@@ -8,6 +8,12 @@ Each step (see :mod:`splitunet.protocol` for the exchange itself)::
     POST backward to every site, concurrently             -> the sites step their encoders
 
 The job runs in a background thread; :meth:`TrainingJob.status` is safe to call from request threads.
+
+Every party checkpoints step 0 before training and then every ``checkpoint_interval`` steps; a step counts as
+checkpointed once all parties wrote it (recorded in the job store). A site that fails mid-job sends the job to
+``waiting_for_site``, then ``resuming`` (every party rolled back to that step), then on (see
+:mod:`services.aggregator.recovery`); a job built with ``resume_from`` (an aggregator restart, or
+``POST /v1/jobs/{id}/resume``) starts with that roll-back.
 """
 
 from __future__ import annotations
@@ -24,11 +30,24 @@ import torch
 
 from services.aggregator.evaluation import SplitPredictor
 from services.aggregator.labels import LabelStore
+from services.aggregator.privacy_gate import JobPause, PrivacyGate
+from services.aggregator.recovery import RecoveryPolicy, recoverable, unreachable, wait_for_sites
 from services.aggregator.site_client import Received, SiteClient
-from splitunet.checkpoint import load_checkpoint, save_checkpoint
+from services.aggregator.store import JobStore
+from splitunet.checkpoint import apply_checkpoint, check_disk_budget, read_checkpoint, save_checkpoint
 from splitunet.config import SiteSpec, SplitUNetConfig
+from splitunet.data.grid import CaseGrid, brain_slices, combine_grids
 from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices
-from splitunet.errors import ConfigurationError, DataError, SplitUNetError
+from splitunet.defenses import build_gradient_chain
+from splitunet.errors import (
+    CaseNotFoundError,
+    ConfigurationError,
+    ConflictError,
+    DataError,
+    PeerError,
+    ProtocolError,
+    SplitUNetError,
+)
 from splitunet.federation import FederationSpec, JobState, JobStatus
 from splitunet.filters import FilterChain
 from splitunet.losses import make_loss
@@ -36,7 +55,10 @@ from splitunet.metrics import RegionMetrics
 from splitunet.networks.factory import make_optimizer, make_server_decoder
 from splitunet.protocol import AggregatorStep, expected_site_shapes
 from splitunet.recorder import Flow, NullRecorder, Recorder
-from splitunet.schemas import Phase, RunSetup
+from splitunet.schedules import set_lr
+from splitunet.schemas import Phase, RunSetup, SamplingPlan
+from splitunet.secure_sum import establish as establish_secure_sum
+from splitunet.transcript import run_description
 from splitunet.wire import WireDtype, frame_sha256
 
 logger = logging.getLogger(__name__)
@@ -65,6 +87,11 @@ class TrainingJob:
         state_dir: where this job's checkpoints go (``state_dir/<job_id>``).
         recorder: receives every bundle that crosses the boundary.
         gradient_filters: outbound gradient defenses (none by default).
+        checkpoint_budget_bytes: most bytes of checkpoints under the parent of ``state_dir`` (``None``: no limit).
+        store: the job store (durable status and complete checkpoints); none in tests that need none.
+        policy: how long to wait for an unreachable site, and how often to roll back.
+        resume_from: steps every party checkpointed: the job resumes from the latest of them instead of starting.
+        previous: the job's last recorded status (losses, validations) when resuming.
     """
 
     def __init__(
@@ -80,6 +107,12 @@ class TrainingJob:
         recorder: Recorder | None = None,
         gradient_filters: FilterChain | None = None,
         max_workers: int = 0,
+        checkpoint_budget_bytes: int | None = None,
+        store: JobStore | None = None,
+        policy: RecoveryPolicy | None = None,
+        resume_from: Sequence[int] | None = None,
+        previous: JobStatus | None = None,
+        privacy_gate: PrivacyGate | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -88,8 +121,10 @@ class TrainingJob:
         self.aligner = aligner
         self.device = device
         self.state_dir = Path(state_dir) / job_id
+        self.checkpoint_budget_bytes = checkpoint_budget_bytes
         self.recorder = recorder or NullRecorder()
-        self.gradient_filters = gradient_filters or FilterChain()
+        self.gradient_filters = gradient_filters  # built from spec.gradient_defenses in prepare() when None
+        self.privacy_gate, self.pause = privacy_gate, JobPause()
         self.pool = ThreadPoolExecutor(max_workers=max_workers or len(self.clients), thread_name_prefix=f"job-{job_id}")
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -100,6 +135,19 @@ class TrainingJob:
         self.aggregator: AggregatorStep | None = None
         self.train_cases: list[str] = []
         self.val_cases: list[str] = []
+        self.unlabeled_cases: list[str] = []
+        self.grids: dict[str, CaseGrid] = {}
+        self._grids_lock = threading.Lock()  # the job thread plans while /v1/infer may ask for a grid
+        self.store = store
+        self.policy = policy or RecoveryPolicy()
+        self._resume = resume_from is not None
+        self._complete: list[int] = sorted(resume_from or [])
+        self._persist = True
+        self._setup: RunSetup | None = None
+        if previous is not None:
+            reset = {"state": JobState.PENDING, "error": None} if self._resume else {}
+            self._status = previous.model_copy(update={**reset, "losses": []})
+            self._losses = list(previous.losses)
 
     # ------------------------------------------------------------------ status
     def status(self) -> JobStatus:
@@ -109,12 +157,21 @@ class TrainingJob:
     def _update(self, **changes) -> None:
         with self._lock:
             self._status = self._status.model_copy(update=changes)
+            persist = "state" in changes and self.store is not None and self._persist
+        if persist:
+            self.store.save_status(self.status())
 
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
-            if self._status.state in (JobState.PENDING, JobState.ALIGNING, JobState.RUNNING):
+            if self._status.state in (JobState.PENDING, JobState.ALIGNING, JobState.RUNNING,
+                                      JobState.WAITING_FOR_SITE, JobState.RESUMING):
                 self._status = self._status.model_copy(update={"state": JobState.STOPPING})
+
+    def interrupt(self) -> None:
+        """Stop for a service shutdown: the store keeps the job as it was, so the next start resumes it."""
+        self._persist = False
+        self.stop()
 
     def _check_stop(self) -> None:
         if self._stop.is_set():
@@ -129,10 +186,15 @@ class TrainingJob:
         """The job thread's body: never raises; the outcome is in :meth:`status`."""
         started = time.perf_counter()
         try:
-            self._update(state=JobState.ALIGNING)
-            self.prepare()
+            if self._resume and self._complete:
+                start = self._recover()
+            else:
+                self._update(state=JobState.ALIGNING)
+                self.prepare()
+                self.checkpoint(0)  # the common step every roll-back can reach
+                start = 0
             self._update(state=JobState.RUNNING)
-            self.train()
+            self.train(start)
             self._update(state=JobState.SUCCEEDED)
         except JobStopped:
             logger.info("job %s stopped at step %d", self.job_id, self.status().step)
@@ -165,23 +227,33 @@ class TrainingJob:
             if info.site != name:
                 raise ConfigurationError(f"the spec calls a site {name!r} but the service says it is {info.site!r}")
         self.config = self.spec.model.build(sites)
-        aligned = sorted(self.aligner(self.clients, sorted(self.labels.cases)))
+        wanted = sorted(set(self.labels.cases) | set(self.spec.infer_cases))
+        aligned = sorted(self.aligner(self.clients, wanted))
         self._check_stop()
-        self.train_cases, self.val_cases = self._split(aligned)
+        self.unlabeled_cases = [c for c in aligned if c not in self.labels.cases]
+        self.train_cases, self.val_cases = self._split([c for c in aligned if c in self.labels.cases])
         self._update(aligned_cases=len(aligned), train_cases=len(self.train_cases), val_cases=len(self.val_cases),
-                     val_case_ids=list(self.val_cases))
+                     val_case_ids=list(self.val_cases), unlabeled_cases=len(self.unlabeled_cases))
         logger.info("job %s: %d aligned cases, %d train, %d validation",
                     self.job_id, len(aligned), len(self.train_cases), len(self.val_cases))
 
         decoder = make_server_decoder(self.config, self.spec.seed).to(self.device)
         opt = self.spec.server_optimizer
         optimizer = make_optimizer(decoder.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+        sampling = SamplingPlan(batch_size=self.spec.batch_size, population=len(self.train_cases))
+        if self.gradient_filters is None:
+            rate = sampling.sample_rate(self.spec.batch_size)
+            self.gradient_filters = build_gradient_chain(self.spec.gradient_defenses, sample_rate=rate)
         self.aggregator = AggregatorStep(decoder, make_loss(self.spec.loss), optimizer, self.gradient_filters)
-        setup = RunSetup(
-            run_id=self.job_id, model=self.config, seed=self.spec.seed,
-            optimizer=self.spec.site_optimizer, wire=self.spec.wire,
+        setup = self._setup = RunSetup(
+            run_id=self.job_id, model=self.config,
+            optimizer=self.spec.site_optimizer.model_copy(update={"total_steps": self.spec.steps}),
+            wire=self.spec.wire, sampling=sampling,
         )
         list(self.pool.map(lambda c: c.setup_run(setup), self.clients.values()))
+        if self.spec.secure_sum is not None:
+            self.aggregator.inbound = establish_secure_sum(self.clients, self.job_id, self.spec.secure_sum, self.pool)
+        self.recorder.start(run_id=self.job_id, meta=run_description(self.spec, self.config))
         self._timing("prepare_s", time.perf_counter() - t0)
 
     def _split(self, aligned: list[str]) -> tuple[list[str], list[str]]:
@@ -206,6 +278,16 @@ class TrainingJob:
 
     # ------------------------------------------------------------------ training
     def train(self, start_step: int = 0) -> None:
+        """Train steps ``start_step + 1 .. spec.steps``; a recoverable site failure rolls every party back to the
+        latest complete checkpoint and training goes on from there."""
+        while True:
+            try:
+                self._train_from(start_step)
+                return
+            except PeerError as exc:
+                start_step = self._recover(exc)  # every party is back at a checkpointed step: replay from there
+
+    def _train_from(self, start_step: int) -> None:
         assert self.config is not None and self.aggregator is not None
         spec = self.spec
         samples_done, t_train, t0 = 0, 0.0, time.perf_counter()
@@ -229,12 +311,92 @@ class TrainingJob:
                 self.validate(step)
             if (spec.checkpoint_interval and step % spec.checkpoint_interval == 0) or last:
                 self.checkpoint(step)
+            if self.privacy_gate is not None and self.privacy_gate.due(step):
+                self._gate(step)
         self._timing("train_s", t_train)
 
+    def case_grids(self, case_ids: Sequence[str]) -> dict[str, CaseGrid]:
+        """The sites' agreed grid and brain extent of each case (:mod:`splitunet.data.grid`), asked once per case."""
+        with self._grids_lock:
+            missing = sorted({c for c in case_ids if c not in self.grids})
+            if missing:
+                reports = dict(zip(self.clients, self.pool.map(lambda c: c.grids(missing).grids,
+                                                               self.clients.values())))
+                for case_id in missing:
+                    self.grids[case_id] = combine_grids(
+                        case_id, {name: report[case_id] for name, report in reports.items() if case_id in report}
+                    )
+            return {c: self.grids[c] for c in case_ids}
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self, cause: PeerError | None = None) -> int:
+        """Wait until every site answers, set the run up again and roll every party back to the latest step all
+        of them checkpointed; return that step. ``cause=None``: resuming a job after a restart.
+
+        Raises ``cause`` when it is not recoverable or the job has rolled back ``policy.max_recoveries`` times.
+        """
+        while True:
+            attempt = self.status().recoveries + 1
+            if cause is not None:
+                if not recoverable(cause) or attempt > self.policy.max_recoveries:
+                    raise cause
+                logger.warning("job %s: %s; rolling back (recovery %d)", self.job_id, cause.message, attempt)
+            self._update(recoveries=attempt)
+            if not wait_for_sites(self.clients, self.policy, stop=self._stop, on_waiting=self._waiting):
+                raise JobStopped
+            self._update(state=JobState.RESUMING, waiting_for=[])
+            try:
+                if self.aggregator is None:
+                    self.prepare()
+                else:
+                    list(self.pool.map(lambda c: c.setup_run(self._setup), self.clients.values()))
+                step = self._roll_back()
+            except PeerError as exc:
+                cause = exc
+                continue
+            self._update(state=JobState.RUNNING, resumed_from_step=step)
+            logger.info("job %s resumed from step %d", self.job_id, step)
+            return step
+
+    def _waiting(self, sites: list[str]) -> None:
+        self._update(state=JobState.WAITING_FOR_SITE, waiting_for=sites)
+
+    def _roll_back(self) -> int:
+        """Restore the latest complete checkpoint every party can load; report and skip corrupt ones."""
+        for step in sorted(self._complete, reverse=True):
+            try:
+                self.restore(step)
+                return step
+            except (DataError, ConflictError) as exc:  # the aggregator's own file is corrupt
+                reason = exc.message
+            except PeerError as exc:
+                if unreachable(exc):
+                    raise
+                reason = exc.message  # a site's file is missing or corrupt
+            logger.error("job %s: checkpoint of step %d unusable: %s", self.job_id, step, reason)
+            self._update(checkpoint_errors=[*self.status().checkpoint_errors, f"step {step}: {reason}"])
+            self._complete.remove(step)
+        raise DataError(f"job {self.job_id}: no checkpointed step that every party can restore",
+                        detail={"errors": self.status().checkpoint_errors})
+
+    def _gate(self, step: int) -> None:
+        """Run the privacy gate audit of ``step``; on failure pause until resumed (or stopped)."""
+        assert self.privacy_gate is not None
+        decision = self.privacy_gate.check(step)
+        self._update(privacy_gate=decision)
+        if not decision["passed"]:
+            logger.warning("job %s paused by the privacy gate: %s", self.job_id, decision["message"])
+            self._update(state=JobState.PAUSED_BY_PRIVACY_GATE)
+            self.pause.wait(self._stop, on_stop=self._check_stop)
+            self._update(state=JobState.RUNNING)
+            logger.info("job %s resumed after the privacy gate", self.job_id)
+
     def plan(self, step: int) -> list[Sample]:
-        """The samples of one step: random training cases, foreground-weighted crops or slices, random flips."""
+        """The samples of one step: random training cases, foreground-weighted crops or slices (only slices inside
+        the brain, as the sites report it), random flips."""
         spec = self.spec
         cases = self._rng.choice(self.train_cases, size=spec.batch_size, replace=True)
+        grids = self.case_grids([str(c) for c in cases]) if len(spec.roi) == 2 else {}
         samples: list[Sample] = []
         for case_id in cases:
             regions = self.labels.regions(str(case_id))
@@ -245,7 +407,8 @@ class TrainingJob:
                                         fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob)
             else:
                 samples += plan_slices(str(case_id), shape, spec.roi, 1, self._rng, foreground=foreground,
-                                       fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob, resize=spec.resize_slices)
+                                       fg_ratio=spec.fg_ratio, flip_prob=spec.flip_prob, resize=spec.resize_slices,
+                                       allowed_slices=brain_slices(grids[str(case_id)].brain_z))
         return samples
 
     def _labels_for(self, samples: Sequence[Sample]) -> torch.Tensor:
@@ -260,6 +423,9 @@ class TrainingJob:
         """One split step over HTTP; returns the loss."""
         assert self.aggregator is not None
         samples = self.plan(step)
+        set_lr(self.aggregator.optimizer, self.spec.server_optimizer.model_copy(
+            update={"total_steps": self.spec.steps}).lr_at(step))
+        self.recorder.plan(run_id=self.job_id, step=step, phase=Phase.TRAIN.value, samples=samples)
         labels = self._labels_for(samples)
         wire = self.spec.wire
         shapes = self.shapes_for(len(samples))
@@ -281,10 +447,14 @@ class TrainingJob:
                                            compress=wire.compress)
             self.recorder.record(run_id=self.job_id, step=step, site=name, flow=Flow.SENT, phase=Phase.TRAIN.value,
                                  data=data, sha256=frame_sha256(data))
-            client.backward(self.job_id, step, data)
+            ack = client.backward(self.job_id, step, data)
+            site_defenses[name] = ack.defenses or []
             return len(data)
 
+        site_defenses: dict[str, list] = {}
         sent = sum(self.pool.map(send, self.clients))
+        self._update(defenses={"gradients": self.aggregator.filters.stats(), "sites": site_defenses,
+                               "secure_sum": self.spec.secure_sum is not None})
         received_bytes = sum(len(r.data) for r in received.values())
         status = self.status()
         self._update(bytes_sent=status.bytes_sent + sent, bytes_received=status.bytes_received + received_bytes)
@@ -300,12 +470,15 @@ class TrainingJob:
         return SplitPredictor(
             self.clients, self.aggregator, run_id=self.job_id, roi=self.spec.roi, batch_size=self.spec.batch_size,
             shapes_for=self.shapes_for, dtype=WireDtype(self.spec.wire.activations.value), pool=self.pool,
-            resize_slices=self.spec.resize_slices,
+            resize_slices=self.spec.resize_slices, overlap=self.spec.sw_overlap,
             on_received=lambda name, step, item: self._record_received(name, step, item, Phase.EVAL),
+            on_plan=lambda step, samples: self.recorder.plan(run_id=self.job_id, step=step, phase=Phase.EVAL.value,
+                                                             samples=samples),
         )
 
     def validate(self, step: int) -> dict:
-        """Dice and HD95 per region over the validation cases (whole cases, through the sites)."""
+        """Dice and HD95 (mm) per region and per validation case, whole cases through the sites, and their mean
+        and median (:mod:`splitunet.metrics`, BraTS convention)."""
         t0 = time.perf_counter()
         cases = self.val_cases[: self.spec.max_val_cases] if self.spec.max_val_cases else self.val_cases
         metrics = RegionMetrics(hd95=True)
@@ -314,8 +487,7 @@ class TrainingJob:
             self._check_stop()
             regions = self.labels.regions(case_id)
             probs = predictor.predict_case(case_id, regions.shape[1:], step=step)
-            logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
-            metrics.update(logits[None], torch.from_numpy(regions[None].astype(np.float32)))
+            metrics.add_case(case_id, probs, regions, self.labels.spacing(case_id), logits=False)
         result = metrics.aggregate()
         history = [*self.status().validations, {"step": step, "dice": result["dice"]}]
         self._update(validation=result, validation_step=step, validations=history)
@@ -323,38 +495,69 @@ class TrainingJob:
         logger.info("job %s step %d validation Dice %s", self.job_id, step, result["dice"])
         return result
 
-    def predict_case(self, case_id: str) -> np.ndarray:
-        """Region probabilities ``(3, X, Y, Z)`` of an aligned case (labels give its grid)."""
+    def predict_case(self, case_id: str) -> tuple[np.ndarray, CaseGrid]:
+        """Region probabilities ``(3, X, Y, Z)`` of an aligned case, labelled or not, on the grid the sites report
+        for it (their headers must agree), and that grid."""
         if self.aggregator is None:
             raise ConfigurationError("the job has no trained model yet")
-        shape = self.labels.shape(case_id)
-        return self.predictor().predict_case(case_id, shape, step=self.status().step).cpu().numpy()
+        if case_id not in self.train_cases and case_id not in self.val_cases and case_id not in self.unlabeled_cases:
+            raise CaseNotFoundError(
+                f"case {case_id!r} is not aligned in job {self.job_id}; post a job with it in infer_cases "
+                "(cases without labels) to segment it",
+                detail={"case_id": case_id},
+            )
+        grid = self.case_grids([case_id])[case_id]
+        shape = grid.geometry().ras_shape
+        probs = self.predictor().predict_case(case_id, shape, step=self.status().step)
+        return probs.cpu().numpy(), grid
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, step: int) -> Path:
         return self.state_dir / f"aggregator-step-{step:08d}.safetensors"
 
     def checkpoint(self, step: int) -> None:
-        """Checkpoint the decoder + optimizer + job state, and every site's encoder at the same step."""
+        """Checkpoint the decoder + optimizer + job state, and every site's encoder at the same step (the step
+        every party holds); once all have written it, the step is recorded as complete."""
         assert self.aggregator is not None
+        if step != self.status().step:
+            raise ProtocolError(f"the aggregator holds step {self.status().step}, not {step}")
+        if self.checkpoint_budget_bytes is not None:
+            parameters = sum(p.numel() for p in self.aggregator.decoder.parameters())
+            check_disk_budget(self.state_dir.parent, parameters, self.checkpoint_budget_bytes,
+                              setting="AGG_CHECKPOINT_BUDGET_BYTES")
         with self.aggregator.lock:
-            save_checkpoint(
+            digest = save_checkpoint(
                 self.checkpoint_path(step), self.aggregator.decoder, self.aggregator.optimizer,
                 {"job_id": self.job_id, "step": step, "spec": self.spec.model_dump(mode="json"),
                  "train_cases": self.train_cases, "val_cases": self.val_cases,
                  "rng": self._rng.bit_generator.state},
             )
+        infos = list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), self.clients.values()))
+        self._complete.append(step)
         list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), self.clients.values()))
+        self.recorder.checkpoint(run_id=self.job_id, step=step)
         self._update(checkpoint_step=step)
+        if self.store is not None and self._persist:
+            digests = {"aggregator": digest} | {name: info.sha256 for name, info in zip(self.clients, infos)}
+            self.store.record_checkpoint(self.job_id, step, digests, self.status())
 
     def restore(self, step: int) -> None:
-        """Load the decoder, optimizer and sampler state of ``step`` and ask every site to restore its encoder."""
+        """Load the decoder, optimizer and sampler state of ``step`` (verified before loading) and ask every site
+        to restore its encoder at the same step."""
         assert self.aggregator is not None
         with self.aggregator.lock:
-            meta = load_checkpoint(self.checkpoint_path(step), self.aggregator.decoder, self.aggregator.optimizer)
+            checkpoint = read_checkpoint(self.checkpoint_path(step), module=self.aggregator.decoder)
+            if checkpoint.step != step or checkpoint.meta.get("job_id") != self.job_id:
+                raise ConflictError(f"{checkpoint.path} is not job {self.job_id}'s checkpoint of step {step}")
+            apply_checkpoint(checkpoint, self.aggregator.decoder, self.aggregator.optimizer)
+        meta = checkpoint.meta
         self._rng.bit_generator.state = meta["rng"]
+        self.train_cases, self.val_cases = list(meta["train_cases"]), list(meta["val_cases"])
         list(self.pool.map(lambda c: c.restore(self.job_id, step), self.clients.values()))
-        self._update(step=step, checkpoint_step=step)
+        with self._lock:
+            del self._losses[step:]
+        validations = [v for v in self.status().validations if v["step"] <= step]
+        self._update(step=step, checkpoint_step=step, validations=validations)
 
     def _timing(self, key: str, seconds: float) -> None:
         timing = dict(self.status().timing)

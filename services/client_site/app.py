@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from services.client_site.audit_routes import router as audit_router
 from services.client_site.routes import router
 from services.client_site.runtime import site_runtime
 from services.client_site.settings import SiteSettings
@@ -22,6 +23,6 @@ def create_app(settings: SiteSettings | None = None) -> FastAPI:
         settings=settings,
         metrics=metrics,
         runtime_factory=lambda s: site_runtime(s, metrics),
-        routers=[router],
+        routers=[router, audit_router],
         readiness=lambda runtime: runtime.ready(),
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Depends, Path, Query
 
 from services.client_site.runtime import SiteRuntime
 from splitunet.psi import PsiRequest, PsiResponse
@@ -17,18 +17,29 @@ from splitunet.schemas import (
     AlignedCases,
     AlignmentAck,
     BackwardAck,
+    CaseGrids,
     CheckpointInfo,
     CheckpointRequest,
     ForwardRequest,
+    GridRequest,
     RunInfo,
     RunSetup,
     SiteInfo,
 )
+from splitunet.secure_sum import SecureSumAck, SecureSumOffer, SecureSumPeers
+from splitunet.service.auth import principal
 from splitunet.service.deps import BundleBody, BundleResponse, runtime_dep
+from splitunet.service.gate import body_limit
+from splitunet.wire import CONTENT_TYPE
 
 SiteRuntimeDep = runtime_dep(SiteRuntime)
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
+#: Body limit of a PSI request: 100 000 blinded ids (64 hex characters each, JSON-quoted) fit.
+PSI_BODY_BYTES = 8 * 2**20
+#: The authenticated caller (scope and token digest): binds the alignment to the caller's own PSI session.
+Caller = Annotated[str, Depends(principal)]
 
+#: The training API: every route needs the aggregator's credential (the site's primary scope).
 router = APIRouter(prefix="/v1", tags=["site"])
 
 
@@ -37,14 +48,19 @@ def info(runtime: SiteRuntimeDep) -> SiteInfo:
     return runtime.info()
 
 
-@router.post("/psi")
-def psi(runtime: SiteRuntimeDep, request: PsiRequest) -> PsiResponse:
-    return runtime.psi(request)
+@router.post("/psi", dependencies=[body_limit(lambda s: PSI_BODY_BYTES)])
+def psi(runtime: SiteRuntimeDep, request: PsiRequest, caller: Caller) -> PsiResponse:
+    return runtime.psi(request, caller)
 
 
 @router.post("/alignment")
-def alignment(runtime: SiteRuntimeDep, aligned: AlignedCases) -> AlignmentAck:
-    return runtime.set_alignment(aligned)
+def alignment(runtime: SiteRuntimeDep, aligned: AlignedCases, caller: Caller) -> AlignmentAck:
+    return runtime.set_alignment(aligned, caller)
+
+
+@router.post("/grids")
+def grids(runtime: SiteRuntimeDep, request: GridRequest) -> CaseGrids:
+    return runtime.grids(request)
 
 
 @router.post("/runs")
@@ -52,12 +68,15 @@ def setup_run(runtime: SiteRuntimeDep, setup: RunSetup) -> RunInfo:
     return runtime.setup_run(setup)
 
 
-@router.post("/runs/{run_id}/forward", response_class=BundleResponse)
+@router.post("/runs/{run_id}/forward", responses={200: {"content": {CONTENT_TYPE: {}}, "description": "activations"}})
 def forward(runtime: SiteRuntimeDep, run_id: RunId, request: ForwardRequest) -> BundleResponse:
     return BundleResponse(runtime.forward(run_id, request))
 
 
-@router.post("/runs/{run_id}/backward")
+@router.post(
+    "/runs/{run_id}/backward", response_model_exclude_none=True,
+    dependencies=[body_limit(lambda s: s.max_tensor_request_bytes())],
+)
 def backward(
     runtime: SiteRuntimeDep, run_id: RunId, body: BundleBody, step: Annotated[int, Query(ge=0, lt=STEP_LIMIT)]
 ) -> BackwardAck:
@@ -72,3 +91,13 @@ def checkpoint(runtime: SiteRuntimeDep, run_id: RunId, request: CheckpointReques
 @router.post("/runs/{run_id}/restore")
 def restore(runtime: SiteRuntimeDep, run_id: RunId, request: CheckpointRequest) -> CheckpointInfo:
     return runtime.restore(run_id, request.step)
+
+
+@router.get("/runs/{run_id}/secure-sum")
+def secure_sum_offer(runtime: SiteRuntimeDep, run_id: RunId) -> SecureSumOffer:
+    return runtime.secure_sum_offer(run_id)
+
+
+@router.post("/runs/{run_id}/secure-sum")
+def secure_sum_establish(runtime: SiteRuntimeDep, run_id: RunId, peers: SecureSumPeers) -> SecureSumAck:
+    return runtime.secure_sum_establish(run_id, peers)

@@ -2,12 +2,17 @@
 
 Everything the routes do is one method here. Torch work is called from plain ``def`` routes (FastAPI's thread
 pool) and serialised per run by the run's lock (the :class:`~splitunet.protocol.SiteStep` lock).
+
+Runs survive restarts: each run's setup and latest checkpoint are recorded in ``state_dir/runs.sqlite``
+(:mod:`services.client_site.store`). A run rebuilt after a restart refuses training until the aggregator restores
+a checkpointed step, so no step is ever applied to weights the run does not hold.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -18,19 +23,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.client_site.alignment import AlignmentGuard, not_aligned
+from services.client_site.audit import SiteAuditor
+from services.client_site.policy import EvalBudget
+from services.client_site.protection import SiteProtection
 from services.client_site.settings import SiteSettings
+from services.client_site.store import RunStore
 from splitunet import __version__
-from splitunet.checkpoint import load_checkpoint, save_checkpoint
+from splitunet.checkpoint import apply_checkpoint, check_disk_budget, read_checkpoint, save_checkpoint
 from splitunet.data.cache import ArrayCache
 from splitunet.data.cohort import scan_cohort
+from splitunet.data.grid import case_grid
 from splitunet.data.layout import BratsCase
 from splitunet.data.loader import load_images
 from splitunet.data.sampling import extract
 from splitunet.errors import (
-    CaseNotFoundError,
     ConfigurationError,
     ConflictError,
-    NotAlignedError,
     NotFoundError,
     ProtocolError,
 )
@@ -38,25 +47,29 @@ from splitunet.filters import FilterChain
 from splitunet.networks.factory import make_optimizer, make_site_encoder
 from splitunet.networks.split_unet import SiteEncoder
 from splitunet.protocol import SiteStep
-from splitunet.psi import PsiRequest, PsiResponse, PsiServer
+from splitunet.psi import PsiRequest, PsiResponse
+from splitunet.schedules import set_lr
 from splitunet.schemas import (
     AlignedCases,
     AlignmentAck,
     BackwardAck,
+    CaseGrids,
     CheckpointInfo,
     ForwardRequest,
+    GridRequest,
     Phase,
     RunInfo,
     RunSetup,
     SiteInfo,
 )
+from splitunet.secure_sum import SecureSumAck, SecureSumOffer, SecureSumPeers
 from splitunet.service.device import resolve_device
 from splitunet.service.metrics import ServiceMetrics
 from splitunet.wire import BundleExpectation, BundleKind, BundleMeta, WireDtype, decode_bundle, encode_bundle
 
 logger = logging.getLogger(__name__)
 
-#: Runs a site keeps at once (oldest dropped first).
+#: Runs a site keeps at once (an idle one makes room for a new run; a training one never does).
 MAX_RUNS = 8
 
 
@@ -71,6 +84,15 @@ class SiteRun:
     last_forward: tuple[int, dict[str, tuple[int, ...]]] | None = None
     last_applied: int | None = None
     created: float = field(default_factory=time.time)
+    cohort: frozenset[str] = frozenset()
+    active: float = field(default_factory=time.monotonic)
+    #: serialises the run's forward/backward/checkpoint/restore bookkeeping, so an overlapping retry waits
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: SHA-256 of the gradient bundle of ``last_applied`` (a retry must carry the same bytes)
+    applied_digest: str | None = None
+    #: rebuilt from the store after a restart: training waits for a restore
+    needs_restore: bool = False
+    checkpoint_step: int | None = None
 
 
 class SiteRuntime:
@@ -79,7 +101,7 @@ class SiteRuntime:
     Args:
         settings: the site's settings.
         metrics: the service's metrics registry (step latency, tensor bytes in and out).
-        filters: outbound activation filters (defenses) applied to every forward; none by default.
+        filters: outbound activation filters (defenses) applied to every forward; default: ``settings.defenses``.
     """
 
     def __init__(
@@ -87,16 +109,26 @@ class SiteRuntime:
     ) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self.filters = filters or FilterChain()
+        self.protection = SiteProtection(settings, metrics, filters)
+        self.filters = self.protection.chain
         # file headers checked at start-up: missing files and disagreeing grids are reported (or skipped) now
         scan = scan_cohort(settings.data_dir, modalities=settings.modalities, on_bad_case=settings.on_bad_case)
         self.cases: dict[str, BratsCase] = dict(scan.cases)
         self.skipped_cases = len(scan.skipped)
         self.cache = ArrayCache(max_items=settings.cache_cases)
         self._runs: dict[str, SiteRun] = {}
-        self._aligned: frozenset[str] | None = None
+        self._aligned: frozenset[str] = frozenset()
+        self.alignment = AlignmentGuard(frozenset(self.cases))
+        self.eval_budget = EvalBudget(settings.policy)
         self._lock = threading.Lock()
+        self.store = RunStore(settings.state_dir)
+        for stored in self.store.runs()[-MAX_RUNS:]:
+            run = self._build_run(stored.setup, cohort=stored.cohort, created=stored.created)
+            # a run never checkpointed never trained (the aggregator checkpoints step 0 before the first step)
+            run.needs_restore, run.checkpoint_step = stored.checkpoint_step is not None, stored.checkpoint_step
+            self._runs[stored.setup.run_id] = run
         self._metrics = metrics
+        self.audit = SiteAuditor(self)
         if metrics is not None:
             self._step_seconds = metrics.histogram(
                 "site_step_seconds", "Seconds per forward/backward at this site", ["phase"]
@@ -125,9 +157,10 @@ class SiteRuntime:
             modalities=list(self.settings.modalities),
             version=__version__,
             device=str(self.device),
-            defenses=self.filters.describe(),
+            defenses=self.protection.describe(),
             runs=runs,
             model_policy=None if self.settings.model is None else self.settings.model.model_dump(mode="json"),
+            policy=self.settings.policy.model_dump(mode="json"),
         )
 
     def _run_info(self, run_id: str, run: SiteRun) -> RunInfo:
@@ -137,25 +170,40 @@ class SiteRuntime:
             fingerprint=run.fingerprint,
             parameters=run.parameters,
             step=run.last_applied or 0,
+            checkpoint_step=run.checkpoint_step,
+            restore_required=run.needs_restore,
         )
 
     # ------------------------------------------------------------------ alignment
-    def psi(self, request: PsiRequest) -> PsiResponse:
+    def psi(self, request: PsiRequest, caller: str = "anonymous") -> PsiResponse:
         """Answer one private-set-intersection request with a fresh secret (see :mod:`splitunet.psi`)."""
-        return PsiServer(self.case_ids()).respond(request)
+        return self.alignment.psi(caller, request)
 
-    def set_alignment(self, aligned: AlignedCases) -> AlignmentAck:
-        """Restrict this site to the aligned cohort; every id must be one of its own cases."""
-        unknown = sorted(set(aligned.case_ids) - set(self.cases))
-        if unknown:
-            raise CaseNotFoundError(
-                f"{len(unknown)} aligned case(s) are not at site {self.settings.site_id}; re-run the alignment",
-                detail={"unknown": len(unknown)},
-            )
+    def set_alignment(self, aligned: AlignedCases, caller: str = "anonymous") -> AlignmentAck:
+        """The cohort of runs set up from now on: the intersection of ``caller``'s own PSI session (see
+        :mod:`services.client_site.alignment`); runs already set up keep theirs."""
+        cohort = self.alignment.accept(caller, aligned)
         with self._lock:
-            self._aligned = frozenset(aligned.case_ids)
-        logger.info("site %s: %d aligned cases", self.settings.site_id, len(aligned.case_ids))
-        return AlignmentAck(aligned=len(aligned.case_ids))
+            self._aligned = cohort
+        logger.info("site %s: %d aligned cases", self.settings.site_id, len(cohort))
+        return AlignmentAck(aligned=len(cohort))
+
+    def grids(self, request: GridRequest) -> CaseGrids:
+        """Header grid and brain extent of aligned cases (:mod:`splitunet.data.grid`); the images get cached."""
+        out = {}
+        for case_id in request.case_ids:
+            out[case_id] = case_grid(self._serving(case_id), self.settings.modalities, cache=self.cache)
+        return CaseGrids(grids=out)
+
+    def _serving(self, case_id: str) -> BratsCase:
+        """A case this site serves: one of the aligned cohort (the same error for an unknown case, see
+        :func:`~services.client_site.alignment.not_aligned`: no answer reveals whether an id exists)."""
+        case = self.cases.get(case_id)
+        with self._lock:
+            aligned = self._aligned
+        if case is None or aligned is None or case_id not in aligned:
+            raise not_aligned(case_id)
+        return case
 
     # ------------------------------------------------------------------ runs
     def setup_run(self, setup: RunSetup) -> RunInfo:
@@ -170,6 +218,7 @@ class SiteRuntime:
                 f"the model gives site {me!r} modalities {list(spec.modalities)}, but this site holds "
                 f"{list(self.settings.modalities)}"
             )
+        self.settings.policy.check_setup(setup.model, setup.optimizer)
         if self.settings.model is not None and self.settings.model != setup.model:
             raise ConflictError(
                 "this site only accepts its pinned model configuration (SITE_MODEL); the run asks for another",
@@ -181,23 +230,57 @@ class SiteRuntime:
                 if existing.setup != setup:
                     raise ConflictError(f"run {setup.run_id!r} already exists with a different setup")
                 return self._run_info(setup.run_id, existing)
-            encoder = make_site_encoder(setup.model, me, setup.seed).to(self.device)
-            optimizer = make_optimizer(
-                encoder.parameters(), lr=setup.optimizer.lr, weight_decay=setup.optimizer.weight_decay
-            )
-            run = SiteRun(
-                setup=setup,
-                step=SiteStep(encoder, optimizer, self.filters),
-                fingerprint=encoder.fingerprint(),
-                parameters=sum(p.numel() for p in encoder.parameters()),
-            )
-            if len(self._runs) >= MAX_RUNS:
-                oldest = min(self._runs, key=lambda r: self._runs[r].created)
-                logger.info("dropping run %s (more than %d runs)", oldest, MAX_RUNS)
-                del self._runs[oldest]
+            self._make_room()
+            run = self._build_run(setup, cohort=self._aligned)
+            self.store.save_run(setup, run.fingerprint, run.created, cohort=run.cohort)
             self._runs[setup.run_id] = run
             logger.info("run %s: encoder %s with %d parameters", setup.run_id, run.fingerprint, run.parameters)
             return self._run_info(setup.run_id, run)
+
+    def _make_room(self) -> None:
+        """Under ``self._lock``: drop the longest-idle run if the site is full; 409 if every run is training."""
+        if len(self._runs) < MAX_RUNS:
+            return
+        now = time.monotonic()
+        idle = [rid for rid, run in self._runs.items() if now - run.active > self.settings.run_idle_s]
+        if not idle:
+            raise ConflictError(
+                f"site {self.settings.site_id} already holds {MAX_RUNS} runs that are training (a step in the last "
+                f"{self.settings.run_idle_s:.0f} s); it never evicts a training run: retry when one is idle",
+                detail={"runs": len(self._runs), "run_idle_s": self.settings.run_idle_s},
+            )
+        oldest = min(idle, key=lambda r: self._runs[r].active)
+        logger.info("dropping idle run %s (more than %d runs)", oldest, MAX_RUNS)
+        del self._runs[oldest]
+        self.eval_budget.forget_run(oldest)
+        self.protection.drop_run(oldest)
+        self.store.delete_run(oldest)
+
+    def _build_run(self, setup: RunSetup, *, cohort: frozenset[str], created: float | None = None) -> SiteRun:
+        # The site's own randomness unless SITE_SEED pins it (tests, studies): never the aggregator's choice.
+        # A run rebuilt after a restart gets its weights from the checkpoint it must restore first.
+        seed = self.settings.seed if self.settings.seed is not None else secrets.randbelow(2**31)
+        encoder = make_site_encoder(setup.model, self.settings.site_id, seed).to(self.device)
+        optimizer = make_optimizer(
+            encoder.parameters(), lr=setup.optimizer.lr, weight_decay=setup.optimizer.weight_decay
+        )
+        return SiteRun(
+            setup=setup,
+            step=SiteStep(encoder, optimizer, self.filters, self.protection.loss_terms),
+            fingerprint=encoder.fingerprint(),
+            parameters=sum(p.numel() for p in encoder.parameters()),
+            created=created or time.time(),
+            cohort=cohort,
+        )
+
+    def _check_restored(self, run_id: str, run: SiteRun) -> None:
+        if run.needs_restore:
+            raise ProtocolError(
+                f"run {run_id!r} was reloaded after a restart of site {self.settings.site_id} and holds no trained "
+                f"weights yet; restore a checkpointed step first (POST /v1/runs/{run_id}/restore; latest: "
+                f"{run.checkpoint_step})",
+                detail={"restore_required": True, "checkpoint_step": run.checkpoint_step},
+            )
 
     def encoder(self, run_id: str) -> SiteEncoder:
         """The encoder of a run (tests, tooling); use it under ``run.step.lock`` while the run trains."""
@@ -214,13 +297,29 @@ class SiteRuntime:
     def forward(self, run_id: str, request: ForwardRequest) -> bytes:
         """Encode the requested samples; return the activation bundle (wire bytes)."""
         run = self._run(run_id)
+        self._check_restored(run_id, run)
         started = time.perf_counter()
+        self.settings.policy.check_batch(len(request.samples))
+        for sample in request.samples:
+            if sample.case_id not in run.cohort:
+                raise not_aligned(sample.case_id)
+        if request.phase == Phase.EVAL:
+            self.eval_budget.charge(run_id, [s.case_id for s in request.samples])
+        else:
+            run.active = time.monotonic()
         batch = self._batch(request, run)
-        tensors = run.step.forward(
-            batch, step=request.step, run_id=run_id, train=request.phase == Phase.TRAIN
-        )
+        self.audit.on_forward(run_id, run, request.step, request.phase)
+        protection = {
+            "groups": self.protection.patients(request),
+            "sample_rate": self.protection.sample_rate(run.setup, request, len(run.cohort or self.cases)),
+        }
         if request.phase == Phase.TRAIN:
-            run.last_forward = (request.step, {k: tuple(v.shape) for k, v in tensors.items()})
+            with run.lock:
+                tensors = run.step.forward(batch, step=request.step, run_id=run_id, train=True, **protection)
+                run.last_forward = (request.step, {k: tuple(v.shape) for k, v in tensors.items()})
+        else:
+            tensors = run.step.forward(batch, step=request.step, run_id=run_id, train=False, **protection)
+        tensors = self.protection.outbound(run_id, request, tensors)
         data = encode_bundle(
             tensors,
             meta=BundleMeta(run_id=run_id, step=request.step, site=self.settings.site_id, kind=BundleKind.ACTIVATIONS),
@@ -234,13 +333,27 @@ class SiteRuntime:
     def backward(self, run_id: str, step: int, body: bytes) -> BackwardAck:
         """Apply the gradients of ``step`` (a gradient bundle) to the encoder.
 
-        A repeated backward of the step just applied is acknowledged with ``applied=False`` (idempotent retry);
-        any other backward without its forward is a :class:`ProtocolError` (409).
+        A repeated backward of the step just applied is acknowledged with ``applied=False`` (idempotent retry),
+        also when it overlaps the original: the run's lock makes it wait for the original to finish. A retry with
+        other gradient bytes is a :class:`ConflictError`; any other backward without its forward is a
+        :class:`ProtocolError` (409).
         """
         run = self._run(run_id)
+        with run.lock:
+            return self._backward(run_id, run, step, body)
+
+    def _backward(self, run_id: str, run: SiteRun, step: int, body: bytes) -> BackwardAck:
+        self._check_restored(run_id, run)
         started = time.perf_counter()
+        digest = hashlib.sha256(body).hexdigest()
         pending = run.step.pending_step()
         if pending is None and run.last_applied == step:
+            if run.applied_digest not in (None, digest):
+                raise ConflictError(
+                    f"step {step} of run {run_id!r} was already applied with other gradients; a retry must resend "
+                    "the same bundle",
+                    detail={"step": step},
+                )
             return BackwardAck(run_id=run_id, step=step, applied=False)
         if pending != (run_id, step) or run.last_forward is None or run.last_forward[0] != step:
             raise ProtocolError(
@@ -259,10 +372,20 @@ class SiteRuntime:
         )
         bundle = decode_bundle(body, expect=expect, max_bytes=self.settings.max_bundle_bytes)
         grads = {k: v.to(self.device) for k, v in bundle.tensors.items()}
+        set_lr(run.step.optimizer, run.setup.optimizer.lr_at(step))
         run.step.backward(grads, step=step, run_id=run_id)
-        run.last_applied = step
+        run.last_applied, run.applied_digest = step, digest
+        run.active = time.monotonic()
         self._observe("backward", started, received=len(body))
-        return BackwardAck(run_id=run_id, step=step, applied=True)
+        return BackwardAck(run_id=run_id, step=step, applied=True, defenses=self.protection.stats() or None)
+
+    # ------------------------------------------------------------------ secure sum (see splitunet.secure_sum)
+    def secure_sum_offer(self, run_id: str) -> SecureSumOffer:
+        return self.protection.secure_sum_offer(run_id, self._run(run_id).setup)
+
+    def secure_sum_establish(self, run_id: str, peers: SecureSumPeers) -> SecureSumAck:
+        self._run(run_id)
+        return self.protection.secure_sum_establish(run_id, peers)
 
     def _batch(self, request: ForwardRequest, run: SiteRun) -> torch.Tensor:
         """Stack the samples' crops: ``B, C_site, *size`` float32 on the run's device."""
@@ -290,15 +413,8 @@ class SiteRuntime:
         arrays = []
         for sample in request.samples:
             case = self.cases.get(sample.case_id)
-            if self._aligned is not None and sample.case_id not in self._aligned:
-                raise NotAlignedError(
-                    f"case {sample.case_id!r} is not in the aligned cohort of site {self.settings.site_id}",
-                    detail={"case_id": sample.case_id},
-                )
-            if case is None:
-                raise CaseNotFoundError(
-                    f"site {self.settings.site_id} has no case {sample.case_id!r}", detail={"case_id": sample.case_id}
-                )
+            if case is None or sample.case_id not in run.cohort:
+                raise not_aligned(sample.case_id)
             images = load_images(case, spec.modalities, cache=self.cache)
             arrays.append(extract(images.array, sample))
         return torch.from_numpy(np.stack(arrays)).to(self.device, torch.float32)
@@ -317,29 +433,56 @@ class SiteRuntime:
         return self.settings.state_dir / run_id / f"site-{self.settings.site_id}-step-{step:08d}.safetensors"
 
     def checkpoint(self, run_id: str, step: int) -> CheckpointInfo:
-        """Save encoder + optimizer of a run (after the backward of ``step``)."""
+        """Save encoder + optimizer of a run after the backward of ``step``: the step the run holds, or 409."""
         run = self._run(run_id)
         path = self._checkpoint_path(run_id, step)
-        with run.step.lock:
-            digest = save_checkpoint(
-                path, run.step.encoder, run.step.optimizer,
-                {"run_id": run_id, "step": step, "site": self.settings.site_id, "fingerprint": run.fingerprint},
-            )
+        check_disk_budget(self.settings.state_dir, run.parameters, self.settings.checkpoint_budget_bytes,
+                          setting="SITE_CHECKPOINT_BUDGET_BYTES")
+        with run.lock:
+            self._check_restored(run_id, run)
+            held = run.last_applied or 0
+            if step != held:
+                raise ProtocolError(
+                    f"run {run_id!r} at site {self.settings.site_id} holds step {held}, not {step}; checkpoint a step "
+                    "after its backward",
+                    detail={"held_step": held, "step": step},
+                )
+            with run.step.lock:
+                digest = save_checkpoint(
+                    path, run.step.encoder, run.step.optimizer,
+                    {"run_id": run_id, "step": step, "site": self.settings.site_id},
+                    fingerprint=run.fingerprint,
+                )
+            self.store.record_checkpoint(run_id, step, path, digest)
+            run.checkpoint_step = step
         return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=digest)
 
     def restore(self, run_id: str, step: int) -> CheckpointInfo:
-        """Load encoder + optimizer of a run from the checkpoint at ``step`` (the run must be set up)."""
+        """Load encoder + optimizer of a run from the checkpoint at ``step``, verified before anything is loaded.
+
+        Raises:
+            NotFoundError: no checkpoint of this run at ``step``.
+            DataError: the checkpoint is empty, truncated or corrupt (the run is left as it was).
+            ConflictError: it was written by another architecture or for another run or step.
+        """
         run = self._run(run_id)
         path = self._checkpoint_path(run_id, step)
         if not path.is_file():
             raise NotFoundError(f"site {self.settings.site_id} has no checkpoint of run {run_id!r} at step {step}")
-        with run.step.lock:
-            meta = load_checkpoint(path, run.step.encoder, run.step.optimizer)
-        if meta.get("fingerprint") != run.fingerprint:
-            raise ConflictError("the checkpoint was written by an encoder of another architecture")
-        run.last_applied, run.last_forward = step, None
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=digest)
+        with run.lock:
+            checkpoint = read_checkpoint(path, fingerprint=run.fingerprint, module=run.step.encoder)
+            if checkpoint.meta.get("run_id") != run_id or checkpoint.step != step:
+                raise ConflictError(
+                    f"{path} holds run {checkpoint.meta.get('run_id')!r} step {checkpoint.step}, not run {run_id!r} "
+                    f"step {step}",
+                    detail={"path": str(path)},
+                )
+            with run.step.lock:
+                apply_checkpoint(checkpoint, run.step.encoder, run.step.optimizer)
+            run.last_applied, run.last_forward, run.applied_digest = step, None, None
+            run.needs_restore = False
+        logger.info("run %s restored to step %d at site %s", run_id, step, self.settings.site_id)
+        return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=checkpoint.sha256)
 
 
 @contextmanager
@@ -352,3 +495,4 @@ def site_runtime(settings: SiteSettings, metrics: ServiceMetrics | None = None) 
         yield runtime
     finally:
         runtime.cache.clear()
+        runtime.store.close()

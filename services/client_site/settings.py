@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from services.client_site.policy import SitePolicy
 from splitunet.config import MODALITIES, SplitUNetConfig
 from splitunet.data.layout import OnBadCase, canonical_modality
+from splitunet.defenses import SiteDefenseConfig
+from splitunet.defenses.config import load_defense_list
 from splitunet.service.device import DeviceChoice
+from splitunet.service.scopes import Scope
 from splitunet.service.settings import ServiceSettings
 from splitunet.wire import DEFAULT_MAX_BYTES
 
@@ -31,10 +35,24 @@ class SiteSettings(ServiceSettings):
         max_bundle_bytes: largest gradient bundle accepted and activation bundle produced.
         max_batch_voxels: most voxels (samples x spatial size) one forward may ask for; bounds the memory a request
             can make the site allocate (default 32 Mi voxels, e.g. 4 patches of 128^3 or 256 slices of 240^2).
-        defenses: names of the outbound activation filters (empty until the defense issue lands).
+        audit_snapshot_every: keep the encoder weights of every n-th train step for audits (0: keep none; see
+            :mod:`services.client_site.audit`); ``audit_keep_last``: also the last n train steps;
+            ``audit_max_snapshots``: at most this many kept snapshots per run (oldest dropped).
+        defenses: this site's defenses, applied in order to every forward (``SITE_DEFENSES``: a JSON list or the
+            path of a YAML/JSON file; see :mod:`splitunet.defenses.config`).
+        seed: ``SITE_SEED``: build encoders from this seed (reproducible tests and studies). Default: from the
+            site's own secret randomness; the aggregator never chooses it (with the seed it could rebuild the
+            encoder and invert the activations).
+        policy: what the site accepts (``SITE_POLICY__MIN_CUT_LEVEL=1`` ...; see :mod:`services.client_site.policy`).
+        run_idle_s: a run with no step for this long may make room for a new run; a run that is training is
+            never evicted (the new run is refused with 409).
+        checkpoint_budget_bytes: most bytes of checkpoints under ``state_dir``; a checkpoint beyond it is refused.
+        require_secure_sum: refuse forwards of runs without secure-sum masking (see :mod:`splitunet.secure_sum`).
     """
 
     model_config = SettingsConfigDict(env_prefix="SITE_")
+    #: The aggregator calls a site's API (its training endpoints); the audit routes take scope ``audit``.
+    primary_scope: ClassVar[Scope] = Scope.AGGREGATOR
 
     port: int = Field(default=8101, ge=0, le=65535)
     site_id: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$")
@@ -48,6 +66,27 @@ class SiteSettings(ServiceSettings):
     torch_threads: int = Field(default=0, ge=0)
     max_bundle_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0)
     max_batch_voxels: int = Field(default=32 * 2**20, gt=0)
+    seed: int | None = Field(default=None, ge=0, lt=2**31)
+    policy: SitePolicy = Field(default_factory=SitePolicy)
+    run_idle_s: float = Field(default=600.0, gt=0)
+    checkpoint_budget_bytes: int = Field(default=4 * 2**30, gt=0)
+
+    def max_tensor_request_bytes(self) -> int:
+        """Body limit of the tensor endpoint (backward): fp32 gradients of at most ``max_batch_voxels`` voxels at
+        every level the policy lets the site send (``policy.max_width`` channels, a level's voxels shrinking at
+        least 4x per level), plus framing; never above ``max_bundle_bytes``."""
+        derived = 4 * self.max_batch_voxels * self.policy.max_width * 4 // 3 + 2**16
+        return min(derived, self.max_bundle_bytes)
+    defenses: Annotated[tuple[SiteDefenseConfig, ...], NoDecode] = ()
+    require_secure_sum: bool = False
+
+    @field_validator("defenses", mode="before")
+    @classmethod
+    def _load_defenses(cls, value: Any) -> Any:
+        return load_defense_list(value)
+    audit_snapshot_every: int = Field(default=10, ge=0)
+    audit_keep_last: int = Field(default=4, ge=1)
+    audit_max_snapshots: int = Field(default=64, ge=1)
 
     @field_validator("modalities", mode="before")
     @classmethod

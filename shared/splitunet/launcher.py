@@ -1,7 +1,11 @@
 """Start and stop a local federation: site and aggregator services as real uvicorn processes on 127.0.0.1.
 
 Used by ``splitunet demo`` and by the end-to-end tests. Each service is a separate process (``python -m splitunet
-serve site|aggregator``) configured only through its environment and a token file, exactly as in a deployment.
+serve site|aggregator``) configured only through its environment and token files, exactly as in a deployment:
+every site gets its own token (scope ``aggregator``), the aggregator gets them all through its site registry
+(``AGG_SITES``, written by :meth:`LocalFederation.start_aggregator` from the sites started before it), and the
+operator calls the aggregator with the operator token. With ``tls=True`` a throwaway CA issues a server
+certificate per service and a client certificate for the aggregator, and the sites require mutual TLS.
 Every process runs in its own process group; :meth:`LocalFederation.stop` (also on exceptions and Ctrl-C, via the
 context manager) terminates the groups and kills what does not exit.
 """
@@ -17,7 +21,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -33,12 +38,25 @@ class ServiceProcess:
     url: str
     process: subprocess.Popen
     log_path: Path
+    service: str = ""
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    port: int = 0
 
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+#: Environment prefixes of the services' settings: never inherited from the caller's shell.
+SERVICE_ENV_PREFIXES = ("SITE_", "AGG_", "AUDIT_")
+
+
+def service_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the services' settings variables (``SITE_*``, ``AGG_*``, ``AUDIT_*``), so a process
+    started here is configured only by what the launcher sets, not by a variable left in the caller's shell."""
+    return {k: v for k, v in environ.items() if not k.startswith(SERVICE_ENV_PREFIXES)}
 
 
 def free_port() -> int:
@@ -55,21 +73,54 @@ class LocalFederation:
         workdir: logs go to ``workdir/logs``, tokens to ``workdir/secrets`` (mode 0600), state to ``workdir/state``.
         torch_threads: intra-op threads per process (keep the total near the number of cores).
         python: the interpreter that runs the services.
+        tls: serve every service over HTTPS (sites with mutual TLS) with certificates of a throwaway CA.
+
+    Attributes:
+        operator_token: the token of the aggregator's job API (scope ``operator``).
+        site_tokens: each site's own token (scope ``aggregator``), by site name.
+        ca_file: the throwaway CA's certificate (``tls=True``), to verify the services.
     """
 
-    def __init__(self, workdir: Path, *, torch_threads: int = 1, python: str = sys.executable) -> None:
+    def __init__(
+        self, workdir: Path, *, torch_threads: int = 1, python: str = sys.executable, tls: bool = False
+    ) -> None:
         self.workdir = Path(workdir)
         self.torch_threads = torch_threads
         self.python = python
         self.processes: list[ServiceProcess] = []
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        secrets_dir = self.workdir / "secrets"
-        secrets_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(secrets_dir, 0o700)
-        self.site_token = secrets.token_urlsafe(24)
-        self.aggregator_token = secrets.token_urlsafe(24)
-        self.site_token_file = self._secret(secrets_dir / "site-token", self.site_token)
-        self.aggregator_token_file = self._secret(secrets_dir / "aggregator-token", self.aggregator_token)
+        self.secrets_dir = self.workdir / "secrets"
+        self.secrets_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.secrets_dir, 0o700)
+        self.operator_token = secrets.token_urlsafe(24)
+        self.operator_token_file = self._secret(self.secrets_dir / "operator-token", self.operator_token)
+        self.site_tokens: dict[str, str] = {}
+        self._site_urls: dict[str, str] = {}
+        self._ca = None
+        self._operator_cert = None
+        self.ca_file: Path | None = None
+        if tls:
+            from splitunet.service.pki import ThrowawayCA
+
+            self._ca = ThrowawayCA(self.secrets_dir / "pki", "federation-ca")
+            self.ca_file = self._ca.cert_file
+
+    @property
+    def aggregator_token(self) -> str:
+        """The operator token (older name, kept for callers of the aggregator's API)."""
+        return self.operator_token
+
+    def operator_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.operator_token}"}
+
+    def _tls_env(self, prefix: str, name: str, *, client_auth: bool) -> dict[str, str]:
+        if self._ca is None:
+            return {}
+        files = self._ca.server(name, hosts=("127.0.0.1", "localhost"))
+        env = {f"{prefix}TLS_CERT_FILE": str(files.cert), f"{prefix}TLS_KEY_FILE": str(files.key)}
+        if client_auth:
+            env |= {f"{prefix}TLS_CA_FILE": str(self._ca.cert_file), f"{prefix}TLS_CLIENT_AUTH": "required"}
+        return env
 
     @staticmethod
     def _secret(path: Path, value: str) -> Path:
@@ -84,11 +135,11 @@ class LocalFederation:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _start(self, name: str, service: str, env: dict[str, str]) -> ServiceProcess:
-        port = free_port()
+    def _start(self, name: str, service: str, env: dict[str, str], port: int | None = None) -> ServiceProcess:
+        port = port or free_port()
         prefix = "SITE_" if service == "site" else "AGG_"
         full_env = {
-            **os.environ,
+            **service_environment(os.environ),
             **env,
             f"{prefix}HOST": "127.0.0.1",
             f"{prefix}PORT": str(port),
@@ -98,7 +149,7 @@ class LocalFederation:
             "PYTHONUNBUFFERED": "1",
         }
         log_path = self.workdir / "logs" / f"{name}.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - handed to the child; closed when it exits
+        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child; closed when it exits
         process = subprocess.Popen(
             [self.python, "-m", "splitunet", "serve", service],
             env=full_env,
@@ -108,8 +159,10 @@ class LocalFederation:
             start_new_session=True,
         )
         log.close()
-        proc = ServiceProcess(name=name, url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
-        self.processes.append(proc)
+        scheme = "https" if self._ca is not None else "http"
+        proc = ServiceProcess(name=name, url=f"{scheme}://127.0.0.1:{port}", process=process, log_path=log_path,
+                              service=service, env=env, port=port)
+        self.processes = [p for p in self.processes if p.name != name] + [proc]
         self._write_manifest()
         logger.info("started %s (pid %d) on %s", name, process.pid, proc.url)
         return proc
@@ -119,33 +172,114 @@ class LocalFederation:
         doc = [{"name": p.name, "pid": p.process.pid, "url": p.url, "log": str(p.log_path)} for p in self.processes]
         (self.workdir / "services.json").write_text(json.dumps(doc, indent=2))
 
-    def start_site(self, name: str, modalities: list[str], data_dir: Path, *, device: str = "cpu") -> ServiceProcess:
-        env = {
+    def start_site(
+        self, name: str, modalities: list[str], data_dir: Path, *, device: str = "cpu", seed: int | None = None,
+        defenses: str | None = None, env: Mapping[str, str] | None = None,
+    ) -> ServiceProcess:
+        """Start site ``name`` with its own token; ``seed``: ``SITE_SEED`` (default: the site's secret
+        randomness); ``defenses``: its ``SITE_DEFENSES`` (a JSON list or a YAML file path); ``env`` adds or
+        overrides ``SITE_*`` settings (e.g. its policy)."""
+        token = secrets.token_urlsafe(24)
+        self.site_tokens[name] = token
+        token_file = self._secret(self.secrets_dir / f"site-{name}-token", token)
+        site_env = {
             "SITE_SITE_ID": name,
             "SITE_MODALITIES": ",".join(modalities),
             "SITE_DATA_DIR": str(data_dir),
             "SITE_STATE_DIR": str(self.workdir / "state" / f"site-{name}"),
-            "SITE_AUTH_TOKEN_FILE": str(self.site_token_file),
+            "SITE_AUTH_TOKEN_FILE": str(token_file),
             "SITE_DEVICE": device,
             "SITE_LOG_LEVEL": "warning",
+            **self._tls_env("SITE_", f"site-{name}", client_auth=True),
+            **({} if seed is None else {"SITE_SEED": str(seed)}),
+            **dict(env or {}),
         }
-        return self._start(f"site-{name}", "site", env)
+        if defenses:
+            site_env["SITE_DEFENSES"] = defenses
+        proc = self._start(f"site-{name}", "site", site_env)
+        self._site_urls[name] = proc.url
+        return proc
 
-    def start_aggregator(self, data_dir: Path, *, device: str = "cpu") -> ServiceProcess:
+    def write_registry(self) -> Path:
+        """``secrets/sites.json``: the aggregator's site registry (name, URL, token file of each site started)."""
+        entries = [
+            {"name": name, "url": url, "token_file": str(self.secrets_dir / f"site-{name}-token")}
+            for name, url in self._site_urls.items()
+        ]
+        path = self.secrets_dir / "sites.json"
+        path.write_text(json.dumps({"sites": entries}, indent=2))
+        return path
+
+    def start_aggregator(
+        self, data_dir: Path, *, device: str = "cpu", env: Mapping[str, str] | None = None
+    ) -> ServiceProcess:
+        """Start the aggregator with a registry of the sites started so far (start the sites first); ``env`` adds
+        or overrides ``AGG_*`` variables."""
+        if not self._site_urls:
+            raise RuntimeError("start the sites first: the aggregator's registry (AGG_SITES) lists them")
         env = {
             "AGG_DATA_DIR": str(data_dir),
+            "AGG_SITES": str(self.write_registry()),
             "AGG_STATE_DIR": str(self.workdir / "state" / "aggregator"),
-            "AGG_AUTH_TOKEN_FILE": str(self.aggregator_token_file),
+            "AGG_AUTH_TOKEN_FILE": str(self.operator_token_file),
             "AGG_DEVICE": device,
             "AGG_LOG_LEVEL": "info",
-        }
+            **self._tls_env("AGG_", "aggregator", client_auth=False),
+            # the traffic transcript is on in local federations (the demo): the audit replays it
+            "AGG_TRANSCRIPT__ENABLED": "true",
+            "AGG_TRANSCRIPT__DIR": str(self.workdir / "transcripts"),
+        } | dict(env or {})
+        if self._ca is not None:
+            client = self._ca.client("aggregator-client", "aggregator")
+            env |= {
+                "AGG_SITE_CA_FILE": str(self._ca.cert_file),
+                "AGG_SITE_CLIENT_CERT_FILE": str(client.cert),
+                "AGG_SITE_CLIENT_KEY_FILE": str(client.key),
+            }
         return self._start("aggregator", "aggregator", env)
+
+    def _verify(self) -> object:
+        """TLS verification of the operator's own calls: trust the CA, show the operator's client certificate
+        (the sites require one: mutual TLS)."""
+        if self._ca is None or self.ca_file is None:
+            return True
+        from splitunet.service.client import tls_context
+
+        if self._operator_cert is None:
+            self._operator_cert = self._ca.client("operator-client", "operator")
+        files = self._operator_cert
+        return tls_context(ca_file=self.ca_file, cert_file=files.cert, key_file=files.key)
+
+    def client(self, proc: ServiceProcess, timeout_s: float = 60.0) -> httpx.Client:
+        """An ``httpx.Client`` for ``proc`` that trusts this federation's CA (with ``tls=True``)."""
+        return httpx.Client(base_url=proc.url, timeout=timeout_s, verify=self._verify())
+
+    def process(self, name: str) -> ServiceProcess:
+        """The running (or last) process called ``name`` (``site-t1``, ``aggregator``)."""
+        for proc in self.processes:
+            if proc.name == name:
+                return proc
+        raise KeyError(f"no service {name!r}; started: {[p.name for p in self.processes]}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service's process group (a crash: no shutdown code runs) and reap it."""
+        proc = self.process(name)
+        _signal_group(proc.process, signal.SIGKILL)
+        proc.process.wait(timeout=10)
+        logger.info("killed %s (pid %d)", name, proc.process.pid)
+
+    def restart(self, name: str) -> ServiceProcess:
+        """Start a stopped or killed service again with the same environment, port and state folder."""
+        proc = self.process(name)
+        if proc.process.poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {proc.process.pid}); kill or stop it first")
+        return self._start(proc.name, proc.service, proc.env, port=proc.port)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Wait until every service answers ``/readyz`` with 200; raise with the log tail of a failed one."""
         deadline = time.monotonic() + timeout_s
         pending = list(self.processes)
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, verify=self._verify()) as client:
             while pending:
                 for proc in list(pending):
                     code = proc.process.poll()

@@ -15,14 +15,15 @@ outbound filters, see :mod:`splitunet.filters`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from splitunet.config import SplitUNetConfig, tensor_name
 from splitunet.errors import ProtocolError, WireFormatError
-from splitunet.filters import Direction, FilterChain, FilterContext
+from splitunet.filters import Direction, FilterChain, FilterContext, FilterTape
 from splitunet.networks.split_unet import ServerDecoder, SiteEncoder
 
 #: ``{name: tensor}`` of one site.
@@ -40,11 +41,22 @@ def expected_site_shapes(
     }
 
 
+class SiteLossTerm(Protocol):
+    """A site-side loss term added to the site's own update (NoPeek's ``alpha * dCor(x, F)``): a scalar computed
+    from the input ``x`` (``B, C_site, *spatial``) and the graph-attached encoder outputs, backpropagated with the
+    received gradients."""
+
+    def __call__(self, x: torch.Tensor, outputs: Mapping[str, torch.Tensor], context: FilterContext) -> torch.Tensor:
+        ...
+
+
 @dataclass
 class _Pending:
     run_id: str
     step: int
     outputs: dict[str, torch.Tensor]  # graph-attached encoder outputs
+    tape: FilterTape | None = None  # what the outbound filters need on the gradient's way back
+    extra_losses: list[torch.Tensor] = field(default_factory=list)  # site loss terms (graph-attached scalars)
 
 
 class SiteStep:
@@ -54,16 +66,22 @@ class SiteStep:
         encoder: the site's :class:`SiteEncoder`.
         optimizer: the encoder's optimizer; ``None`` accumulates gradients without stepping (tests, audits).
         filters: outbound activation filters (defenses) of this site.
+        loss_terms: site loss terms added to the site's update (NoPeek), training only.
 
     Thread-safe: one lock serialises forward/backward.
     """
 
     def __init__(
-        self, encoder: SiteEncoder, optimizer: torch.optim.Optimizer | None = None, filters: FilterChain | None = None
+        self,
+        encoder: SiteEncoder,
+        optimizer: torch.optim.Optimizer | None = None,
+        filters: FilterChain | None = None,
+        loss_terms: Sequence[SiteLossTerm] = (),
     ) -> None:
         self.encoder = encoder
         self.optimizer = optimizer
         self.filters = filters or FilterChain()
+        self.loss_terms = tuple(loss_terms)
         self._pending: _Pending | None = None
         self.lock = threading.Lock()
 
@@ -71,14 +89,28 @@ class SiteStep:
     def site(self) -> str:
         return self.encoder.site.name
 
-    def forward(self, x: torch.Tensor, *, step: int, run_id: str = "local", train: bool = True) -> Bundle:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        step: int,
+        run_id: str = "local",
+        train: bool = True,
+        groups: Sequence[str] | None = None,
+        sample_rate: float | None = None,
+    ) -> Bundle:
         """Run the encoder on ``x`` (``B, C_site, *spatial``) and return the detached tensors to send.
 
         In training the graph is kept until :meth:`backward` for the same ``run_id`` and ``step``; a new training
         forward replaces an unanswered one. Evaluation runs without a graph and leaves the pending step alone.
+        ``groups`` (the patient of each sample) and ``sample_rate`` go to the filters (see
+        :class:`~splitunet.filters.FilterContext`).
         """
         with self.lock:
-            context = FilterContext(run_id, step, self.site, Direction.ACTIVATIONS, "train" if train else "eval")
+            context = FilterContext(
+                run_id, step, self.site, Direction.ACTIVATIONS, "train" if train else "eval",
+                groups=None if groups is None else tuple(groups), sample_rate=sample_rate,
+            )
             if not train:
                 self.encoder.eval()
                 with torch.no_grad():
@@ -86,8 +118,10 @@ class SiteStep:
                 return self.filters({k: v.detach() for k, v in outputs.items()}, context)
             self.encoder.train()
             outputs = self.encoder(x)
-            self._pending = _Pending(run_id, step, outputs)
-            return self.filters({k: v.detach() for k, v in outputs.items()}, context)
+            extra = [term(x, outputs, context) for term in self.loss_terms]
+            tape = self.filters.apply({k: v.detach() for k, v in outputs.items()}, context)
+            self._pending = _Pending(run_id, step, outputs, tape, extra)
+            return tape.outputs
 
     def backward(self, gradients: Mapping[str, torch.Tensor], *, step: int, run_id: str = "local") -> None:
         """Backpropagate ``gradients`` (``{name: dL/d sent tensor}``) into the encoder and step the optimizer.
@@ -106,9 +140,12 @@ class SiteStep:
                     detail={"expected": have, "got": {"run_id": run_id, "step": step}},
                 )
             check_bundle(gradients, {k: tuple(v.shape) for k, v in pending.outputs.items()}, what="gradients")
+            if pending.tape is not None:
+                gradients = pending.tape.backward(gradients)
             names = list(pending.outputs)
-            outputs = [pending.outputs[n] for n in names]
+            outputs = [pending.outputs[n] for n in names] + pending.extra_losses
             grads = [gradients[n].to(dtype=outputs[i].dtype, device=outputs[i].device) for i, n in enumerate(names)]
+            grads += [torch.ones_like(term) for term in pending.extra_losses]
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(outputs, grads)
@@ -139,6 +176,8 @@ class AggregatorStep:
         loss_fn: ``loss_fn(logits, labels) -> scalar``; logits and labels are ``B, 3, *spatial``.
         optimizer: the decoder's optimizer; ``None`` accumulates gradients without stepping.
         filters: outbound gradient filters (defenses against label leakage).
+        inbound: turns the received bundles into the ones the decoder fuses, before training and prediction
+            (secure sum: masked bundles in, their unmasked sum out; see :mod:`splitunet.secure_sum`).
     """
 
     def __init__(
@@ -147,14 +186,19 @@ class AggregatorStep:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         optimizer: torch.optim.Optimizer | None = None,
         filters: FilterChain | None = None,
+        inbound: Callable[[Mapping[str, Mapping[str, torch.Tensor]]], Mapping[str, Mapping[str, torch.Tensor]]]
+        | None = None,
     ) -> None:
         self.decoder = decoder
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.filters = filters or FilterChain()
+        self.inbound = inbound
         self.lock = threading.Lock()
 
     def _leaves(self, site_tensors: Mapping[str, Mapping[str, torch.Tensor]], grad: bool) -> dict[str, Bundle]:
+        if self.inbound is not None:
+            site_tensors = self.inbound(site_tensors)
         config = self.decoder.config
         names = [s.name for s in config.sites]
         if set(site_tensors) != set(names):

@@ -7,12 +7,14 @@ never travel in JSON: ``forward`` answers and ``backward`` requests are wire bun
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from splitunet.config import SplitUNetConfig
+from splitunet.data.grid import CaseGrid
 from splitunet.data.sampling import Sample
+from splitunet.schedules import LrSchedule, lr_factor
 
 #: A run id: letters, digits, ``-`` and ``_`` (it names checkpoint folders).
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -44,24 +46,58 @@ class WireOptions(BaseModel):
 
 
 class OptimizerOptions(BaseModel):
-    """Adam settings of one party."""
+    """Adam settings of one party, and its learning-rate schedule (:mod:`splitunet.schedules`).
+
+    ``total_steps`` is the run's length (the aggregator fills it in from the job's ``steps``); ``lr`` is the base
+    rate the schedule multiplies.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     lr: float = Field(default=1e-4, gt=0, le=1.0)
     weight_decay: float = Field(default=1e-5, ge=0, le=1.0)
+    schedule: LrSchedule = LrSchedule.CONSTANT
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_factor: float = Field(default=0.0, ge=0.0, le=1.0)
+    total_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step`` (constant when no ``total_steps`` is known)."""
+        if self.schedule is LrSchedule.CONSTANT or self.total_steps is None:
+            return self.lr
+        return self.lr * lr_factor(
+            self.schedule, step, self.total_steps, warmup_steps=self.warmup_steps, min_factor=self.min_lr_factor
+        )
+
+
+class SamplingPlan(BaseModel):
+    """How the aggregator draws training batches: ``batch_size`` cases uniformly with replacement from
+    ``population`` training cases per step (a site's DP accountant takes its sampling rate from this)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    population: int = Field(ge=1)
+
+    def sample_rate(self, batch: int, cohort: int | None = None) -> float:
+        """``P(a given case is in a batch of `batch` draws)`` = ``1 - (1 - 1/N)**batch``; ``N`` is capped by the
+        ``cohort`` the site knows (a larger declared population would understate the rate)."""
+        n = self.population if cohort is None else max(1, min(self.population, cohort))
+        return 1.0 - (1.0 - 1.0 / n) ** max(batch, self.batch_size)
 
 
 class RunSetup(BaseModel):
-    """``POST /v1/runs``: build this site's encoder for a run."""
+    """``POST /v1/runs``: build this site's encoder for a run.
+
+    No seed: the site initialises its encoder from its own secret randomness (or its ``SITE_SEED``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     model: SplitUNetConfig
-    seed: int = Field(default=0, ge=0, lt=2**31)
     optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
     wire: WireOptions = Field(default_factory=WireOptions)
+    sampling: SamplingPlan | None = None
 
 
 class RunInfo(BaseModel):
@@ -72,6 +108,8 @@ class RunInfo(BaseModel):
     fingerprint: str
     parameters: int
     step: int = 0
+    checkpoint_step: int | None = None
+    restore_required: bool = False
 
 
 class ForwardRequest(BaseModel):
@@ -99,6 +137,7 @@ class BackwardAck(BaseModel):
     run_id: str
     step: int
     applied: bool = True
+    defenses: list[dict[str, Any]] | None = Field(default=None, description="what each site defense did so far")
 
 
 class CheckpointRequest(BaseModel):
@@ -123,9 +162,10 @@ class SiteInfo(BaseModel):
     modalities: list[str]
     version: str
     device: str
-    defenses: list[str]
+    defenses: list[dict[str, Any]]
     runs: dict[str, RunInfo]
     model_policy: dict[str, Any] | None = None
+    policy: dict[str, Any] | None = Field(default=None, description="the site's policy (services.client_site.policy)")
 
 
 class AlignedCases(BaseModel):
@@ -133,8 +173,23 @@ class AlignedCases(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    case_ids: list[str] = Field(min_length=1, max_length=1_000_000)
+    case_ids: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(min_length=1, max_length=1_000_000)
+    session: str = Field(pattern=r"^[0-9a-f]{32}$", description="the PSI session this alignment comes from")
 
 
 class AlignmentAck(BaseModel):
     aligned: int
+
+
+class GridRequest(BaseModel):
+    """``POST /v1/grids``: the header grid and brain extent of some aligned cases (see :mod:`splitunet.data.grid`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    case_ids: list[str] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class CaseGrids(BaseModel):
+    """Answer to ``POST /v1/grids``: one :class:`~splitunet.data.grid.CaseGrid` per case asked for."""
+
+    grids: dict[str, CaseGrid]

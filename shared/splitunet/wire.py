@@ -395,6 +395,8 @@ def _parse_header(payload: bytes | memoryview) -> tuple[dict[str, str], dict[str
         header = json.loads(bytes(payload[8 : 8 + n]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireFormatError(f"payload is not a safetensors buffer: header is not JSON ({exc})") from None
+    except RecursionError:
+        raise WireFormatError("payload is not a safetensors buffer: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise WireFormatError("payload is not a safetensors buffer: header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -424,10 +426,10 @@ def _parse_meta(md: dict[str, str]) -> tuple[BundleMeta, WireDtype, list[str]]:
         raise WireFormatError(f"bundle step {md['step']!r} is not a non-negative integer")
     try:
         names = json.loads(md["names"])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         names = None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise WireFormatError(f"bundle metadata 'names' must be a non-empty JSON list: {md['names']!r}")
+        raise WireFormatError(f"bundle metadata 'names' must be a non-empty JSON list of names: {md['names'][:80]!r}")
     if len(set(names)) != len(names):
         raise WireFormatError(f"bundle metadata 'names' repeats a name: {names}")
     try:

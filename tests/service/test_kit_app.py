@@ -145,7 +145,7 @@ def test_oversize_body_rejected_by_content_length(make_app, headers) -> None:
     assert runtimes[0].calls == 1 and ok.status_code == 200  # only the echo reached the runtime
 
 
-def test_oversize_streamed_body_rejected_while_reading(make_app, headers) -> None:
+def test_streamed_body_without_length_is_refused_411(make_app, headers) -> None:
     app, runtimes = make_app(max_request_bytes=1000)
 
     def chunks() -> Iterator[bytes]:
@@ -156,8 +156,8 @@ def test_oversize_streamed_body_rejected_while_reading(make_app, headers) -> Non
         r = client.post("/v1/double", content=chunks(), headers={**headers, "Content-Type": CONTENT_TYPE})
         as_json = client.post("/v1/echo", content=chunks(), headers={**headers, "Content-Type": "application/json"})
     assert "content-length" not in {k.lower() for k in r.request.headers}
-    for response in (r, as_json):  # read by our dependency, and by FastAPI's own body parsing
-        assert response.status_code == 413 and _is_error_body(response.json(), "request_too_large")
+    for response in (r, as_json):  # refused by the gate before the body is read
+        assert response.status_code == 411 and _is_error_body(response.json(), "length_required")
     assert runtimes[0].calls == 0
 
 
@@ -251,14 +251,14 @@ def test_metrics_count_requests_bytes_and_latency(make_app, headers, bundle_byte
             received += len(r.content)
         client.get("/v1/items/7", headers=headers)
         client.get("/v1/items/8", headers=headers)
-        client.get("/no/such/path")
-        client.post("/v1/echo", json={"value": 1})  # 401
+        client.get("/no/such/path", headers=headers)
+        client.post("/v1/echo", json={"value": 1})  # 401 before its body is read
         client.post("/v1/double", content=bundle_bytes, headers={**headers, "Content-Type": CONTENT_TYPE})
         text = client.get("/metrics")
     echo = {"route": "/v1/echo", "method": "POST"}
     assert metrics.value("splitunet_http_requests_total", {**echo, "status": "200"}) == 3
     assert metrics.value("splitunet_http_requests_total", {**echo, "status": "401"}) == 1
-    assert metrics.value("splitunet_http_request_bytes_total", echo) == sent + len(b'{"value":1}')
+    assert metrics.value("splitunet_http_request_bytes_total", echo) == sent  # the refused body was never read
     assert metrics.value("splitunet_http_response_bytes_total", echo) > received
     assert metrics.value("splitunet_http_request_duration_seconds_count", echo) == 4
     items = {"route": "/v1/items/{item_id}", "method": "GET", "status": "200"}

@@ -60,7 +60,7 @@ def test_bad_token_sources(tmp_path: Path) -> None:
     empty.write_text("# only a comment\n\n")
     with pytest.raises(ValidationError, match="holds no secret"):
         SiteLikeSettings(auth_token_file=empty)
-    with pytest.raises(ValidationError, match="cannot read secret file"):
+    with pytest.raises(ValidationError, match="auth_token_file: no such file"):
         SiteLikeSettings(auth_token_file=tmp_path / "missing")
     with pytest.raises(ValidationError, match="without spaces"):
         SiteLikeSettings(auth_token="has space")

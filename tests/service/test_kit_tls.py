@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 from collections.abc import Iterator
@@ -10,52 +9,53 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from splitunet.errors import PeerError
+from splitunet.errors import ConfigurationError, PeerError
 from splitunet.service.client import PeerClient, PeerTimeouts, tls_context
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _issue(tmp: Path, stem: str, cn: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca[0].subject if ca else _name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
-    )
-    if ca is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-    cert = builder.sign(ca[1] if ca else key, hashes.SHA256())
-    (tmp / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / f"{stem}.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert, key
+from splitunet.service.pki import ThrowawayCA
+from splitunet.service.settings import TLS_SERVER_ENV
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Path:
-    ca = _issue(tmp_path, "ca", "test-ca", None)
-    _issue(tmp_path, "server", "localhost", ca)
-    _issue(tmp_path, "client", "aggregator", ca)
+    ca = ThrowawayCA(tmp_path, "ca")
+    ca.server("server", hosts=("localhost",))
+    ca.client("client", "aggregator")
     return tmp_path
 
 
+TLS_SETTINGS = {"tls_client_auth": "required", "host": "127.0.0.1", "port": 0, "log_level": "warning"}
+
+
+def test_tls_configured_app_refuses_to_start_outside_serve(make_app, pki: Path, monkeypatch) -> None:
+    """`uvicorn --factory` with TLS files configured would serve plain HTTP: the factory refuses instead."""
+    monkeypatch.delenv(TLS_SERVER_ENV, raising=False)
+    with pytest.raises(ConfigurationError, match="splitunet serve"):
+        make_app(tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key", tls_ca_file=pki / "ca.pem",
+                 **TLS_SETTINGS)
+
+
+def test_plain_http_request_to_a_tls_app_is_refused(make_app, pki: Path, headers, monkeypatch) -> None:
+    """Belt and braces: a TLS-configured app answers nothing over plain HTTP (421 tls_required)."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv(TLS_SERVER_ENV, "1")
+    app, _ = make_app(tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key", tls_ca_file=pki / "ca.pem",
+                      **TLS_SETTINGS)
+    with TestClient(app, base_url="http://testserver") as client:
+        r = client.post("/v1/echo", json={"value": 1}, headers=headers)
+    assert r.status_code == 421 and r.json()["code"] == "tls_required"
+
+
+def test_optional_client_auth_is_not_a_mode(make_app, pki: Path) -> None:
+    with pytest.raises(ValueError, match="tls_client_auth"):
+        make_app(tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key", tls_ca_file=pki / "ca.pem",
+                 tls_client_auth="optional")
+
+
 @pytest.fixture
-def served(make_app, pki: Path) -> Iterator[str]:
+def served(make_app, pki: Path, monkeypatch) -> Iterator[str]:
+    monkeypatch.setenv(TLS_SERVER_ENV, "1")  # what `splitunet serve` sets when it hands the files to uvicorn
     app, _ = make_app(
         host="127.0.0.1",
         port=0,

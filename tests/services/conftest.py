@@ -16,7 +16,17 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from federation_testkit import AGG_TOKEN, N_RAS_CASES, SITE_TOKEN, SITES, Cohort, identity_aligner
+from federation_testkit import (
+    AGG_TOKEN,
+    AUDIT_TOKEN,
+    N_RAS_CASES,
+    SITE_SEED,
+    SITE_TOKENS,
+    SITES,
+    Cohort,
+    identity_aligner,
+    write_registry,
+)
 
 from services.aggregator.app import create_app as create_aggregator_app
 from services.aggregator.settings import AggregatorSettings
@@ -53,7 +63,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory, brats) -> Cohort:
 
 @pytest.fixture
 def site_settings(cohort: Cohort, tmp_path: Path) -> Callable[..., SiteSettings]:
-    """``site_settings(name, **overrides)``: the settings of one site over the cohort."""
+    """``site_settings(name, **overrides)``: the settings of one site over the cohort (its own token, the audit
+    token, and the reproducible ``SITE_SEED`` the equivalence tests need)."""
 
     def make(name: str = "t1", **overrides: Any) -> SiteSettings:
         values: dict[str, Any] = {
@@ -61,7 +72,9 @@ def site_settings(cohort: Cohort, tmp_path: Path) -> Callable[..., SiteSettings]
             "modalities": name,
             "data_dir": cohort.site_dirs[name],
             "state_dir": tmp_path / f"site-{name}-state",
-            "auth_token": SITE_TOKEN,
+            "auth_token": SITE_TOKENS[name],
+            "scope_tokens": {"audit": AUDIT_TOKEN},
+            "seed": SITE_SEED,
             "device": "cpu",
         }
         return SiteSettings(**(values | overrides))
@@ -70,10 +83,19 @@ def site_settings(cohort: Cohort, tmp_path: Path) -> Callable[..., SiteSettings]
 
 
 @pytest.fixture
-def start_app() -> Iterator[Callable[[Any], TestClient]]:
-    """``start_app(app)``: a started ``TestClient`` (lifespan entered), closed after the test."""
+def start_app(security) -> Iterator[Callable[[Any], TestClient]]:
+    """``start_app(app)``: a started ``TestClient`` (lifespan entered), closed after the test; every response the
+    app gave is counted in the security summary (its 5xx too)."""
+    apps: list[Any] = []
+
+    def start(app: Any) -> TestClient:
+        apps.append(app)
+        return stack.enter_context(TestClient(app, raise_server_exceptions=False))
+
     with ExitStack() as stack:
-        yield lambda app: stack.enter_context(TestClient(app, raise_server_exceptions=False))
+        yield start
+    for app in apps:
+        security.observe_app(app)
 
 
 @pytest.fixture
@@ -94,6 +116,7 @@ def aggregator_settings(cohort: Cohort, tmp_path: Path) -> Callable[..., Aggrega
         values: dict[str, Any] = {
             "data_dir": cohort.labels_dir,
             "state_dir": tmp_path / "aggregator-state",
+            "sites": write_registry(tmp_path / "registry"),
             "auth_token": AGG_TOKEN,
             "device": "cpu",
         }
@@ -104,7 +127,8 @@ def aggregator_settings(cohort: Cohort, tmp_path: Path) -> Callable[..., Aggrega
 
 @pytest.fixture
 def aggregator(start_app, aggregator_settings, sites) -> TestClient:
-    """The aggregator service, started, reaching the four in-process sites through their transports."""
+    """The aggregator service, started, reaching the four in-process sites (its registry: :func:`write_registry`)
+    through their transports."""
     app = create_aggregator_app(
         aggregator_settings(),
         aligner=identity_aligner,

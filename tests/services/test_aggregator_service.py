@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import math
 from typing import Any
 
@@ -11,8 +12,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from federation_testkit import AGG_HEADERS, N_RAS_CASES, SITE_HEADERS, Cohort, peers, run_job, wait_for_job
+from federation_testkit import (
+    AGG_HEADERS,
+    N_RAS_CASES,
+    SITE_TOKENS,
+    Cohort,
+    identity_aligner,
+    peers,
+    run_job,
+    site_headers,
+    wait_for_job,
+    write_registry,
+)
+from scipy import ndimage
 
+from services.aggregator.app import create_app as create_aggregator_app
 from splitunet.data.layout import discover_cases
 from splitunet.data.loader import regions_to_labels
 
@@ -51,6 +65,24 @@ def check_region_scores(validation: dict[str, Any]) -> None:
         value = validation["dice"][region]
         assert value is not None and 0.0 <= value <= 1.0, validation
     assert set(validation["hd95"]) == {"TC", "WT", "ET", "mean"}
+
+
+def independent_dice(pred: np.ndarray, true: np.ndarray) -> float:
+    total = pred.sum() + true.sum()
+    return 1.0 if total == 0 else 2.0 * np.logical_and(pred, true).sum() / total
+
+
+def independent_hd95(pred: np.ndarray, true: np.ndarray, spacing) -> float:
+    """BraTS convention: both empty 0, one empty 373.13 mm, else the larger directed 95th percentile of the
+    surface distances in mm (scipy distance transforms)."""
+    if not pred.any() and not true.any():
+        return 0.0
+    if not pred.any() or not true.any():
+        return 373.13
+    sp, st = pred & ~ndimage.binary_erosion(pred), true & ~ndimage.binary_erosion(true)
+    to_t = ndimage.distance_transform_edt(~st, sampling=spacing)
+    to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    return max(np.percentile(to_t[sp], 95), np.percentile(to_p[st], 95))
 
 
 def infer(client: TestClient, case_id: str, job_id: str | None = None) -> httpx.Response:
@@ -93,6 +125,20 @@ def test_a_2d_job_trains_validates_checkpoints_and_infers(
     assert status["bytes_sent"] > 0 and status["bytes_received"] > 0
     assert status["steps_per_second"] > 0 and status["error"] is None
 
+    # the validation figures, recomputed independently per case: numpy Dice, scipy surface distances in mm
+    job = aggregator.app.state.runtime.jobs.get("job-2d")
+    (case_id,) = status["val_case_ids"]
+    (reported,) = status["validation"]["per_case"]
+    assert reported["case_id"] == case_id
+    probs, _ = job.predict_case(case_id)
+    seg = nib.as_closest_canonical(nib.load(str(discover_cases(cohort.labels_dir)[case_id].seg_path())))
+    truth = np.asarray(seg.dataobj)
+    zooms = seg.header.get_zooms()[:3]
+    for index, (region, labels) in enumerate((("TC", (1, 4)), ("WT", (1, 2, 4)), ("ET", (4,)))):
+        pred, true = probs[index] > 0.5, np.isin(truth, labels)
+        assert reported["dice"][region] == pytest.approx(independent_dice(pred, true), abs=1e-6)
+        assert reported["hd95"][region] == pytest.approx(independent_hd95(pred, true, zooms), abs=1e-4)
+
     listed = aggregator.get("/v1/jobs", headers=AGG_HEADERS)
     assert listed.status_code == 200
     assert [j["job_id"] for j in listed.json()] == ["job-2d"]
@@ -101,14 +147,13 @@ def test_a_2d_job_trains_validates_checkpoints_and_infers(
     assert (tmp_path / "aggregator-state" / "job-2d" / "aggregator-step-00000004.safetensors").is_file()
     for name, client in sites.items():
         assert (tmp_path / f"site-{name}-state" / "job-2d" / f"site-{name}-step-00000004.safetensors").is_file()
-        assert client.get("/v1/info", headers=SITE_HEADERS).json()["runs"]["job-2d"]["step"] == 4
+        assert client.get("/v1/info", headers=site_headers(name)).json()["runs"]["job-2d"]["step"] == 4
 
     # inference on a case stored LPS: the NIfTI has the file's own grid and affine, not the RAS working grid
     response = infer(aggregator, cohort.lps_case)
     check_segmentation(response, cohort, cohort.lps_case)
     # ... and its voxels are the RAS prediction stored back in LPS (not just relabelled in the header)
-    job = aggregator.app.state.runtime.jobs.get("job-2d")
-    ras = regions_to_labels(job.predict_case(cohort.lps_case), et_label=4)
+    ras = regions_to_labels(job.predict_case(cohort.lps_case)[0], et_label=4)
     assert not np.array_equal(ras, ras[::-1, ::-1]), "a prediction symmetric under the LPS flip tells nothing"
     stored = nib.as_closest_canonical(nib.Nifti1Image.from_bytes(gzip.decompress(response.content)))
     assert np.array_equal(np.asarray(stored.dataobj), ras)
@@ -136,7 +181,7 @@ def test_a_2d_job_with_resized_slices(aggregator: TestClient, cohort: Cohort) ->
     job = aggregator.app.state.runtime.jobs.get(status["job_id"])
     samples = job.plan(99)
     assert all(s.resize == (16, 16) and s.size == cohort.shape[:2] for s in samples)
-    probs = job.predict_case(cohort.case_ids[0])  # resized back to the case's grid
+    probs, _ = job.predict_case(cohort.case_ids[0])  # resized back to the case's grid
     assert probs.shape == (3, *cohort.shape)
     check_segmentation(infer(aggregator, cohort.lps_case, status["job_id"]), cohort, cohort.lps_case)
     bad = post_job(aggregator, job_spec(resize_slices=True, model={"spatial_dims": 3, "features": [4, 8, 16]},
@@ -201,7 +246,6 @@ def test_invalid_specs_are_422(aggregator: TestClient, overrides: dict[str, Any]
     [
         pytest.param({"val_cases": N_RAS_CASES + 1}, "bad_data", "val_cases", id="val-cases-too-many"),
         pytest.param({"val_cases": ["BraTS2021_99999"]}, "bad_data", "BraTS2021_99999", id="val-case-unknown"),
-        pytest.param({"sites": peers(token="wrong-token-0123456789")}, "peer_failed", "401", id="site-refuses"),
     ],
 )
 def test_jobs_that_cannot_run_fail_with_a_clear_error(
@@ -212,6 +256,19 @@ def test_jobs_that_cannot_run_fail_with_a_clear_error(
     assert status["error"]["code"] == code, status["error"]
     assert words in status["error"]["message"], status["error"]
     assert status["step"] == 0
+
+
+def test_a_site_refuses_another_sites_token(start_app, aggregator_settings, sites, tmp_path) -> None:
+    """Per-site credentials: the registry gives t1 the token of t2, and t1 refuses it."""
+    tokens = dict(SITE_TOKENS) | {"t1": SITE_TOKENS["t2"]}
+    app = create_aggregator_app(
+        aggregator_settings(sites=write_registry(tmp_path / "swapped", tokens)),
+        aligner=identity_aligner, transport_factory=lambda peer: sites[peer.name]._transport,
+    )
+    status = run_job(start_app(app), job_spec())
+    assert status["state"] == "failed" and status["error"]["code"] == "peer_failed", status
+    assert "401" in status["error"]["message"]
+    assert SITE_TOKENS["t2"] not in json.dumps(status)
 
 
 def test_unknown_jobs_and_missing_auth(aggregator: TestClient) -> None:
@@ -225,3 +282,17 @@ def test_unknown_jobs_and_missing_auth(aggregator: TestClient) -> None:
     info = aggregator.get("/v1/info", headers=AGG_HEADERS).json()
     assert info["labelled_cases"] == N_RAS_CASES + 1
     assert aggregator.get("/readyz").status_code == 200
+
+
+def test_every_party_follows_the_learning_rate_schedule(aggregator: TestClient, sites: dict[str, TestClient]) -> None:
+    schedule = {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 1, "min_lr_factor": 0.25}
+    status = run_job(aggregator, job_spec(steps=3, val_interval=0, site_optimizer=schedule,
+                                          server_optimizer=schedule | {"lr": 2e-3}))
+    assert status["state"] == "succeeded", status
+    job = aggregator.app.state.runtime.jobs.get(status["job_id"])
+    # the last step (3 of 3) ends the cosine at min_lr_factor
+    assert job.aggregator.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.25)
+    for client in sites.values():
+        run = client.app.state.runtime._run(status["job_id"])
+        assert run.step.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
+        assert run.setup.optimizer.total_steps == 3

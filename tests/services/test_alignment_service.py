@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from federation_testkit import AGG_HEADERS, SITE_HEADERS, SITES, Cohort, peers, run_job
+from federation_testkit import AGG_HEADERS, SITE_HEADERS, SITES, Cohort, align_site, peers, run_job, site_headers
 
 from services.aggregator.app import create_app as create_aggregator_app
 from services.client_site.app import create_app as create_site_app
@@ -44,6 +44,8 @@ def test_psi_alignment_with_partial_overlap(start_app, site_settings, aggregator
     response = sites["t1"].post(f"/v1/runs/{run_id}/forward", json={"step": 99, "phase": "eval", "samples": [sample]},
                                 headers=SITE_HEADERS)
     assert response.status_code == 409 and response.json()["code"] == "not_aligned", response.text
-    # and an alignment naming a case the site does not hold is refused
-    refused = sites["t2"].post("/v1/alignment", json={"case_ids": [missing_at_t2]}, headers=SITE_HEADERS)
-    assert refused.status_code == 404 and refused.json()["code"] == "case_not_found"
+    # and an alignment naming a case the site does not hold is refused, without saying which or how many
+    claim = [missing_at_t2, expected[0]]
+    refused = align_site(sites["t2"], claim, headers=site_headers("t2"), claim=claim)
+    assert refused.status_code == 403 and refused.json()["code"] == "policy_violation", refused.text
+    assert missing_at_t2 not in refused.text and "unknown" not in refused.text

@@ -18,6 +18,7 @@ from federation_testkit import (
     replay_in_process,
     run_job,
     site_specs,
+    write_registry,
 )
 
 from services.aggregator.labels import LabelStore
@@ -30,15 +31,13 @@ STEPS = 5
 
 def test_uvicorn_federation_equals_in_process_protocol(cohort: Cohort, tmp_path):
     with LocalFederation(tmp_path / "fed", torch_threads=1) as federation:
-        peers = []
-        for name in SITES:
-            proc = federation.start_site(name, [name], cohort.site_dirs[name])
-            peers.append({"name": name, "url": proc.url, "token_file": str(federation.site_token_file)})
+        for name in SITES:  # SITE_SEED: the sites' encoders are reproducible for the comparison
+            federation.start_site(name, [name], cohort.site_dirs[name], seed=7)
         aggregator = federation.start_aggregator(cohort.labels_dir)
         federation.wait_ready(timeout_s=180)
         spec_doc = {
             "run_id": "uvicorn-equivalence",
-            "sites": peers,
+            "sites": list(SITES),
             "model": {"spatial_dims": 2, "features": [4, 8, 16], "cut_level": 1, "fusion": "concat"},
             "roi": [16, 16],
             "batch_size": 2,
@@ -51,16 +50,17 @@ def test_uvicorn_federation_equals_in_process_protocol(cohort: Cohort, tmp_path)
             "server_optimizer": {"lr": 1e-3, "weight_decay": 1e-5},
             "wire": {"activations": "fp32", "gradients": "fp32"},
         }
-        headers = {"Authorization": f"Bearer {federation.aggregator_token}"}
+        headers = federation.operator_headers()
         with httpx.Client(base_url=aggregator.url, timeout=60) as client:
             status = run_job(client, spec_doc, timeout_s=300, headers=headers)
     assert status["state"] == "succeeded", status
     assert len(status["losses"]) == STEPS
 
     spec = FederationSpec.model_validate(spec_doc)
-    labels = LabelStore(AggregatorSettings(data_dir=cohort.labels_dir, auth_disabled=True))
+    registry = write_registry(tmp_path / "registry")
+    labels = LabelStore(AggregatorSettings(data_dir=cohort.labels_dir, sites=registry, auth_disabled=True))
     train_cases = sorted(set(cohort.case_ids) - set(status["val_case_ids"]))
-    plans = derive_plans(spec, labels, train_cases, STEPS)
+    plans = derive_plans(spec, labels, train_cases, STEPS, cohort)
     config = spec.model.build(site_specs(spec))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the services ran with one thread each: same kernels, same reduction order

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from federation_testkit import SITE_HEADERS, SITES, Cohort, model_config
+from federation_testkit import SITE_HEADERS, SITE_SEED, SITES, Cohort, align_site, model_config, site_headers
 from safetensors.torch import save as safetensors_save
 
 from services.client_site.app import create_app as create_site_app
@@ -40,6 +40,12 @@ MODEL = model_config(cut_level=2)
 def setup_body(run_id: str = RUN, **kwargs: Any) -> dict[str, Any]:
     kwargs.setdefault("model", MODEL)
     return RunSetup(run_id=run_id, **kwargs).model_dump(mode="json")
+
+
+def setup(client: TestClient, body: dict[str, Any]) -> httpx.Response:
+    """Align the site on all its cases through PSI (as the aggregator does), then set up a run."""
+    assert align_site(client, client.app.state.runtime.case_ids()).status_code == 200
+    return client.post("/v1/runs", json=body, headers=SITE_HEADERS)
 
 
 def samples(cohort: Cohort, n: int = 2, *, size: tuple[int, ...] = ROI, **extra: Any) -> list[dict[str, Any]]:
@@ -100,7 +106,9 @@ def encoder_state(client: TestClient, run_id: str = RUN) -> dict[str, torch.Tens
 
 @pytest.fixture
 def run(site: TestClient) -> TestClient:
-    """The t1 site with run ``run-1`` set up (tiny 2D model, default wire: fp16 activations, fp32 gradients)."""
+    """The t1 site, aligned on the whole cohort through PSI, with run ``run-1`` set up (tiny 2D model, default
+    wire: fp16 activations, fp32 gradients)."""
+    assert align_site(site, site.app.state.runtime.case_ids()).status_code == 200
     response = site.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS)
     assert response.status_code == 200, response.text
     return site
@@ -135,7 +143,7 @@ def test_setup_run_is_idempotent_and_conflicts_on_another_setup(site: TestClient
     info = site.get("/v1/info", headers=SITE_HEADERS).json()
     assert info["runs"][RUN]["fingerprint"] == first.json()["fingerprint"]
 
-    other = site.post("/v1/runs", json=setup_body(seed=7), headers=SITE_HEADERS)
+    other = site.post("/v1/runs", json=setup_body(optimizer={"lr": 5e-4}), headers=SITE_HEADERS)
     assert_error(other, 409, "conflict")
 
 
@@ -169,7 +177,7 @@ def test_a_pinned_model_refuses_other_runs(start_app, site_settings) -> None:
 # ---------------------------------------------------------------------------------------------- the step
 @pytest.mark.parametrize("wire", [WireOptions(), WireOptions(activations="fp32", compress=True)])
 def test_forward_returns_the_activation_bundle(site: TestClient, cohort: Cohort, wire: WireOptions) -> None:
-    assert site.post("/v1/runs", json=setup_body(wire=wire), headers=SITE_HEADERS).status_code == 200
+    assert setup(site, setup_body(wire=wire)).status_code == 200
     response = forward(site, cohort, 3, n=3)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == CONTENT_TYPE
@@ -271,7 +279,7 @@ def test_wrong_content_type_is_415(run: TestClient, cohort: Cohort) -> None:
 def test_oversize_bodies_are_413(start_app, site_settings, cohort: Cohort) -> None:
     # the request limit (kit middleware) is checked before the body is read
     client = start_app(create_site_app(site_settings("t1", max_request_bytes=4096)))
-    assert client.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS).status_code == 200
+    assert setup(client, setup_body()).status_code == 200
     assert forward(client, cohort, 1).status_code == 200
     body = assert_error(backward(client, 1, gradients(1)), 413, "request_too_large")
     assert body["detail"]["max_bytes"] == 4096
@@ -281,16 +289,17 @@ def test_a_gradient_bundle_over_the_wire_limit_is_413(start_app, site_settings, 
     # fp16 activations fit, fp32 gradients (twice the bytes) do not
     numel = sum(torch.Size(s).numel() for s in shapes().values())
     client = start_app(create_site_app(site_settings("t1", max_bundle_bytes=3 * numel + 1024)))
-    assert client.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS).status_code == 200
+    assert setup(client, setup_body()).status_code == 200
     assert forward(client, cohort, 1).status_code == 200
-    assert_error(backward(client, 1, gradients(1)), 413, "bundle_too_large")
+    assert_error(backward(client, 1, gradients(1)), 413, "request_too_large")  # the gate, before reading
     # an activation bundle over the limit is refused too, as a typed error rather than a crash
     assert_error(forward(client, cohort, 2, n=4), 413, "bundle_too_large")
 
 
-def test_forward_of_an_unknown_case_is_404(run: TestClient, cohort: Cohort) -> None:
+def test_forward_of_an_unknown_case_is_the_uniform_not_aligned(run: TestClient, cohort: Cohort) -> None:
     body = {"step": 1, "samples": samples(cohort, 1, case_id="BraTS2021_99999")}
-    assert_error(forward(run, cohort, 1, body=body), 404, "case_not_found")
+    error = assert_error(forward(run, cohort, 1, body=body), 409, "not_aligned")
+    assert "BraTS2021_99999" not in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -337,7 +346,7 @@ def test_samples_the_model_cannot_take_are_422(run: TestClient, cohort: Cohort, 
 
 def test_a_forward_larger_than_the_voxel_limit_is_refused(start_app, site_settings, cohort: Cohort) -> None:
     small = start_app(create_site_app(site_settings("t1", max_batch_voxels=16 * 16 * 3)))
-    assert small.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS).status_code == 200
+    assert setup(small, setup_body()).status_code == 200
     assert forward(small, cohort, 1, n=3).status_code == 200
     body = assert_error(forward(small, cohort, 2, n=4), 422, "bad_configuration")
     assert "SITE_MAX_BATCH_VOXELS" in body["message"] and body["detail"]["voxels"] == 16 * 16 * 4
@@ -401,14 +410,19 @@ def test_checkpoint_then_restore_gives_back_encoder_and_optimizer(run: TestClien
 def test_restore_after_a_restart_of_the_site(start_app, site_settings, cohort: Cohort) -> None:
     settings = site_settings("t1")
     first = start_app(create_site_app(settings))
+    assert align_site(first, cohort.case_ids).status_code == 200
     assert first.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS).status_code == 200
     train_step(first, cohort, 1)
     assert first.post(f"/v1/runs/{RUN}/checkpoint", json={"step": 1}, headers=SITE_HEADERS).status_code == 200
     trained = encoder_state(first)
 
-    second = start_app(create_site_app(settings))  # a new process: the run must be set up again, then restored
-    assert_error(second.post(f"/v1/runs/{RUN}/restore", json={"step": 1}, headers=SITE_HEADERS), 404, "not_found")
-    assert second.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS).status_code == 200
+    second = start_app(create_site_app(settings))  # a new process: the run is back from the store ...
+    info = second.get("/v1/info", headers=SITE_HEADERS).json()["runs"][RUN]
+    assert info["restore_required"] is True and info["checkpoint_step"] == 1
+    # ... but refuses to train on weights it does not hold until a step is restored
+    body = assert_error(forward(second, cohort, 2), 409, "out_of_order")
+    assert body["detail"] == {"restore_required": True, "checkpoint_step": 1}
+    assert second.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS).status_code == 200  # idempotent
     assert second.post(f"/v1/runs/{RUN}/restore", json={"step": 1}, headers=SITE_HEADERS).status_code == 200
     assert all(torch.equal(trained[k], v) for k, v in encoder_state(second).items())
     retry = backward(second, 1, gradients(1))  # a retried backward of the restored step is acknowledged
@@ -437,13 +451,13 @@ def test_sites_set_up_concurrently_in_one_process_get_their_seeded_weights(start
     # torch's default generator is process-wide: concurrent seeded constructions must not interleave
     clients = {name: start_app(create_site_app(site_settings(name))) for name in SITES}
     for attempt in range(8):
-        run_id, body = f"run-{attempt}", setup_body(f"run-{attempt}", seed=attempt)
+        run_id, body = f"run-{attempt}", setup_body(f"run-{attempt}")
         with ThreadPoolExecutor(len(clients)) as pool:
-            answers = list(pool.map(lambda c, b=body: c.post("/v1/runs", json=b, headers=SITE_HEADERS),
-                                    clients.values()))
+            answers = list(pool.map(lambda n, b=body: clients[n].post("/v1/runs", json=b, headers=site_headers(n)),
+                                    clients))
         assert all(a.status_code == 200 for a in answers)
         for name, client in clients.items():
-            want = make_site_encoder(MODEL, name, attempt).state_dict()
+            want = make_site_encoder(MODEL, name, SITE_SEED).state_dict()
             got = client.app.state.runtime.encoder(run_id).state_dict()
             assert all(torch.equal(got[k], want[k]) for k in want), f"{name}, attempt {attempt}"
 

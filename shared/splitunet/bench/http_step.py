@@ -51,16 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # --- over HTTP
         with LocalFederation(root / "fed", torch_threads=1) as fed:
-            token_file = str(fed.site_token_file)
-            peers = [
-                {"name": m, "url": fed.start_site(m, [m], parts.site_dir(m)).url, "token_file": token_file}
-                for m in MODALITIES
-            ]
+            for m in MODALITIES:
+                fed.start_site(m, [m], parts.site_dir(m), seed=0)
+            peers = list(MODALITIES)
             agg = fed.start_aggregator(parts.aggregator_dir)
             fed.wait_ready(timeout_s=180)
             spec = {"sites": peers, "model": model, "roi": roi, "batch_size": args.batch, "steps": args.steps,
                     "val_cases": 1, "val_interval": 0, "max_val_cases": 1, "loss": "dice_ce"}
-            headers = {"Authorization": f"Bearer {fed.aggregator_token}"}
+            headers = fed.operator_headers()
             with httpx.Client(base_url=agg.url, headers=headers, timeout=60) as client:
                 job_id = client.post("/v1/jobs", json=spec).raise_for_status().json()["job_id"]
                 while (status := client.get(f"/v1/jobs/{job_id}").json())["state"] not in (

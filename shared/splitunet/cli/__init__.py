@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import typer
 
+from splitunet.cli import audit as _audit
 from splitunet.cli import demo as _demo
 from splitunet.cli import partition as _partition
 from splitunet.cli import phantom as _phantom
 from splitunet.cli import plan as _plan
+from splitunet.cli import probe as _probe
 from splitunet.cli import serve as _serve
 
 app = typer.Typer(
@@ -33,6 +35,8 @@ app.command("plan")(_plan.plan_command)
 app.command("partition")(_partition.partition_command)
 app.command("phantom")(_phantom.phantom_command)
 app.command("serve")(_serve.serve_command)
+app.command("probe")(_probe.probe_command)
+app.add_typer(_audit.app, name="audit")
 
 
 def main() -> None:

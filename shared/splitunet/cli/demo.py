@@ -14,10 +14,17 @@ def demo_command(
     workdir: Annotated[Path | None, typer.Option(help="Output folder (default ./runs/<timestamp>).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="The short run (a few minutes on 2 cores).")] = False,
     data: Annotated[Path | None, typer.Option(help="Real BraTS folder instead of the phantom.")] = None,
-    dims: Annotated[int, typer.Option(help="2 (axial slices) or 3 (patches).")] = 2,
-    cases: Annotated[int | None, typer.Option(help="Phantom cases to generate (default 10 quick, 24 full).")] = None,
+    dims: Annotated[int | None, typer.Option(help="2 (slices) or 3 (patches); default 2, 3 with a preset.")] = None,
+    cases: Annotated[int | None, typer.Option(help="Phantom cases to generate (default 12 quick, 24 full).")] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps (default by mode).")] = None,
     seed: Annotated[int, typer.Option(help="Data, initialisation and sampling seed.")] = 0,
+    preset: Annotated[str | None, typer.Option(help="'brats': the real-BraTS 3D job (needs --data).")] = None,
+    site_defenses: Annotated[str | None, typer.Option(
+        help='Every site\'s SITE_DEFENSES: a JSON list or a YAML file, e.g. \'[{"name": "dp", "clip": 20, '
+             '"noise_multiplier": 1}]\'.')] = None,
+    gradient_defenses: Annotated[str | None, typer.Option(
+        help='The aggregator\'s gradient defenses (JSON list), e.g. \'[{"name": "smooth", "sigma": 1}]\'.')] = None,
+    secure_sum: Annotated[bool, typer.Option("--secure-sum", help="Secure-sum fusion (fusion=sum, fp32).")] = False,
 ) -> None:
     """Start 4 site services (t1, t1ce, t2, flair) and the aggregator on 127.0.0.1, align the patients privately,
     train the Split-U-Net through the REST API, validate, segment a held-out case and write WORKDIR/report.json.
@@ -34,7 +41,12 @@ def demo_command(
     console = Console()
     workdir = workdir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
-        options = DemoOptions(workdir=workdir, quick=quick, data=data, dims=dims, cases=cases, steps=steps, seed=seed)
+        import json
+
+        dims = dims if dims is not None else (3 if preset else 2)
+        options = DemoOptions(workdir=workdir, quick=quick, data=data, dims=dims, cases=cases, steps=steps, seed=seed,
+                              preset=preset, site_defenses=site_defenses, secure_sum=secure_sum,
+                              gradient_defenses=json.loads(gradient_defenses) if gradient_defenses else [])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -82,10 +94,13 @@ def demo_command(
     table = Table(title="Validation on held-out cases (split model, through the sites)")
     for col in ("", "TC", "WT", "ET", "mean"):
         table.add_column(col, justify="right")
-    for name in ("dice", "hd95"):
+    for name, label in (("dice", "Dice mean"), ("dice_median", "Dice median"), ("hd95", "HD95 mean (mm)"),
+                        ("hd95_median", "HD95 median (mm)")):
         values = report[name]["split"] or {}
         cells = ("-" if values.get(k) is None else f"{values[k]:.3f}" for k in ("TC", "WT", "ET", "mean"))
-        table.add_row(name, *cells)
+        table.add_row(label, *cells)
+    for case in report["per_case"]:
+        table.add_row(f"{case['case_id']} Dice", *(f"{case['dice'][k]:.3f}" for k in ("TC", "WT", "ET")), "")
     console.print(table)
     timing = report["timing"]
     console.print(

@@ -24,9 +24,10 @@ from torch.utils.data import Dataset
 from splitunet.config import MODALITIES, SiteSpec
 from splitunet.data.cache import ArrayCache
 from splitunet.data.cohort import CaseCheck, scan_cohort
+from splitunet.data.grid import axial_extent, brain_slices
 from splitunet.data.layout import BratsCase, OnBadCase
 from splitunet.data.loader import labels_to_regions, load_images, load_labels
-from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices, slices_with_foreground
+from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices
 from splitunet.errors import CaseNotFoundError
 
 
@@ -42,7 +43,7 @@ class BratsDataset(Dataset):
         samples_per_case: samples per case per epoch.
         fg_ratio: probability of centring a sample on a tumour voxel.
         flip_prob: probability of flipping each spatial axis.
-        brain_slices_only: 2D only: draw only slices with nonzero image voxels.
+        brain_slices_only: 2D only: draw only slices inside the brain's axial extent (nonzero image voxels).
         resize: 2D only: take whole slices resized to ``roi`` (bilinear images, nearest labels) instead of crops.
         random_crop: ``False`` centres the crops (validation).
         seed: base seed of the plans.
@@ -133,8 +134,8 @@ class BratsDataset(Dataset):
         if self.spatial_dims == 3:
             return plan_patches(case.case_id, labels.shape, self.roi, 1, rng, **common)[0]
         allowed = None
-        if self.brain_slices_only:
-            allowed = slices_with_foreground(load_images(case, self.modalities, cache=self.cache).array)
+        if self.brain_slices_only:  # the same rule as the federated planner (splitunet.data.grid)
+            allowed = brain_slices(axial_extent(load_images(case, self.modalities, cache=self.cache).array))
         return plan_slices(
             case.case_id, labels.shape, self.roi, 1, rng, allowed_slices=allowed, resize=self.resize, **common
         )[0]

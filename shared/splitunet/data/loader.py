@@ -131,7 +131,6 @@ def _bad(case_id: str, path: Path, message: str, **detail: Any) -> DataError:
 def _open(case_id: str, path: Path) -> tuple[Any, Geometry]:
     """Open a NIfTI file (header only) and compute its geometry."""
     import nibabel as nib
-    import nibabel.orientations as nio
 
     try:
         img = nib.load(str(path), mmap=False)  # no memory map: arrays must not change with the file
@@ -145,19 +144,35 @@ def _open(case_id: str, path: Path) -> tuple[Any, Geometry]:
         raise _bad(case_id, path, f"expected a 3D volume, got shape {shape}")
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise _bad(case_id, path, f"the affine is not a finite invertible transform:\n{affine}")
+    return img, geometry_of(shape, affine)  # type: ignore[arg-type]
+
+
+def geometry_of(shape: tuple[int, int, int], affine: np.ndarray) -> Geometry:
+    """The :class:`Geometry` of a 3D on-disk grid: ``shape`` and its ``(4, 4)`` voxel-to-world affine."""
+    import nibabel.orientations as nio
+
+    affine = np.asarray(affine, dtype=np.float64)
+    shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
+    if len(shape) != 3 or affine.shape != (4, 4) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"need a 3D shape and an invertible (4, 4) affine, got {shape} and\n{affine}")
     to_ras = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt("RAS"))
     ras_affine = affine @ nio.inv_ornt_aff(to_ras, shape)
     ras_shape = [0, 0, 0]
     for src_axis, (dst_axis, _) in enumerate(to_ras):
         ras_shape[int(dst_axis)] = shape[src_axis]
-    geom = Geometry(
-        original_shape=shape,  # type: ignore[arg-type]
+    return Geometry(
+        original_shape=shape,
         original_affine=affine,
         ras_shape=tuple(ras_shape),  # type: ignore[arg-type]
         ras_affine=ras_affine,
         to_ras=to_ras,
     )
-    return img, geom
+
+
+def read_header_codes(case_id: str, path: Path | str) -> tuple[int, int]:
+    """The ``(qform_code, sform_code)`` of a NIfTI file's header."""
+    img, _ = _open(case_id, Path(path))
+    return int(img.header["qform_code"]), int(img.header["sform_code"])
 
 
 def read_geometry(case_id: str, path: Path | str) -> Geometry:
@@ -418,11 +433,10 @@ def save_segmentation(label_map_ras: np.ndarray, reference: BratsCase | Path | s
     Args:
         label_map_ras: the label map in RAS orientation (as this module returns arrays).
         reference: a case (its segmentation if present, else its first image) or a NIfTI file of that case;
-            the written file has exactly its shape and affine (the reorientation to RAS is undone).
+            the written file has exactly its shape, affine, qform/sform codes and units (the reorientation to
+            RAS is undone).
         out_path: the file to write (``.nii`` or ``.nii.gz``); parent folders are created.
     """
-    import nibabel as nib
-
     if isinstance(reference, BratsCase):
         ref_path = reference.seg if reference.seg is not None else reference.image_path(reference.modalities[0])
         case_id = reference.case_id
@@ -430,22 +444,41 @@ def save_segmentation(label_map_ras: np.ndarray, reference: BratsCase | Path | s
         ref_path = Path(reference)
         case_id = ref_path.parent.name
     img, geom = _open(case_id, ref_path)
+    return write_segmentation(
+        label_map_ras, geom, out_path, qform_code=int(img.header["qform_code"]),
+        sform_code=int(img.header["sform_code"]), units=img.header.get_xyzt_units(), source=str(ref_path),
+    )
+
+
+def write_segmentation(
+    label_map_ras: np.ndarray,
+    geometry: Geometry,
+    out_path: Path | str,
+    *,
+    qform_code: int = 1,
+    sform_code: int = 1,
+    units: tuple[str, str] = ("mm", "sec"),
+    source: str = "the reference grid",
+) -> Path:
+    """Write a ``(X, Y, Z)`` RAS label map as a uint8 NIfTI on ``geometry``'s original grid and affine, with the
+    given qform/sform codes (e.g. those a site reported for a case that has no label file)."""
+    import nibabel as nib
+
     label_map_ras = np.asarray(label_map_ras)
-    if label_map_ras.shape != geom.ras_shape:
+    if label_map_ras.shape != geometry.ras_shape:
         raise ValueError(
-            f"label_map_ras has shape {label_map_ras.shape}, but the reference {ref_path} has RAS shape "
-            f"{geom.ras_shape}"
+            f"label_map_ras has shape {label_map_ras.shape}, but {source} has RAS shape {geometry.ras_shape}"
         )
     if label_map_ras.dtype.kind == "f" and not np.array_equal(label_map_ras, np.round(label_map_ras)):
         raise ValueError("label_map_ras must hold integer label values")
     if label_map_ras.size and (label_map_ras.min() < 0 or label_map_ras.max() > 255):
         raise ValueError("label_map_ras values must be in 0..255")
-    data = geom.to_original(label_map_ras.astype(np.uint8))
-    out = nib.Nifti1Image(data, geom.original_affine)
+    data = geometry.to_original(label_map_ras.astype(np.uint8))
+    out = nib.Nifti1Image(data, geometry.original_affine)
     out.set_data_dtype(np.uint8)
-    out.header.set_xyzt_units(*img.header.get_xyzt_units())
-    out.set_qform(geom.original_affine, code=1)
-    out.set_sform(geom.original_affine, code=1)
+    out.header.set_xyzt_units(*units)
+    out.set_qform(geometry.original_affine, code=int(qform_code))
+    out.set_sform(geometry.original_affine, code=int(sform_code))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(out, str(out_path))

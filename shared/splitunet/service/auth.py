@@ -1,24 +1,30 @@
-"""Bearer-token authentication of the calls between services.
+"""Bearer-token authentication of the calls between services, one token set per credential scope.
 
 Every route a service registers through :func:`splitunet.service.app.create_service_app` (except health,
-readiness and metrics) requires ``Authorization: Bearer <token>`` with one of the accepted tokens. Tokens are
-compared with :func:`hmac.compare_digest` against *every* accepted token, so timing reveals neither which
-token matched nor how much of it. Several tokens can be accepted at once, for rotation; a token file is
-re-read when it changes (Kubernetes updates mounted Secrets in place), so a rotation needs no restart.
+readiness and metrics) requires ``Authorization: Bearer <token>`` with a token of the scope the route declares
+(:mod:`splitunet.service.scopes`); :class:`~splitunet.service.gate.GateMiddleware` checks it before the body is
+read. Tokens are compared with :func:`hmac.compare_digest` against *every* accepted token of every scope, so
+timing reveals neither which token matched nor how much of it. Several tokens can be accepted at once, for
+rotation; a token file is re-read when it changes (Kubernetes updates mounted Secrets in place), so a rotation
+needs no restart, and emptying or deleting the file revokes its tokens at the next request. Tokens never appear
+in logs, error bodies or status: only a short digest (the *principal*) identifies a caller.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Request
 
 from splitunet.errors import AuthError, ConfigurationError
+from splitunet.service.scopes import AUTH_SCOPE_KEY, Scope
 from splitunet.service.settings import ServiceSettings, read_secret_file
 
 logger = logging.getLogger(__name__)
@@ -29,8 +35,9 @@ class BearerAuth:
 
     Args:
         tokens: accepted tokens given directly.
-        token_file: a file of accepted tokens, one per line; re-read whenever its mtime or size changes. If a
-            re-read fails the previous tokens stay in force (and the failure is logged).
+        token_file: a file of accepted tokens, one per line; re-read whenever its mtime or size changes. A file
+            that is emptied, deleted or unreadable after start-up accepts no token any more (revocation fails
+            closed; logged).
         disabled: accept every request; must be explicit, and only for development.
 
     Raises:
@@ -73,7 +80,9 @@ class BearerAuth:
         except (OSError, ValueError) as exc:
             if strict:
                 raise ConfigurationError(f"cannot read the auth token file: {exc}") from None
-            logger.warning("auth token file unreadable, keeping the previous tokens: %s", exc)
+            if self._file_tokens or self._file_stamp is not None:
+                logger.warning("auth token file %s is gone, empty or unreadable: its tokens are revoked", self._file)
+            self._file_tokens, self._file_stamp = (), None
             return
         self._file_tokens, self._file_stamp = tokens, stamp
         if not strict:
@@ -86,27 +95,96 @@ class BearerAuth:
                 self._reload(strict=False)
         return self._static + self._file_tokens
 
+    def matches(self, given: bytes) -> bool:
+        """Whether ``given`` is an accepted token (constant time in the token's content)."""
+        ok = False
+        for candidate in self.accepted():
+            ok |= hmac.compare_digest(given, candidate)
+        return ok
+
     def verify(self, authorization: str | None) -> None:
         """Check an ``Authorization`` header value; raise :class:`AuthError` (401) unless it is accepted."""
         if self.disabled:
             return
-        if not authorization:
-            raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
-        given = token.encode("utf-8")
-        ok = False
-        for candidate in self.accepted():
-            ok |= hmac.compare_digest(given, candidate)
-        if not ok:
+        if not self.matches(bearer_token(authorization)):
             raise AuthError("invalid bearer token")
 
 
+def bearer_token(authorization: str | None) -> bytes:
+    """The token of an ``Authorization: Bearer <token>`` header value; :class:`AuthError` if absent/malformed."""
+    if not authorization:
+        raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
+    return token.encode("utf-8", "surrogateescape")
+
+
+class InsufficientScopeError(AuthError):
+    """A valid token of another scope (403 ``insufficient_scope``): e.g. an operator token on a site."""
+
+    code = "insufficient_scope"
+    status_code = 403
+
+
+@dataclass(frozen=True)
+class AuthDecision:
+    """What the gate decided: the scope the caller authenticated with and a token digest naming the caller."""
+
+    scope: Scope | None
+    principal: str
+
+
+class ScopedAuth:
+    """One :class:`BearerAuth` per credential scope.
+
+    Args:
+        auths: the accepted tokens of each scope; a scope absent here accepts nobody.
+        disabled: accept every request (development only; must be explicit).
+    """
+
+    def __init__(self, auths: Mapping[Scope, BearerAuth], *, disabled: bool = False) -> None:
+        self.auths = {Scope(k): v for k, v in auths.items()}
+        self.disabled = disabled
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> ScopedAuth:
+        """The primary scope from ``auth_token*``; other scopes from ``scope_token_files`` / ``scope_tokens``."""
+        if settings.auth_disabled:
+            return cls({}, disabled=True)
+        auths = {settings.primary_scope: BearerAuth.from_settings(settings)}
+        for scope in set(settings.scope_token_files) | set(settings.scope_tokens):
+            if scope == settings.primary_scope:
+                continue
+            static = [settings.scope_tokens[scope].get_secret_value()] if scope in settings.scope_tokens else []
+            auths[scope] = BearerAuth(tokens=static, token_file=settings.scope_token_files.get(scope))
+        return cls(auths)
+
+    def authenticate(self, authorization: str | None, need: Scope | None) -> AuthDecision:
+        """Check a header for scope ``need`` (``None``: any scope); raise 401 :class:`AuthError` or 403
+        :class:`InsufficientScopeError`. Every scope's tokens are compared, whatever matches first."""
+        if self.disabled:
+            return AuthDecision(scope=need, principal="anonymous")
+        given = bearer_token(authorization)
+        matched = [scope for scope, auth in self.auths.items() if auth.matches(given)]
+        if not matched:
+            raise AuthError("invalid bearer token")
+        if need is not None and need not in matched:
+            raise InsufficientScopeError(
+                f"this endpoint needs a credential of scope {need.value!r}", detail={"required_scope": need.value}
+            )
+        scope = need if need is not None else matched[0]
+        return AuthDecision(scope=scope, principal=f"{scope.value}:{hashlib.sha256(given).hexdigest()[:16]}")
+
+
 async def require_auth(request: Request) -> None:
-    """FastAPI dependency: verify the request against the app's :class:`BearerAuth` (``app.state.auth``)."""
-    auth = getattr(request.app.state, "auth", None)
-    if not isinstance(auth, BearerAuth):
-        raise RuntimeError("app.state.auth is not set; build the app with create_service_app")
-    auth.verify(request.headers.get("authorization"))
+    """FastAPI dependency kept for routers built before scopes: passes only what the gate authenticated."""
+    if request.scope.get(AUTH_SCOPE_KEY) is None:
+        raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+
+
+def principal(request: Request) -> str:
+    """The caller the gate authenticated (``scope:digest``; ``anonymous`` when auth is disabled)."""
+    decision = request.scope.get(AUTH_SCOPE_KEY)
+    return decision.principal if decision is not None else "anonymous"

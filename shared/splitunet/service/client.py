@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _RETRY_STATUSES = frozenset({502, 503, 504})
+#: A peer's error code we pass on (stable codes only; never its message or detail).
+_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
@@ -258,16 +261,18 @@ class PeerClient:
         }
 
     def _error(self, request: httpx.Request, response: httpx.Response, attempts: int) -> PeerError:
+        """The error of a failed call. Only the status and the peer's stable error ``code`` are kept: a remote
+        response body is never echoed into our errors or job status (it is logged, truncated, at DEBUG)."""
         detail = self._detail(request, attempts, status=response.status_code)
         try:
             body = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
-        if isinstance(body, dict) and isinstance(body.get("code"), str):
-            detail |= {"code": body["code"], "message": str(body.get("message", "")), "detail": body.get("detail")}
-            text = f"{body['code']}: {detail['message']}"
-        else:
-            text = response.text[:200] if response.content else response.reason_phrase
+        code = body.get("code") if isinstance(body, dict) else None
+        if isinstance(code, str) and _CODE_RE.match(code):
+            detail["code"] = code
+        logger.debug("%s answered %d: %r", self.name, response.status_code, response.text[:200])
+        text = detail["code"] or response.reason_phrase
         return PeerError(
             f"{self.name}: {request.method} {request.url.path} -> HTTP {response.status_code} {text}", detail=detail
         )
@@ -292,5 +297,6 @@ class PeerClient:
             return decode_bundle(response.content, expect=expect, max_bytes=max_bytes or self.max_response_bytes)
         except WireFormatError as exc:  # a bad bundle from a peer is the peer's failure, not our caller's
             detail = self._detail(response.request, 1, status=response.status_code, error="bad_bundle")
-            detail |= {"code": exc.code, "message": exc.message, "detail": exc.detail}
-            raise PeerError(f"{self.name}: sent an invalid bundle: {exc.message}", detail=detail) from exc
+            detail |= {"code": exc.code}
+            logger.warning("%s sent an invalid bundle: %s", self.name, exc.message[:200])
+            raise PeerError(f"{self.name}: sent an invalid bundle ({exc.code})", detail=detail) from exc

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -25,6 +26,11 @@ logger = logging.getLogger("splitunet.service.access")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def escape_path(path: object) -> str:
+    """A request path as it may appear in a log line: control and non-ASCII characters escaped (no forged lines)."""
+    return json.dumps(str(path), ensure_ascii=True)[1:-1]
 
 
 class RequestTooLarge(CodedHTTPException):
@@ -46,7 +52,7 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes
+        limit = min(self.max_bytes, scope.get("splitunet.body_limit", self.max_bytes))
         length = Headers(scope=scope).get("content-length")
         if length is not None:
             try:
@@ -128,7 +134,9 @@ class ObservabilityMiddleware:
                 raise
             # Answer here rather than in Starlette's outer ServerErrorMiddleware, so the 500 is a typed body
             # that carries the request id, and is counted like every other response.
-            response = internal_error(scope.get("method", ""), scope.get("path", ""), exc, request_id)
+            response = internal_error(
+                escape_path(scope.get("method", "")), escape_path(scope.get("path", "")), exc, request_id
+            )
             await response(scope, receive, counting_send)
         finally:
             self.metrics.in_flight.dec()
@@ -148,8 +156,8 @@ class ObservabilityMiddleware:
             logger.log(
                 level,
                 "%s %s -> %d in %.1f ms (in %d B, out %d B) id=%s",
-                method,
-                scope.get("path"),
+                escape_path(method),
+                escape_path(scope.get("path", "")),
                 counts["status"],
                 1000 * seconds,
                 counts["in"],

@@ -16,6 +16,15 @@ pydantic-settings' ``secrets_dir`` (``Settings(_secrets_dir="/run/secrets")`` re
 ``/run/secrets/<env_prefix>auth_token``). Several tokens may be accepted at once, for rotation.
 
 Auth is never off by accident: with no token configured, construction fails unless ``auth_disabled=True``.
+
+Credential scopes (:mod:`splitunet.service.scopes`): ``auth_token*`` configure the service's
+:attr:`ServiceSettings.primary_scope` (a site's ``aggregator``, the aggregator's ``operator``); another scope's
+tokens come from their own file, ``<PREFIX>SCOPE_TOKEN_FILES__AUDIT=/run/secrets/audit-token``. One token may
+not serve two scopes.
+
+TLS cannot be silently off: when ``tls_cert_file``/``tls_key_file`` are set, :func:`splitunet.service.app.
+create_service_app` refuses to build the app unless the process was started by ``splitunet serve`` (which
+hands the files to uvicorn), and plain-HTTP requests reaching such an app are refused.
 """
 
 from __future__ import annotations
@@ -25,13 +34,19 @@ import json
 import ssl
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from splitunet.service.scopes import Scope
+
 #: Default limit of a request body: a batch of 3D fp32 gradients for every level fits with room to spare.
 DEFAULT_MAX_REQUEST_BYTES = 512 * 2**20
+#: Limit of a JSON request body (every JSON endpoint; tensor endpoints declare their own limit).
+DEFAULT_MAX_JSON_BYTES = 2**20
+#: Set by ``splitunet serve`` once it has handed the TLS files to uvicorn (see ``create_service_app``).
+TLS_SERVER_ENV = "SPLITUNET_TLS_SERVER"
 
 
 class LogLevel(StrEnum):
@@ -47,12 +62,10 @@ class ClientAuth(StrEnum):
     """Whether the server asks clients for a TLS certificate (mutual TLS); maps to ``ssl.CERT_*``."""
 
     NONE = "none"
-    OPTIONAL = "optional"
     REQUIRED = "required"
 
     def cert_reqs(self) -> int:
-        table = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
-        return table[self.value]
+        return ssl.CERT_REQUIRED if self is ClientAuth.REQUIRED else ssl.CERT_NONE
 
 
 def read_secret_file(path: str | Path) -> list[str]:
@@ -88,11 +101,18 @@ class ServiceSettings(BaseSettings):
             comma-separated). ``auth_token_file``: a file of accepted tokens, one per line (re-read when it
             changes, see :mod:`splitunet.service.auth`).
         auth_disabled: must be ``True`` to run without any token (development only).
+        scope_token_files: the token file of each further credential scope (e.g. ``audit``), one file per scope.
+        scope_tokens: a token per further scope given directly (tests).
         max_request_bytes: larger request bodies get 413 before they are read.
+        max_json_bytes: limit of a JSON request body (411 without ``Content-Length``, 413 above it).
+        public_docs: serve ``/docs`` and ``/openapi.json`` without a credential (default: any valid token).
         tls_cert_file, tls_key_file: serve HTTPS with this certificate chain and key (both or neither).
         tls_ca_file: CA bundle used to verify client certificates.
-        tls_client_auth: ``none`` | ``optional`` | ``required`` (mutual TLS; needs ``tls_ca_file``).
+        tls_client_auth: ``none`` | ``required`` (mutual TLS; needs ``tls_ca_file``).
     """
+
+    #: The scope ``auth_token*`` configure (the party that calls this service's main API).
+    primary_scope: ClassVar[Scope] = Scope.OPERATOR
 
     model_config = SettingsConfigDict(env_nested_delimiter="__", extra="ignore", validate_default=True)
 
@@ -103,7 +123,11 @@ class ServiceSettings(BaseSettings):
     auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     auth_token_file: Path | None = None
     auth_disabled: bool = False
+    scope_token_files: dict[Scope, Path] = Field(default_factory=dict)
+    scope_tokens: dict[Scope, SecretStr] = Field(default_factory=dict)
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, gt=0)
+    max_json_bytes: int = Field(default=DEFAULT_MAX_JSON_BYTES, gt=0, le=64 * 2**20)
+    public_docs: bool = False
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
@@ -122,6 +146,8 @@ class ServiceSettings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> ServiceSettings:
         prefix = str(self.model_config.get("env_prefix", "")).upper()
+        if self.auth_token_file is not None and not Path(self.auth_token_file).is_file():
+            raise ValueError(f"auth_token_file: no such file {str(self.auth_token_file)!r}")
         tokens = self.accepted_tokens()
         if not tokens and not self.auth_disabled:
             raise ValueError(
@@ -130,6 +156,20 @@ class ServiceSettings(BaseSettings):
             )
         if tokens and self.auth_disabled:
             raise ValueError("auth_disabled=True contradicts the configured auth tokens; remove one of them")
+        seen: dict[str, str] = {t: self.primary_scope.value for t in tokens}
+        for scope in set(self.scope_token_files) | set(self.scope_tokens):
+            scoped = [self.scope_tokens[scope].get_secret_value()] if scope in self.scope_tokens else []
+            if scope in self.scope_token_files:
+                path = self.scope_token_files[scope]
+                if not Path(path).is_file():
+                    raise ValueError(f"scope_token_files.{scope.value}: no such file {str(path)!r}")
+                scoped += read_secret_file(path)
+            for token in scoped:
+                _check_token(token, f"scope_tokens.{scope.value}")
+                if seen.setdefault(token, scope.value) != scope.value:
+                    raise ValueError(
+                        f"one token serves two scopes ({seen[token]} and {scope.value}); give each scope its own"
+                    )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be given together (or neither)")
         for name in ("tls_cert_file", "tls_key_file", "tls_ca_file"):

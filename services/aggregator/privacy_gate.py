@@ -1,0 +1,129 @@
+"""The privacy gate at the aggregator: every ``N`` steps audit the step just recorded; pause the job when a site
+leaks more than the configured threshold, until an operator resumes it (``POST /v1/jobs/{id}/resume``).
+
+The gate audit is a white-box inversion (the strongest attack, upper bound) of each site's recorded activations
+at that step, with the weights the site held (its audit endpoint) and scored by the site itself
+(``POST /v1/score``, numbers only). A failed gate sets the job's state to ``paused_by_privacy_gate`` with the
+decision (site, attack, figure, value, threshold) in ``JobStatus.privacy_gate``; the job thread waits, between
+two steps, until it is resumed or stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from splitunet.attacks.base import AttackKind
+from splitunet.auditing.gate import GateThreshold
+from splitunet.auditing.runner import AttackBudgets, AuditRunner, AuditSpec
+from splitunet.auditing.sources import SiteAuditClient
+from splitunet.errors import ConflictError
+from splitunet.federation import SitePeer
+
+logger = logging.getLogger(__name__)
+
+
+class PrivacyGateSettings(BaseModel):
+    """``AGG_PRIVACY_GATE__EVERY=50``, ``AGG_PRIVACY_GATE__MAX_SSIM=0.6``, ...
+
+    Args:
+        every: audit every n-th train step (0: no gate). Needs ``AGG_TRANSCRIPT__ENABLED=true``.
+        max_ssim, max_rdlv: the thresholds (see :class:`~splitunet.auditing.gate.GateThreshold`).
+        whitebox_iterations: the gate attack's budget; max_samples: samples attacked per site.
+        audit_token_file: the sites' ``audit`` credential (default: each site's token from the job spec).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(default=0, ge=0)
+    max_ssim: float | None = Field(default=None, ge=-1, le=1)
+    max_rdlv: float | None = None
+    whitebox_iterations: int = Field(default=200, ge=1)
+    max_samples: int = Field(default=2, ge=1, le=32)
+    audit_token_file: Path | None = None
+
+
+class JobPause:
+    """A job's pause switch: the job thread waits in :meth:`wait` until :meth:`resume` (or a stop)."""
+
+    def __init__(self) -> None:
+        self._resumed = threading.Event()
+        self.paused = False
+
+    def wait(self, stopped: threading.Event, on_stop: Callable[[], None]) -> None:
+        self._resumed.clear()
+        self.paused = True
+        try:
+            while not self._resumed.wait(0.1):
+                if stopped.is_set():
+                    on_stop()
+                    return
+        finally:
+            self.paused = False
+
+    def resume(self) -> None:
+        if not self.paused:
+            raise ConflictError("the job is not paused; only a job paused by the privacy gate can be resumed")
+        self._resumed.set()
+
+
+class PrivacyGate:
+    """Runs the gate audit of one job.
+
+    Args:
+        settings: the gate's settings.
+        transcript_dir: the run's transcript folder.
+        peers: the job's sites (their URLs; credentials replaced by ``audit_token_file`` when set).
+    """
+
+    def __init__(self, settings: PrivacyGateSettings, transcript_dir: Path, peers: list[SitePeer]) -> None:
+        self.settings = settings
+        self.transcript_dir = Path(transcript_dir)
+        if settings.audit_token_file is not None:
+            peers = [p.model_copy(update={"token": None, "token_file": settings.audit_token_file}) for p in peers]
+        self.peers = peers
+
+    def due(self, step: int) -> bool:
+        return bool(self.settings.every) and step % self.settings.every == 0
+
+    def check(self, step: int) -> dict:
+        """Audit ``step``; return the decision and the findings (JSON-able)."""
+        spec = AuditSpec(
+            transcript=self.transcript_dir, steps=[step], attacks=[AttackKind.WHITEBOX],
+            max_samples=self.settings.max_samples,
+            budgets=AttackBudgets(whitebox_iterations=self.settings.whitebox_iterations),
+            gate=GateThreshold(max_ssim=self.settings.max_ssim, max_rdlv=self.settings.max_rdlv),
+        )
+        client = SiteAuditClient(self.peers)
+        try:
+            result, _ = AuditRunner(client, weights=client).run(spec)
+        finally:
+            client.close()
+        decision = result.gate
+        logger.info("privacy gate at step %d: %s", step, decision.message())
+        return {**decision.model_dump(mode="json"), "message": decision.message(), "step": step,
+                "findings": [f.model_dump(mode="json") for f in result.findings]}
+
+
+def audit_hooks(settings) -> dict:
+    """The :class:`~services.aggregator.jobs.JobManager` factories for the transcript and the gate (``settings``
+    are the :class:`~services.aggregator.settings.AggregatorSettings`); empty when the transcript is off."""
+    from splitunet.transcript import TranscriptRecorder
+
+    if not settings.transcript.enabled:
+        return {}
+    gate = settings.privacy_gate
+
+    def recorder(job_id: str) -> TranscriptRecorder:
+        return TranscriptRecorder(settings.transcript, force_every=gate.every)
+
+    def gate_factory(job_id: str, spec) -> PrivacyGate | None:
+        if not gate.every:
+            return None
+        return PrivacyGate(gate, Path(settings.transcript.dir) / job_id, list(spec.sites))
+
+    return {"recorder_factory": recorder, "gate_factory": gate_factory}

@@ -1,0 +1,31 @@
+"""The audit API, ``/v1``: each route parses, calls one :class:`AuditManager` method and returns."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+from fastapi.responses import HTMLResponse
+
+from services.audit.runtime import AuditManager, AuditRequest, AuditStatus
+from splitunet.service.deps import runtime_dep
+
+AuditDep = runtime_dep(AuditManager)
+AuditId = Annotated[str, Path(pattern=r"^audit-[0-9a-f]{12}$")]
+
+router = APIRouter(prefix="/v1", tags=["audit"])
+
+
+@router.post("/audits", status_code=202)
+def create_audit(runtime: AuditDep, request: AuditRequest) -> AuditStatus:
+    return runtime.create(request)
+
+
+@router.get("/audits/{audit_id}")
+def get_audit(runtime: AuditDep, audit_id: AuditId) -> AuditStatus:
+    return runtime.status(audit_id)
+
+
+@router.get("/audits/{audit_id}/report", response_class=HTMLResponse)
+def get_report(runtime: AuditDep, audit_id: AuditId) -> HTMLResponse:
+    return HTMLResponse(runtime.report(audit_id))

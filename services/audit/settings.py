@@ -1,0 +1,87 @@
+"""Settings of the audit service: ``AUDIT_`` environment variables and mounted secret files."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from splitunet.errors import PolicyError
+from splitunet.registry import SiteRegistry
+from splitunet.service.settings import ServiceSettings
+
+
+class AuditSettings(ServiceSettings):
+    """The audit service's configuration.
+
+    Args:
+        transcripts_dir: the aggregator's transcript folder (``AGG_TRANSCRIPT__DIR``, mounted read-only); an audit
+            names a run inside it, never a path.
+        lab_images_dir, lab_labels_dir: lab mode only (phantom, tests): the cohort read directly.
+        public_cases: size of the public auxiliary phantom cohort (prior, learned attack, baselines).
+        max_audits: finished audits kept in memory (oldest dropped).
+        torch_threads: intra-op threads (``0``: torch's default).
+        site_timeout_s: read timeout of calls to the sites' audit endpoints.
+        sites: the audit's site registry (``AUDIT_SITES``, YAML/JSON: name, URL and the audit's token file of every
+            site an audit may name; see :mod:`splitunet.registry`). None: lab audits only.
+        site_ca_file: CA bundle to verify HTTPS sites; site_client_cert_file, site_client_key_file: the audit's
+            client certificate for mutual TLS to the sites.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AUDIT_")
+
+    port: int = Field(default=8300, ge=0, le=65535)
+    transcripts_dir: Path
+    lab_images_dir: Path | None = None
+    lab_labels_dir: Path | None = None
+    public_cases: int = Field(default=16, ge=2)
+    max_audits: int = Field(default=32, ge=1)
+    torch_threads: int = Field(default=0, ge=0)
+    site_timeout_s: float = Field(default=120.0, gt=0)
+    sites: Path | None = None
+    site_ca_file: Path | None = None
+    site_client_cert_file: Path | None = None
+    site_client_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_sites(self) -> AuditSettings:
+        for name in ("site_ca_file", "site_client_cert_file", "site_client_key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file {str(path)!r}")
+        if (self.site_client_cert_file is None) != (self.site_client_key_file is None):
+            raise ValueError("site_client_cert_file and site_client_key_file must be given together (or neither)")
+        if self.sites is not None:
+            self.registry()  # a bad registry is a start-up error, not a failed audit
+        return self
+
+    def registry(self) -> SiteRegistry:
+        """The site registry, read now; 403 for an audit naming sites when none is configured."""
+        if self.sites is None:
+            raise PolicyError(
+                "this audit service has no site registry (AUDIT_SITES): only lab audits, naming no site, can run",
+                detail={"rule": "site_registry"},
+            )
+        tls = self.site_ca_file is not None or self.site_client_cert_file is not None
+        return SiteRegistry.load(self.sites, tls_configured=tls, setting="AUDIT_SITES")
+
+    def site_verify(self) -> ssl.SSLContext | bool:
+        """TLS verification of the calls to the sites: the CA and the client certificate, when configured."""
+        if self.site_ca_file is None and self.site_client_cert_file is None:
+            return True
+        from splitunet.service.client import tls_context
+
+        return tls_context(ca_file=self.site_ca_file, cert_file=self.site_client_cert_file,
+                           key_file=self.site_client_key_file)
+
+    @field_validator("transcripts_dir")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        # The aggregator creates the folder with its first transcript: the audit may start before it, but the
+        # volume it lives on must be there (a missing mount is a configuration error).
+        if not value.is_dir() and not value.parent.is_dir():
+            raise ValueError(f"transcripts_dir {str(value)!r} is not a folder (nor is its parent); point "
+                             "AUDIT_TRANSCRIPTS_DIR at the aggregator's transcripts (AGG_TRANSCRIPT__DIR)")
+        return value

@@ -1,0 +1,1 @@
+"""Leakage attacks replayed on recorded traffic: one protocol (:mod:`splitunet.attacks.base`), one module each."""

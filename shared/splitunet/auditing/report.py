@@ -1,0 +1,108 @@
+"""The audit's HTML report: a findings table, reconstruction grids and SSIM-over-steps curves (matplotlib PNGs
+embedded as data URIs). Grids show images only in lab mode (or where a site opted in); otherwise the report
+draws the prior and the attacks' outputs are withheld.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import defaultdict
+
+import numpy as np
+
+from splitunet.auditing.runner import AuditArtifacts, AuditResult
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def grid_figure(arrays: dict[str, np.ndarray], title: str) -> str:
+    """Rows: samples; columns: original | prior | each attack (first modality, middle slice in 3D)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [k for k in ("original", "prior") if k in arrays] + [
+        k for k in arrays if k not in ("original", "prior")]
+    rows = next(iter(arrays.values())).shape[0]
+    fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows), squeeze=False)
+    for c, name in enumerate(columns):
+        for r in range(rows):
+            img = arrays[name][r, 0]
+            if img.ndim == 3:
+                img = img[..., img.shape[-1] // 2]
+            ax = axes[r][c]
+            ax.imshow(np.rot90(img), cmap="gray", vmin=-2.5, vmax=2.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def curve_figure(result: AuditResult) -> str | None:
+    """Brain SSIM of each image attack over the audited steps, one line per site and attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for f in result.findings:
+        if f.ssim is not None:
+            series[(f.site, f.attack.value)].append((f.step, f.ssim))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for (site, attack), points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{site} {attack}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("brain SSIM")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def render_html(result: AuditResult, artifacts: AuditArtifacts | None, *, show_images: bool = True) -> str:
+    e = html.escape
+    cols = ["site", "step", "attack", "ssim", "prior_ssim", "rdlv", "psnr", "nmse", "reid_top1", "dice", "auc",
+            "baseline_empty_dice", "baseline_blob_dice", "seconds"]
+
+    def cell(v) -> str:
+        return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else e(str(v)))
+
+    rows = "".join("<tr>" + "".join(f"<td>{cell(getattr(f, c))}</td>" for c in cols) + "</tr>"
+                   for f in result.findings)
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Audit of {e(result.run_id)}</title></head><body>",
+        f"<h1>Leakage audit of run {e(result.run_id)}</h1>",
+        f"<p>{result.records} transcript records verified. Privacy gate: <b>{e(result.gate.message())}</b></p>",
+        "<table border='1' cellspacing='0' cellpadding='3'><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
+        + rows + "</table>",
+    ]
+    if result.dcor:
+        parts.append("<p>dCor(input, features): " + ", ".join(f"{e(k)} {v:.3f}" for k, v in result.dcor.items())
+                     + "</p>")
+    curve = curve_figure(result)
+    if curve:
+        parts.append(f"<h2>SSIM over steps</h2><img alt='ssim over steps' src='{curve}'>")
+    if artifacts is not None and show_images:
+        for (site, step), arrays in sorted(artifacts.grids.items()):
+            if "original" not in arrays:
+                continue  # federated mode: the originals stay at the site
+            parts.append(f"<h2>Site {e(site)}, step {step}</h2><img alt='grid' src='"
+                         f"{grid_figure(arrays, f'site {site} step {step}')}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,295 @@
+"""Run an audit: verify the transcript, replay the attacks on recorded batches, score them, gate.
+
+For each audited site and step the runner takes the recorded activation bundle (and the gradient bundle sent
+back), the planned samples of that batch (at most ``max_samples``), the public cohort's mean image cut like
+them (the prior), and runs every requested attack:
+
+- image attacks (white-box, UnSplit, learned) -> reconstructions ``B, C_site, *spatial`` scored by the
+  :class:`~splitunet.auditing.sources.Scorer` together with the prior (so RDLV needs no image to move);
+- label leakage -> tumour scores, compared (lab mode only: the true masks are the aggregator's) with the true
+  whole-tumour mask (Dice, AUC) and two baselines: an empty mask and the public cohort's tumour-frequency blob.
+
+Lab mode also gives dCor(input, features) and re-identification top-1 among the lab cohort's cases, and keeps
+the reconstructions for the report's grids.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from splitunet.attacks.base import AttackKind, Observation
+from splitunet.attacks.label_leakage import LabelLeakage, mask_from_scores
+from splitunet.attacks.learned import LearnedInversion
+from splitunet.attacks.unsplit import UnSplit
+from splitunet.attacks.whitebox import WhiteBoxInversion
+from splitunet.auditing.cohorts import LabCohort, PublicCohort
+from splitunet.auditing.gate import GateDecision, GateThreshold
+from splitunet.auditing.sources import Scorer, WeightSource
+from splitunet.config import SplitUNetConfig
+from splitunet.data.phantom import check_shape
+from splitunet.errors import DataError, NotFoundError
+from splitunet.leakage import dice, distance_correlation, leak_auc, rdlv, reidentification_top1
+from splitunet.recorder import Flow
+from splitunet.transcript import Transcript, verify_transcript
+from splitunet.wire import DEFAULT_MAX_BYTES, decode_bundle
+
+logger = logging.getLogger(__name__)
+
+
+class AttackBudgets(BaseModel):
+    """Iterations of each attack (the audit's compute budget)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    whitebox_iterations: int = Field(default=200, ge=1)
+    unsplit_main_iters: int = Field(default=10, ge=1)
+    unsplit_inner_iters: int = Field(default=20, ge=1)
+    learned_steps: int = Field(default=300, ge=1)
+    public_cases: int = Field(default=16, ge=2)
+
+
+class AuditSpec(BaseModel):
+    """What to audit: ``POST /v1/audits`` body and ``splitunet audit run`` options.
+
+    Args:
+        transcript: the run's transcript folder (``<AGG_TRANSCRIPT__DIR>/<run_id>``).
+        sites: sites to audit (default: every site of the run).
+        steps: recorded steps to attack (default: the last recorded step of ``phase``).
+        phase: ``train`` or ``eval`` records.
+        attacks: which attacks to replay.
+        max_samples: samples per site and step attacked.
+        budgets: attack iterations.
+        gate: thresholds that fail the audit.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    transcript: Path
+    sites: list[str] | None = None
+    steps: list[int] | None = None
+    phase: str = Field(default="train", pattern="^(train|eval)$")
+    attacks: list[AttackKind] = Field(default_factory=lambda: list(AttackKind))
+    max_samples: int = Field(default=2, ge=1, le=32)
+    budgets: AttackBudgets = Field(default_factory=AttackBudgets)
+    gate: GateThreshold = Field(default_factory=GateThreshold)
+
+
+class Finding(BaseModel):
+    """One attack on one site's batch: mean scores over the batch's samples and modalities."""
+
+    site: str
+    step: int
+    attack: AttackKind
+    ssim: float | None = None
+    psnr: float | None = None
+    nmse: float | None = None
+    prior_ssim: float | None = None
+    rdlv: float | None = None
+    reid_top1: float | None = None
+    dice: float | None = None
+    auc: float | None = None
+    baseline_empty_dice: float | None = None
+    baseline_blob_dice: float | None = None
+    seconds: float = 0.0
+
+
+class AuditResult(BaseModel):
+    run_id: str
+    records: int
+    findings: list[Finding]
+    dcor: dict[str, float] = Field(default_factory=dict)
+    gate: GateDecision
+
+
+@dataclass
+class AuditArtifacts:
+    """What the report draws: per (site, step) the originals (lab mode), prior and reconstructions."""
+
+    grids: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+Progress = Callable[[float, str], None]
+
+
+def _mean(rows: Sequence[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key])]
+    return float(np.mean(values)) if values else None
+
+
+class AuditRunner:
+    """Runs one :class:`AuditSpec` with its sources (see :mod:`splitunet.auditing.sources`).
+
+    Args:
+        scorer: compares reconstructions with the originals (site endpoint or lab cohort).
+        weights: the sites' encoder snapshots (white-box, learned attack's shadow); ``None`` skips white-box.
+        lab: the cohort read directly (lab mode), for label leakage, dCor, re-identification and the grids.
+        public: the public auxiliary cohort (prior, learned attack, baselines); built from the records if None.
+        key: the transcript's HMAC key, if it has one.
+    """
+
+    def __init__(self, scorer: Scorer, *, weights: WeightSource | None = None, lab: LabCohort | None = None,
+                 public: PublicCohort | None = None, key: bytes | None = None) -> None:
+        self.scorer, self.weights, self.lab, self.public, self.key = scorer, weights, lab, public, key
+
+    def run(self, spec: AuditSpec, progress: Progress | None = None) -> tuple[AuditResult, AuditArtifacts]:
+        progress = progress or (lambda fraction, message: None)
+        report = verify_transcript(spec.transcript, key=self.key)
+        if not report.ok:
+            raise DataError(f"the transcript failed verification at record {report.first_bad}: {report.reason}",
+                            detail={"first_bad": report.first_bad})
+        transcript = Transcript(spec.transcript)
+        try:
+            return self._run(spec, transcript, report.records, progress)
+        finally:
+            transcript.close()
+
+    def _run(self, spec: AuditSpec, transcript: Transcript, n_records: int,
+             progress: Progress) -> tuple[AuditResult, AuditArtifacts]:
+        if "model" not in transcript.run:
+            raise DataError("the transcript has no run description (model); was it written by this aggregator?")
+        config = SplitUNetConfig.model_validate(transcript.run["model"])
+        sites = spec.sites or [s.name for s in config.sites]
+        received = transcript.records(flow=Flow.RECEIVED, phase=spec.phase)
+        steps = spec.steps or ([max(r.step for r in received)] if received else [])
+        findings: list[Finding] = []
+        dcor: dict[str, float] = {}
+        artifacts = AuditArtifacts()
+        jobs = [(site, step) for site in sites for step in steps]
+        for done, (site, step) in enumerate(jobs):
+            progress(done / max(len(jobs), 1), f"site {site} step {step}")
+            recs = [r for r in received if r.site == site and r.step == step and r.samples]
+            if not recs:
+                raise NotFoundError(f"the transcript has no {spec.phase} record of site {site!r} at step {step} "
+                                    "with planned samples; GET the audit's steps from the transcript")
+            rec = recs[0]
+            sent = transcript.records(step=step, site=site, flow=Flow.SENT, phase=spec.phase)
+            found, arrays, d = self._attack_batch(spec, config, transcript, rec, sent[0] if sent else None)
+            findings += found
+            artifacts.grids[(site, step)] = arrays
+            if d is not None:
+                dcor[site] = d
+        progress(1.0, "done")
+        result = AuditResult(run_id=transcript.run_id, records=n_records, findings=findings, dcor=dcor,
+                             gate=spec.gate.evaluate(findings))
+        return result, artifacts
+
+    def _public(self, samples, budgets: AttackBudgets) -> PublicCohort | None:
+        """The public cohort on the samples' grid, or ``None`` (zero prior) when no phantom fits that grid."""
+        shape = samples[0].volume_shape
+        if shape is None:
+            return None
+        if self.public is None or self.public.shape != tuple(shape):
+            try:
+                check_shape(shape)
+            except ValueError:
+                logger.warning("no public phantom cohort on a %s grid: zero prior, no learned attack", shape)
+                return None
+            self.public = PublicCohort(shape, budgets.public_cases)
+        return self.public
+
+    def _attack_batch(self, spec: AuditSpec, config: SplitUNetConfig, transcript: Transcript, rec, sent_rec):
+        site, step = rec.site, rec.step
+        modalities = list(config.site(site).modalities)
+        samples = list(rec.samples[: spec.max_samples])
+        b = len(samples)
+        bundle = decode_bundle(transcript.frame(rec), max_bytes=max(rec.nbytes, DEFAULT_MAX_BYTES))
+        activations = {k: v[:b] for k, v in bundle.tensors.items()}
+        gradients = None
+        if sent_rec is not None:
+            grads = decode_bundle(transcript.frame(sent_rec), max_bytes=max(sent_rec.nbytes, DEFAULT_MAX_BYTES))
+            gradients = {k: v[:b] for k, v in grads.tensors.items()}
+        public = self._public(samples, spec.budgets)
+        prior = None if public is None else torch.from_numpy(public.prior(samples, modalities)).float()
+        state = None
+        if self.weights is not None and ({AttackKind.WHITEBOX, AttackKind.LEARNED} & set(spec.attacks)):
+            state = self.weights.encoder_state(site, transcript.run_id, step, spec.phase)
+        obs = Observation(config=config, site=site, activations=activations, gradients=gradients,
+                          encoder_state=state, prior=prior)
+        originals = self.lab.images(samples, modalities) if self.lab is not None else None
+        arrays: dict[str, np.ndarray] = {} if prior is None else {"prior": prior.numpy()}
+        if originals is not None:
+            arrays["original"] = originals
+        findings: list[Finding] = []
+        budgets = spec.budgets
+        unsplit: UnSplit | None = None
+        for kind in spec.attacks:
+            t0 = time.perf_counter()
+            if kind == AttackKind.LABEL_LEAKAGE:
+                if gradients is None or self.lab is None:
+                    logger.info("label leakage of site %s skipped: needs the gradients and the lab labels", site)
+                    continue
+                findings.append(self._label_finding(obs, public, samples, site, step))
+                findings[-1].seconds = time.perf_counter() - t0
+                continue
+            if kind == AttackKind.WHITEBOX:
+                if state is None:
+                    continue
+                recon = WhiteBoxInversion(iterations=budgets.whitebox_iterations)(obs)
+            elif kind == AttackKind.UNSPLIT:
+                unsplit = UnSplit(main_iters=budgets.unsplit_main_iters, input_iters=budgets.unsplit_inner_iters,
+                                  model_iters=budgets.unsplit_inner_iters)
+                recon = unsplit(obs)
+            else:
+                shadow = obs.encoder() if state is not None else (unsplit.clone if unsplit is not None else None)
+                if shadow is None or public is None:
+                    logger.info("learned attack on site %s skipped: no shadow encoder (weights or UnSplit)", site)
+                    continue
+                aux = torch.from_numpy(public.training_images(samples, modalities)).float()
+                recon = LearnedInversion(steps=budgets.learned_steps).fit(shadow, config, site, aux)(obs)
+            arrays[kind.value] = recon.numpy()
+            tensors = {"reconstruction": recon} | ({} if prior is None else {"prior": prior})
+            scores = self.scorer.score(site, modalities, transcript.run_id, step, samples, tensors)
+            rows, prior_rows = scores["reconstruction"], scores.get("prior", [])
+            finding = Finding(site=site, step=step, attack=kind, ssim=_mean(rows, "ssim"), psnr=_mean(rows, "psnr"),
+                              nmse=_mean(rows, "nmse"), prior_ssim=_mean(prior_rows, "ssim"),
+                              seconds=time.perf_counter() - t0)
+            if finding.ssim is not None and finding.prior_ssim is not None and finding.prior_ssim > 0:
+                finding.rdlv = rdlv(finding.ssim, finding.prior_ssim)
+            if self.lab is not None:
+                finding.reid_top1 = self._reidentify(recon.numpy(), samples, modalities)
+            findings.append(finding)
+            logger.info("audit %s site %s step %d %s: SSIM %s", transcript.run_id, site, step, kind.value,
+                        None if finding.ssim is None else round(finding.ssim, 3))
+        d = None
+        if originals is not None and b >= 2:
+            first = next(iter(activations.values()))
+            d = distance_correlation(torch.from_numpy(originals), first)
+        return findings, arrays, d
+
+    def _label_finding(self, obs: Observation, public: PublicCohort | None, samples, site: str, step: int) -> Finding:
+        assert self.lab is not None
+        scores = LabelLeakage()(obs).numpy()[:, 0]
+        truth = self.lab.masks(samples)[:, 0].astype(bool)
+        blob_freq = public.masks(samples).mean(0)[:, 0] if public is not None else np.zeros_like(scores)
+        dices, aucs, empty, blob = [], [], [], []
+        for i in range(len(samples)):
+            if not truth[i].any():
+                continue
+            dices.append(dice(mask_from_scores(scores[i]), truth[i]))
+            aucs.append(leak_auc(scores[i], truth[i]))
+            empty.append(dice(np.zeros_like(truth[i]), truth[i]))
+            blob.append(dice(blob_freq[i] >= 0.5 * blob_freq[i].max(), truth[i]) if blob_freq[i].max() > 0 else 0.0)
+        if not dices:
+            return Finding(site=site, step=step, attack=AttackKind.LABEL_LEAKAGE)
+        return Finding(site=site, step=step, attack=AttackKind.LABEL_LEAKAGE, dice=float(np.mean(dices)),
+                       auc=float(np.mean(aucs)), baseline_empty_dice=float(np.mean(empty)),
+                       baseline_blob_dice=float(np.mean(blob)))
+
+    def _reidentify(self, recon: np.ndarray, samples, modalities) -> float | None:
+        assert self.lab is not None
+        ids = self.lab.case_ids()
+        if len(ids) < 2:
+            return None
+        hits = []
+        for i, s in enumerate(samples):
+            cands = self.lab.images([s.model_copy(update={"case_id": c}) for c in ids], modalities)[:, 0]
+            hits.append(reidentification_top1([recon[i, 0]], cands, [ids.index(s.case_id)]))
+        return float(np.mean(hits))

@@ -1,0 +1,92 @@
+"""``splitunet audit verify RUN_DIR`` and ``splitunet audit run RUN_DIR``: audits without a server (a lab)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Verify a transcript, or replay attacks on it (lab mode).", no_args_is_help=True)
+
+
+def _key(key_file: Path | None) -> bytes | None:
+    if key_file is None:
+        return None
+    from splitunet.service.settings import read_secret_file
+
+    return read_secret_file(key_file)[0].encode()
+
+
+@app.command("verify")
+def verify_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run's transcript folder (<AGG_TRANSCRIPT__DIR>/<run_id>).")],
+    key_file: Annotated[Path | None, typer.Option(help="The transcript's HMAC key file, if it has one.")] = None,
+) -> None:
+    """Recompute the hash chain, reread every frame, check the written heads; name the first bad record."""
+    from splitunet.errors import DataError
+    from splitunet.transcript import verify_transcript
+
+    try:
+        report = verify_transcript(run_dir, key=_key(key_file))
+    except DataError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    if report.ok:
+        extra = f" ({report.reason})" if report.reason else ""
+        typer.echo(f"OK: {report.records} records, chain intact{extra}")
+        return
+    typer.echo(f"TAMPERED: first bad record {report.first_bad}: {report.reason}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("run")
+def run_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run's transcript folder.")],
+    lab_images: Annotated[Path, typer.Option(help="Lab mode: the cohort's images (BraTS layout).")],
+    lab_labels: Annotated[Path | None, typer.Option(help="Lab mode: the segmentations (default: lab-images).")] = None,
+    snapshots: Annotated[list[str] | None, typer.Option(
+        help="site=SITE_STATE_DIR: where a site keeps its encoder snapshots (white-box); repeatable.")] = None,
+    steps: Annotated[str | None, typer.Option(help="Comma-separated steps (default: the last recorded).")] = None,
+    sites: Annotated[str | None, typer.Option(help="Comma-separated sites (default: all).")] = None,
+    attacks: Annotated[str | None, typer.Option(
+        help="Comma-separated: whitebox,unsplit,learned,label_leakage (default: all).")] = None,
+    max_samples: Annotated[int, typer.Option(help="Samples attacked per site and step.")] = 2,
+    max_ssim: Annotated[float | None, typer.Option(help="Privacy gate: fail above this brain SSIM.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the HTML report here.")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="The transcript's HMAC key file.")] = None,
+) -> None:
+    """Replay the attacks on a recorded run, reading the cohort directly (phantom or test data)."""
+    from splitunet.auditing.cohorts import LabCohort
+    from splitunet.auditing.report import render_html
+    from splitunet.auditing.runner import AuditRunner, AuditSpec
+    from splitunet.auditing.sources import LabScorer, SnapshotDirSource
+    from splitunet.errors import SplitUNetError
+
+    def split(value: str | None) -> list[str] | None:
+        return None if value is None else [v for v in value.split(",") if v]
+
+    try:
+        dirs = dict(s.split("=", 1) for s in snapshots or [])
+    except ValueError:
+        typer.echo("error: --snapshots takes site=DIR", err=True)
+        raise typer.Exit(2) from None
+    try:
+        spec = AuditSpec(transcript=run_dir, sites=split(sites), max_samples=max_samples,
+                         steps=[int(s) for s in split(steps)] if steps else None,
+                         **({"attacks": split(attacks)} if attacks else {}),
+                         gate={"max_ssim": max_ssim})
+        lab = LabCohort(lab_images, lab_labels)
+        runner = AuditRunner(LabScorer(lab), weights=SnapshotDirSource(dirs) if dirs else None, lab=lab,
+                             key=_key(key_file))
+        result, artifacts = runner.run(spec)
+    except (SplitUNetError, ValueError) as exc:
+        typer.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
+    if out is not None:
+        out.write_text(render_html(result, artifacts))
+        typer.echo(f"report written to {out}", err=True)
+    if not result.gate.passed:
+        raise typer.Exit(1)

@@ -1,0 +1,93 @@
+"""Defenses at the site/aggregator boundary, each a small class on the :mod:`splitunet.filters` contract.
+
+| module | defense | where |
+|---|---|---|
+| :mod:`~splitunet.defenses.noise` | calibrated Gaussian / Laplace noise | site activations (also gradients) |
+| :mod:`~splitunet.defenses.dp` | per-patient clip + Gaussian noise, Opacus accountant, epsilon budget | both |
+| :mod:`~splitunet.defenses.quantize` | fp16 / int8 / int4 | site activations |
+| :mod:`~splitunet.defenses.topk` | top-k sparsification (gradient only through kept entries) | site activations |
+| :mod:`~splitunet.defenses.nopeek` | ``alpha * dCor(x, F)`` site loss term | site training |
+| :mod:`~splitunet.defenses.gradient` | per-sample norm equalisation, spatial smoothing | aggregator gradients |
+
+Secure-sum fusion is a protocol, not a filter: :mod:`splitunet.secure_sum`. Configuration:
+:mod:`splitunet.defenses.config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitunet.defenses.config import (
+    DPConfig,
+    GaussianConfig,
+    GradientDefenseConfig,
+    LaplaceConfig,
+    NoPeekConfig,
+    NormEqualizeConfig,
+    QuantizeConfig,
+    SiteDefenseConfig,
+    SmoothConfig,
+    TopKConfig,
+    parse_site_defenses,
+)
+from splitunet.filters import FilterChain
+
+
+@dataclass
+class SiteDefenses:
+    """A site's outbound filter chain and its loss terms (NoPeek), built from its configuration."""
+
+    chain: FilterChain = field(default_factory=FilterChain)
+    loss_terms: tuple = ()
+
+    def describe(self) -> list[dict[str, object]]:
+        return [d.describe() for d in (*self.chain.filters, *self.loss_terms)]
+
+    def stats(self) -> list[dict[str, object]]:
+        return [{"name": d.name, **d.stats()} for d in (*self.chain.filters, *self.loss_terms)]
+
+
+def build_filter(config, *, ledger_path: Path | None = None, sample_rate: float | None = None):
+    """The defense object of one configuration (a filter, or a loss term for NoPeek)."""
+    from splitunet.defenses.dp import DPGaussian
+    from splitunet.defenses.gradient import NormEqualize, Smooth
+    from splitunet.defenses.noise import GaussianNoise, LaplaceNoise
+    from splitunet.defenses.nopeek import NoPeek
+    from splitunet.defenses.quantize import Quantize
+    from splitunet.defenses.topk import TopK
+
+    if isinstance(config, DPConfig):
+        return DPGaussian(config, ledger_path=ledger_path, default_sample_rate=sample_rate)
+    table = {GaussianConfig: GaussianNoise, LaplaceConfig: LaplaceNoise, QuantizeConfig: Quantize, TopKConfig: TopK,
+             NoPeekConfig: NoPeek, NormEqualizeConfig: NormEqualize, SmoothConfig: Smooth}
+    return table[type(config)](config)
+
+
+def build_site_defenses(configs: Sequence[SiteDefenseConfig], *, state_dir: Path | None = None) -> SiteDefenses:
+    """Filters in the order given; NoPeek entries become loss terms. DP ledgers are kept under ``state_dir``."""
+    filters, terms = [], []
+    for index, config in enumerate(configs):
+        ledger = None if state_dir is None else Path(state_dir) / f"privacy-ledger-{index}-{config.name}.json"
+        defense = build_filter(config, ledger_path=ledger)
+        (terms if isinstance(config, NoPeekConfig) else filters).append(defense)
+    return SiteDefenses(FilterChain(filters), tuple(terms))
+
+
+def build_gradient_chain(
+    configs: Sequence[GradientDefenseConfig], *, sample_rate: float | None = None
+) -> FilterChain:
+    """The aggregator's outbound gradient chain; ``sample_rate`` is its plan's rate for the DP accountant."""
+    return FilterChain([build_filter(c, sample_rate=sample_rate) for c in configs])
+
+
+__all__ = [
+    "GradientDefenseConfig",
+    "SiteDefenseConfig",
+    "SiteDefenses",
+    "build_filter",
+    "build_gradient_chain",
+    "build_site_defenses",
+    "parse_site_defenses",
+]

@@ -1,0 +1,128 @@
+"""Privacy accounting of the DP defense with Opacus's accountants (not hand-written).
+
+Two figures are kept:
+
+- **subsampled** epsilon: the Opacus accountant (RDP or PRV) over the training releases, each a Gaussian
+  mechanism with noise multiplier ``z`` on a batch the aggregator's plan draws with sampling rate ``q``.
+  Assumption: batches are treated as Poisson subsamples with ``q = P(a patient is in a batch)``; the plan
+  actually draws ``B`` cases uniformly with replacement from ``N`` training cases, so ``q = 1 - (1 - 1/N)^B``
+  (``~B/N``) and per-patient clipping bounds a patient's contribution by ``C`` however often it is drawn.
+  Amplification holds against a party that does not know which patients a batch holds.
+- **worst-patient** epsilon: the accountant with ``q = 1`` over the releases of the most released patient
+  (training and evaluation), which holds even against the aggregator, who plans the batches and knows them.
+
+The state (Opacus history and release counts per patient) can be kept in a JSON file so a restart does not
+reset the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from splitunet.defenses.config import AccountantKind
+
+logger = logging.getLogger(__name__)
+
+
+def make_accountant(kind: AccountantKind):
+    """A fresh Opacus accountant of ``kind`` (imported lazily: Opacus takes seconds to import)."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return RDPAccountant() if kind == AccountantKind.RDP else PRVAccountant()
+
+
+def accountant_epsilon(kind: AccountantKind, history: Iterable[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of an Opacus accountant whose history is ``[(noise_multiplier, sample_rate, steps), ...]``."""
+    history = [(float(z), float(q), int(n)) for z, q, n in history if n > 0]
+    if not history:
+        return 0.0
+    accountant = make_accountant(kind)
+    accountant.history = history
+    return float(accountant.get_epsilon(delta=delta))
+
+
+class PrivacyLedger:
+    """Releases of one DP defense and the epsilon they spent (thread-safe).
+
+    Args:
+        kind: the Opacus accountant.
+        noise_multiplier: ``z`` of every release.
+        delta: the target delta.
+        path: optional JSON file that keeps the ledger across restarts.
+    """
+
+    def __init__(self, kind: AccountantKind, noise_multiplier: float, delta: float, path: Path | None = None) -> None:
+        self.kind = kind
+        self.noise_multiplier = noise_multiplier
+        self.delta = delta
+        self.path = path
+        self.history: list[tuple[float, float, int]] = []
+        self.releases: Counter[str] = Counter()
+        self._per_count: dict[int, float] = {}
+        self._cached: tuple[tuple, float] | None = None  # (history, epsilon)
+        self._lock = threading.Lock()
+        if path is not None and path.is_file():
+            state = json.loads(path.read_text())
+            self.history = [tuple(h) for h in state["history"]]
+            self.releases = Counter(state["releases"])
+            logger.info("privacy ledger %s: %d training steps so far", path, self.steps)
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def _with_step(self, q: float) -> list[tuple[float, float, int]]:
+        history = list(self.history)
+        if history and history[-1][:2] == (self.noise_multiplier, q):
+            history[-1] = (self.noise_multiplier, q, history[-1][2] + 1)
+        else:
+            history.append((self.noise_multiplier, q, 1))
+        return history
+
+    def epsilon(self) -> float:
+        """Subsampled epsilon of the training releases so far."""
+        with self._lock:
+            key = tuple(self.history)
+            if self._cached is None or self._cached[0] != key:
+                self._cached = (key, accountant_epsilon(self.kind, self.history, self.delta))
+            return self._cached[1]
+
+    def epsilon_for_count(self, releases: int) -> float:
+        """Epsilon of ``releases`` unsubsampled releases of one patient (cached per count)."""
+        if releases not in self._per_count:
+            self._per_count[releases] = accountant_epsilon(
+                self.kind, [(self.noise_multiplier, 1.0, releases)], self.delta
+            )
+        return self._per_count[releases]
+
+    def worst_patient_epsilon(self) -> float:
+        with self._lock:
+            most = max(self.releases.values(), default=0)
+        return self.epsilon_for_count(most)
+
+    def preview(self, q: float | None, patients: Iterable[str]) -> tuple[float, float]:
+        """``(subsampled, worst-patient)`` epsilon if a release of ``patients`` (training with rate ``q``, or
+        evaluation when ``q`` is None) happened now; nothing is recorded."""
+        with self._lock:
+            history = self.history if q is None else self._with_step(q)
+            counts = Counter(self.releases)
+        counts.update(set(patients))
+        return (accountant_epsilon(self.kind, history, self.delta),
+                self.epsilon_for_count(max(counts.values(), default=0)))
+
+    def record(self, q: float | None, patients: Iterable[str]) -> None:
+        """Record one release (training with rate ``q``, or evaluation when ``q`` is None)."""
+        with self._lock:
+            if q is not None:
+                self.history = self._with_step(q)
+            self.releases.update(set(patients))
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"history": self.history, "releases": dict(self.releases)}))
+                tmp.replace(self.path)
