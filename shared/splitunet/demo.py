@@ -217,7 +217,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the main job; see the module docstring. Callbacks report progress to the CLI."""
     from splitunet.data.partition import partition_cohort
-    from splitunet.launcher import LocalFederation
+    from splitunet.launcher import LocalFederation, thread_budget
     from splitunet.service.client import PeerClient, PeerTimeouts
 
     phase = on_phase or (lambda _: None)
@@ -241,12 +241,13 @@ def run_demo(
     t0 = time.perf_counter()
     # a demo starts afresh: services would otherwise resume a job an interrupted demo left in their state folders
     shutil.rmtree(workdir / "state", ignore_errors=True)
-    with LocalFederation(workdir) as federation:
+    site_threads, aggregator_threads = thread_budget(len(MODALITIES))
+    with LocalFederation(workdir, torch_threads=site_threads) as federation:
         sites = []
         for m in MODALITIES:  # each site its own token; the aggregator's registry (AGG_SITES) lists them
             federation.start_site(m, [m], partition.site_dir(m), defenses=options.site_defenses)
             sites.append(m)
-        aggregator = federation.start_aggregator(partition.aggregator_dir)
+        aggregator = federation.start_aggregator(partition.aggregator_dir, torch_threads=aggregator_threads)
         federation.wait_ready(timeout_s=180)
         timing["startup_s"] = time.perf_counter() - t0
 

@@ -32,12 +32,14 @@ def create_app(settings: ReceiverSettings | None = None):
 
     from splitunet import __version__
     from splitunet.service.app import create_service_app
+    from splitunet.service.gate import body_limit
     from splitunet.wire import decode_bundle
 
     settings = settings or ReceiverSettings()
     router = APIRouter(prefix="/v1")
 
-    @router.post("/bundle")
+    # a tensor route declares its body limit (every other body is limited to max_json_bytes)
+    @router.post("/bundle", dependencies=[body_limit(lambda s: s.max_request_bytes)])
     def receive(body: BundleBody) -> dict[str, int]:
         bundle = decode_bundle(body, max_bytes=settings.max_request_bytes)
         return {"bytes": bundle.wire_bytes, "tensors": len(bundle.tensors)}
