@@ -56,9 +56,9 @@ class BenchPlan:
 
     @classmethod
     def full(cls) -> BenchPlan:
-        return cls(steps=12, warmup=3, wire_megabytes=64.0, wire_iterations=5, cohort_cases=6,
-                   cohort_shape=(128, 128, 80), roi_2d=(128, 128), roi_3d=(64, 64, 64), batch_2d=8, batch_3d=2,
-                   features_2d=(16, 32, 64, 128), features_3d=(8, 16, 32, 64), site_counts=(2, 4, 8),
+        return cls(steps=8, warmup=2, wire_megabytes=64.0, wire_iterations=5, cohort_cases=5,
+                   cohort_shape=(128, 128, 80), roi_2d=(128, 128), roi_3d=(64, 64, 64), batch_2d=8, batch_3d=1,
+                   features_2d=(8, 16, 32, 64), features_3d=(8, 16, 32, 64), site_counts=(2, 4, 8),
                    scaling_rois_2d=((64, 64), (96, 96), (128, 128)), scaling_rois_3d=((32, 32, 32), (48, 48, 48),
                                                                                      (64, 64, 64)),
                    phantom_cases=2, phantom_shape=(240, 240, 155), whitebox_iterations=200, whitebox_size=128)
@@ -66,7 +66,7 @@ class BenchPlan:
     @classmethod
     def quick(cls) -> BenchPlan:
         """A smoke configuration: every figure is produced, none means much."""
-        return cls(steps=3, warmup=1, wire_megabytes=2.0, wire_iterations=2, cohort_cases=3,
+        return cls(steps=2, warmup=1, wire_megabytes=2.0, wire_iterations=2, cohort_cases=3,
                    cohort_shape=(32, 32, 24), roi_2d=(16, 16), roi_3d=(16, 16, 16), batch_2d=2, batch_3d=1,
                    features_2d=(4, 8, 16), features_3d=(4, 8, 16), site_counts=(2, 4),
                    scaling_rois_2d=((16, 16), (24, 24)), scaling_rois_3d=((16, 16, 16), (24, 24, 24)),
