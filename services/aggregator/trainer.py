@@ -488,10 +488,11 @@ class TrainingJob:
         cases = self.val_cases[: self.spec.max_val_cases] if self.spec.max_val_cases else self.val_cases
         metrics = RegionMetrics(hd95=True)
         predictor = self.predictor()
+        grids = self.case_grids(list(cases))
         for case_id in cases:
             self._check_stop()
             regions = self.labels.regions(case_id)
-            probs = predictor.predict_case(case_id, regions.shape[1:], step=step)
+            probs = predictor.predict_case(case_id, regions.shape[1:], step=step, brain_z=grids[case_id].brain_z)
             metrics.add_case(case_id, probs, regions, self.labels.spacing(case_id), logits=False)
         result = metrics.aggregate()
         history = [*self.status().validations, {"step": step, "dice": result["dice"]}]
@@ -513,7 +514,7 @@ class TrainingJob:
             )
         grid = self.case_grids([case_id])[case_id]
         shape = grid.geometry().ras_shape
-        probs = self.predictor().predict_case(case_id, shape, step=self.status().step)
+        probs = self.predictor().predict_case(case_id, shape, step=self.status().step, brain_z=grid.brain_z)
         return probs.cpu().numpy(), grid
 
     # ------------------------------------------------------------------ checkpoints

@@ -119,7 +119,8 @@ def test_one_off_audit_defaults_to_the_newest_run_and_its_registered_sites(start
 def test_one_off_audit_settings_parse_what_an_operator_writes(tmp_path, monkeypatch):
     registry = write_registry(tmp_path / "audit-registry", tokens={m: AUDIT_TOKEN for m in SITES})
     for key, value in {"AUDIT_TRANSCRIPTS_DIR": str(tmp_path), "AUDIT_SITES": str(registry),
-                       "AUDIT_REPORTS_DIR": str(tmp_path / "r"), "AUDIT_RUN_ID": "", "AUDIT_RUN_SITES": "t1, flair",
+                       "AUDIT_REPORTS_DIR": str(tmp_path / "r"), "AUDIT_AUTH_TOKEN": OPERATOR_TOKEN,
+                       "AUDIT_RUN_ID": "", "AUDIT_RUN_SITES": "t1, flair",
                        "AUDIT_RUN_SPEC": '{"steps": [3]}'}.items():
         monkeypatch.setenv(key, value)
     settings = AuditJobSettings()
