@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/splitunet bench --json runs/bench.json $(ARGS)
+	$(BIN)/python -m splitunet.bench.defenses --part overhead
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -33,6 +33,11 @@ class SecurityLedger:
         assert (status in wanted) if wanted else 400 <= status < 500, f"{kind}: answered {status}, want {wanted}"
         self.refused_by_kind[kind] += 1
 
+    def blocked(self, kind: str) -> None:
+        """Record a hostile action stopped without an HTTP answer of ours (a TLS handshake refused, a job that
+        failed safely); the test asserts how."""
+        self.refused_by_kind[kind] += 1
+
     def observe_app(self, app) -> None:
         """Add an app's responses (and its 5xx, but a ``/readyz`` 503 while starting) from its own metrics."""
         metrics = getattr(app.state, "metrics", None)

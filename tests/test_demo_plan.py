@@ -11,7 +11,7 @@ from splitunet.demo import BRATS_PRESET, DemoOptions, generator_fingerprint, pha
 from splitunet.federation import FederationSpec
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-SITES = [{"name": m, "url": f"http://{m}.test", "token": "t" * 24} for m in ("t1", "t1ce", "t2", "flair")]
+SITES = ["t1", "t1ce", "t2", "flair"]  # registry names (AGG_SITES); a job carries no URL or credential
 
 
 @pytest.mark.parametrize(("quick", "dims"), [(True, 2), (False, 2), (True, 3), (False, 3)])

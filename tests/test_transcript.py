@@ -80,8 +80,9 @@ def test_recorded_transcript_reads_back_and_verifies(run_dir: Path):
     assert transcript.run["model"] == {"cut_level": 0}
 
 
-def test_sampling_keeps_every_kth_train_step_forced_steps_and_all_eval(tmp_path: Path):
-    recorder = TranscriptRecorder(TranscriptSettings(dir=tmp_path, every=3, fsync=False), force_every=4)
+def test_sampling_keeps_every_kth_train_step_forced_steps_and_eval_on_request(tmp_path: Path):
+    recorder = TranscriptRecorder(TranscriptSettings(dir=tmp_path, every=3, fsync=False, record_eval=True),
+                                  force_every=4)
     record_steps(recorder, range(1, 9), sites=("t1",))
     record_steps(recorder, range(5, 6), sites=("t1",), phase="eval")
     recorder.close()

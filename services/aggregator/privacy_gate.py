@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,8 +22,12 @@ from splitunet.attacks.base import AttackKind
 from splitunet.auditing.gate import GateThreshold
 from splitunet.auditing.runner import AttackBudgets, AuditRunner, AuditSpec
 from splitunet.auditing.sources import SiteAuditClient
-from splitunet.errors import ConflictError
+from splitunet.errors import ConfigurationError, ConflictError
 from splitunet.federation import SitePeer
+
+if TYPE_CHECKING:
+    from services.aggregator.settings import AggregatorSettings
+    from splitunet.federation import FederationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +39,10 @@ class PrivacyGateSettings(BaseModel):
         every: audit every n-th train step (0: no gate). Needs ``AGG_TRANSCRIPT__ENABLED=true``.
         max_ssim, max_rdlv: the thresholds (see :class:`~splitunet.auditing.gate.GateThreshold`).
         whitebox_iterations: the gate attack's budget; max_samples: samples attacked per site.
-        audit_token_file: the sites' ``audit`` credential (default: each site's token from the job spec).
+        audit_token_file: the sites' ``audit`` credential the gate presents to their audit endpoints; required
+            when ``every`` > 0. Note (docs/threat-model.md): with it the aggregator can fetch the encoder snapshots
+            the sites keep for audits, so enable the gate only where the audit credential may sit with the
+            aggregator's operator; otherwise run audits from the audit service alone.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -81,11 +89,13 @@ class PrivacyGate:
     """
 
     def __init__(self, settings: PrivacyGateSettings, transcript_dir: Path, peers: list[SitePeer]) -> None:
+        if settings.audit_token_file is None:
+            raise ConfigurationError("the privacy gate needs the sites' audit credential: set "
+                                     "AGG_PRIVACY_GATE__AUDIT_TOKEN_FILE")
         self.settings = settings
         self.transcript_dir = Path(transcript_dir)
-        if settings.audit_token_file is not None:
-            peers = [p.model_copy(update={"token": None, "token_file": settings.audit_token_file}) for p in peers]
-        self.peers = peers
+        # the registry's URLs, with the audit credential instead of the aggregator's own per-site tokens
+        self.peers = [p.model_copy(update={"token_file": settings.audit_token_file}) for p in peers]
 
     def due(self, step: int) -> bool:
         return bool(self.settings.every) and step % self.settings.every == 0
@@ -109,9 +119,9 @@ class PrivacyGate:
                 "findings": [f.model_dump(mode="json") for f in result.findings]}
 
 
-def audit_hooks(settings) -> dict:
-    """The :class:`~services.aggregator.jobs.JobManager` factories for the transcript and the gate (``settings``
-    are the :class:`~services.aggregator.settings.AggregatorSettings`); empty when the transcript is off."""
+def audit_hooks(settings: AggregatorSettings) -> dict[str, Any]:
+    """The :class:`~services.aggregator.jobs.JobManager` factories for the transcript and the gate; empty when
+    the transcript is off."""
     from splitunet.transcript import TranscriptRecorder
 
     if not settings.transcript.enabled:
@@ -121,9 +131,9 @@ def audit_hooks(settings) -> dict:
     def recorder(job_id: str) -> TranscriptRecorder:
         return TranscriptRecorder(settings.transcript, force_every=gate.every)
 
-    def gate_factory(job_id: str, spec) -> PrivacyGate | None:
+    def gate_factory(job_id: str, spec: FederationSpec) -> PrivacyGate | None:
         if not gate.every:
             return None
-        return PrivacyGate(gate, Path(settings.transcript.dir) / job_id, list(spec.sites))
+        return PrivacyGate(gate, Path(settings.transcript.dir) / job_id, settings.registry().resolve(spec.sites))
 
     return {"recorder_factory": recorder, "gate_factory": gate_factory}

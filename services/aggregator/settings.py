@@ -83,6 +83,9 @@ class AggregatorSettings(ServiceSettings):
     def _gate_needs_transcript(self) -> AggregatorSettings:
         if self.privacy_gate.every and not self.transcript.enabled:
             raise ValueError("privacy_gate.every needs the transcript: set AGG_TRANSCRIPT__ENABLED=true")
+        if self.privacy_gate.every and self.privacy_gate.audit_token_file is None:
+            raise ValueError("privacy_gate.every needs the sites' audit credential: set "
+                             "AGG_PRIVACY_GATE__AUDIT_TOKEN_FILE")
         return self
 
     @field_validator("data_dir")

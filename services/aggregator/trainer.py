@@ -358,6 +358,11 @@ class TrainingJob:
                     self.prepare()
                 else:
                     list(self.pool.map(lambda c: c.setup_run(self._setup), self.clients.values()))
+                    if self.spec.secure_sum is not None:
+                        # a restarted site lost its key pair with its memory: agree the pairwise keys again (the
+                        # others keep theirs and re-derive the seeds from the relayed set)
+                        self.aggregator.inbound = establish_secure_sum(self.clients, self.job_id,
+                                                                       self.spec.secure_sum, self.pool)
                 step = self._roll_back()
             except PeerError as exc:
                 cause = exc
@@ -497,10 +502,11 @@ class TrainingJob:
         cases = self.val_cases[: self.spec.max_val_cases] if self.spec.max_val_cases else self.val_cases
         metrics = RegionMetrics(hd95=True)
         predictor = self.predictor()
+        grids = self.case_grids(list(cases))
         for case_id in cases:
             self._check_stop()
             regions = self.labels.regions(case_id)
-            probs = predictor.predict_case(case_id, regions.shape[1:], step=step)
+            probs = predictor.predict_case(case_id, regions.shape[1:], step=step, brain_z=grids[case_id].brain_z)
             metrics.add_case(case_id, probs, regions, self.labels.spacing(case_id), logits=False)
         result = metrics.aggregate()
         history = [*self.status().validations, {"step": step, "dice": result["dice"]}]
@@ -522,7 +528,7 @@ class TrainingJob:
             )
         grid = self.case_grids([case_id])[case_id]
         shape = grid.geometry().ras_shape
-        probs = self.predictor().predict_case(case_id, shape, step=self.status().step)
+        probs = self.predictor().predict_case(case_id, shape, step=self.status().step, brain_z=grid.brain_z)
         return probs.cpu().numpy(), grid
 
     # ------------------------------------------------------------------ checkpoints

@@ -29,6 +29,7 @@ from splitunet.auditing.sources import LabScorer, SiteAuditClient
 from splitunet.errors import ConfigurationError, NotFoundError, SplitUNetError
 from splitunet.federation import SiteName
 from splitunet.schemas import RUN_ID_PATTERN
+from splitunet.transcript import Transcript
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,38 @@ class AuditManager:
         self._lock = threading.Lock()
 
     def create(self, request: AuditRequest) -> AuditStatus:
+        """Admit an audit and run it in the background; its status says when it is done."""
+        status, spec = self._admit(request)
+        self._pool.submit(self._run, status.audit_id, request, spec)
+        return status
+
+    def run_now(self, request: AuditRequest) -> AuditStatus:
+        """Run one audit in this thread and return its final status (``splitunet audit once``, the Job form)."""
+        status, spec = self._admit(request)
+        self._run(status.audit_id, request, spec)
+        return self.status(status.audit_id)
+
+    def newest_run(self) -> str:
+        """The run whose transcript was written last (what a one-off audit after a training job means)."""
+        root = Path(self.settings.transcripts_dir)
+        runs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+        if not runs:
+            raise NotFoundError(f"no transcript in the audit's transcripts folder {str(root)!r}: has a job with "
+                                "the transcript on (AGG_TRANSCRIPT__ENABLED) run yet?")
+        return max(runs, key=lambda d: max((f.stat().st_mtime for f in d.iterdir()), default=0.0)).name
+
+    def run_sites(self, run_id: str) -> list[str]:
+        """The sites of a recorded run that this audit's registry holds (whom a one-off audit asks by default)."""
+        transcript = Transcript(Path(self.settings.transcripts_dir) / run_id)
+        try:
+            recorded = [s["name"] for s in transcript.run.get("model", {}).get("sites", [])]
+        finally:
+            transcript.close()
+        registered = set(self.settings.registry().names)
+        return [s for s in recorded if s in registered]
+
+    def _admit(self, request: AuditRequest) -> tuple[AuditStatus, AuditSpec]:
+        """Check a request against the transcripts and the registry; register it as pending."""
         transcript = Path(self.settings.transcripts_dir) / request.run_id
         if not transcript.is_dir():
             raise NotFoundError(f"no transcript of run {request.run_id!r} in the audit's transcripts folder")
@@ -90,7 +123,10 @@ class AuditManager:
         if request.sites:
             self.settings.registry().resolve(request.sites)  # unknown names: 403 now, not a failed audit
         try:
-            spec = AuditSpec.model_validate({**request.spec, "transcript": transcript})
+            # a federated audit attacks the sites it names (the ones it holds a credential for) unless the spec
+            # narrows them further
+            named = {"sites": list(request.sites)} if request.sites and "sites" not in request.spec else {}
+            spec = AuditSpec.model_validate({**request.spec, **named, "transcript": transcript})
         except ValueError as exc:
             raise ConfigurationError(f"bad audit spec: {exc}") from None
         audit_id = f"audit-{uuid.uuid4().hex[:12]}"
@@ -100,8 +136,7 @@ class AuditManager:
             while len(self._audits) > self.settings.max_audits:
                 old, _ = self._audits.popitem(last=False)
                 self._artifacts.pop(old, None)
-        self._pool.submit(self._run, audit_id, request, spec)
-        return status
+        return status, spec
 
     def _update(self, audit_id: str, **changes) -> None:
         with self._lock:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from splitunet.errors import PolicyError
+from splitunet.federation import SiteName
 from splitunet.registry import SiteRegistry
+from splitunet.schemas import RUN_ID_PATTERN
 from splitunet.service.settings import ServiceSettings
 
 
@@ -84,4 +88,48 @@ class AuditSettings(ServiceSettings):
         if not value.is_dir() and not value.parent.is_dir():
             raise ValueError(f"transcripts_dir {str(value)!r} is not a folder (nor is its parent); point "
                              "AUDIT_TRANSCRIPTS_DIR at the aggregator's transcripts (AGG_TRANSCRIPT__DIR)")
+        return value
+
+
+class AuditJobSettings(AuditSettings):
+    """A one-off audit (``splitunet audit once``, the Kubernetes Job form): the service's settings plus the
+    request, so the Job reads the same ``AUDIT_*`` ConfigMap and credentials as the service.
+
+    Args:
+        run_id: the run to audit (``AUDIT_RUN_ID``); unset or empty: the run whose transcript was written last.
+        run_sites: the sites to ask for weights and scores (``AUDIT_RUN_SITES``, comma-separated names of
+            ``AUDIT_SITES``); unset or empty: every site of the run that the registry holds.
+        run_spec: what to attack (``AUDIT_RUN_SPEC``, JSON of :class:`~splitunet.auditing.runner.AuditSpec`
+            fields, e.g. ``{"steps": [3], "attacks": ["whitebox"]}``); empty: the spec's defaults.
+        reports_dir: where ``<run_id>/<audit_id>/result.json`` and ``report.html`` are written
+            (``AUDIT_REPORTS_DIR``; a writable volume in the Job).
+    """
+
+    run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN)
+    run_sites: Annotated[list[SiteName], NoDecode] = Field(default_factory=list, max_length=64)
+    run_spec: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
+    reports_dir: Path
+
+    @field_validator("run_id", mode="before")
+    @classmethod
+    def _empty_is_newest(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("run_sites", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("run_spec", mode="before")
+    @classmethod
+    def _json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"AUDIT_RUN_SPEC is not JSON ({exc}); e.g. {{\"steps\": [3]}}") from None
         return value

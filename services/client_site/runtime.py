@@ -203,12 +203,12 @@ class SiteRuntime:
         return CaseGrids(grids=out)
 
     def _serving(self, case_id: str) -> BratsCase:
-        """A case this site serves: one of the aligned cohort (the same error for an unknown case, see
-        :func:`~services.client_site.alignment.not_aligned`: no answer reveals whether an id exists)."""
+        """A case this site serves: one of the aligned cohort or of a run's cohort (the same error for an unknown
+        case, see :func:`~services.client_site.alignment.not_aligned`: no answer reveals whether an id exists)."""
         case = self.cases.get(case_id)
-        with self._lock:
-            aligned = self._aligned
-        if case is None or aligned is None or case_id not in aligned:
+        with self._lock:  # the current alignment, or the cohort of a run (kept across a restart of the site)
+            served = case_id in (self._aligned or ()) or any(case_id in r.cohort for r in self._runs.values())
+        if case is None or not served:
             raise not_aligned(case_id)
         return case
 

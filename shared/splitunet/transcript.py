@@ -20,8 +20,8 @@ row is committed, and ``head.json`` is replaced atomically (write, fsync, rename
 indexed record are such a torn record: :func:`verify_transcript` reports them without failing and the recorder
 cuts them when it reopens the run.
 
-Bounded: train steps are recorded every ``every`` steps (plus the steps a privacy gate audits), evaluation
-forwards always; past ``max_bytes`` of frames nothing more is recorded (counted, logged once).
+Bounded: train steps are recorded every ``every`` steps and always at the steps a privacy gate audits; evaluation
+forwards on request (``record_eval``); past ``max_bytes`` of frames nothing more is recorded (counted, logged once).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class TranscriptSettings(BaseModel):
         enabled: record the traffic (off by default in the service, on in the demo).
         dir: the transcripts' folder (one subfolder per run).
         every: record train step ``s`` when ``s % every == 0`` (1: every step).
-        record_eval: always record evaluation forwards (what a privacy gate audits).
+        record_eval: also record evaluation forwards (validation and inference: whole cases, large; off by
+            default — the privacy gate audits the train steps it forces into the transcript).
         max_bytes: stop recording once the frames of a run would exceed this many bytes.
         fsync: flush every frame to disk before indexing it (crash safety; off only for tests or benchmarks).
         hmac_key_file: a secret key file; the chain then uses HMAC-SHA256 (verification needs the key).
@@ -80,7 +81,7 @@ class TranscriptSettings(BaseModel):
     enabled: bool = False
     dir: Path = Path("transcripts")
     every: int = Field(default=10, ge=1)
-    record_eval: bool = True
+    record_eval: bool = False
     max_bytes: int = Field(default=4 * 2**30, gt=0)
     fsync: bool = True
     hmac_key_file: Path | None = None

@@ -94,3 +94,24 @@ def test_attacks_validate_their_arguments():
         LearnedInversion(steps=0)
     with pytest.raises(ValueError, match="score must be one of"):
         LabelLeakage(score="cosine")
+
+
+def test_attacks_run_in_3d_and_at_deeper_cuts():
+    from splitunet.attacks.base import Observation
+    from splitunet.config import SiteSpec, SplitUNetConfig
+    from splitunet.networks.factory import make_site_encoder
+
+    config = SplitUNetConfig(spatial_dims=3, features=(4, 8, 16), sites=(SiteSpec(name="t2", modalities=("t2",)),),
+                             cut_level=1)
+    encoder = make_site_encoder(config, "t2", 0).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        features = encoder(x)
+    obs = Observation(config=config, site="t2", activations=features, encoder_state=encoder.state_dict())
+    assert WhiteBoxInversion(iterations=3)(obs).shape == x.shape
+    assert UnSplit(main_iters=1, input_iters=2, model_iters=2)(obs).shape == x.shape
+    learned = LearnedInversion(steps=2, batch_size=2, width=4).fit(encoder, config, "t2", torch.randn(3, 1, 16, 16, 16))
+    assert learned(obs).shape == x.shape
+    grads = {k: torch.randn_like(v) for k, v in features.items()}
+    scores = LabelLeakage()(Observation(config=config, site="t2", activations=features, gradients=grads))
+    assert scores.shape == (1, 1, 16, 16, 16) and float(scores.min()) >= 0 and float(scores.max()) <= 1

@@ -42,6 +42,8 @@ class LocalPod:
     process: subprocess.Popen | None = None
     log: Path | None = None
     files: list[Path] = field(default_factory=list)
+    explicit: set[str] = field(default_factory=set)  # the container's own ``env`` (wins over any ConfigMap)
+    optional: list[str] = field(default_factory=list)  # optional ConfigMaps of ``envFrom`` an operator creates
 
     def local_path(self, path: str) -> str:
         """``path`` inside the container -> the local path (unchanged when no volume holds it)."""
@@ -71,7 +73,10 @@ class LocalCluster:
                 "",
             )
             pod = LocalPod(name=name, service=service, args=list(container.get("command", [])) +
-                           list(container.get("args", [])), env=pod_env(rendered, container), mounts={})
+                           list(container.get("args", [])), env=pod_env(rendered, container), mounts={},
+                           explicit={e["name"] for e in container.get("env", [])},
+                           optional=[s["configMapRef"]["name"] for s in container.get("envFrom", [])
+                                     if s.get("configMapRef", {}).get("optional")])
             self._mount(pod, workload, template, container)
             self.pods[name] = pod
         for pod in self.pods.values():
@@ -164,14 +169,21 @@ class LocalCluster:
                 path.write_text(new)
 
     # ------------------------------------------------------------------ processes
-    def run_job(self, name: str, *, replace: dict[str, str] | None = None, timeout: float = 600) -> str:
-        """Run a Job's container command to completion with its mounts mapped; return its output."""
+    def run_job(self, name: str, *, replace: dict[str, str] | None = None,
+                configmaps: dict[str, dict[str, str]] | None = None, timeout: float = 600) -> str:
+        """Run a Job's (or a CronJob's Job template's) container command to completion with its mounts mapped;
+        return its output. ``configmaps``: the optional ConfigMaps an operator created before the Job
+        (``kubectl create configmap``), whose data enters the environment as ``envFrom`` says."""
         pod = self.pods[name]
         args = [self._paths(pod, a) for a in pod.args]
         for old, new in (replace or {}).items():
             args = [a.replace(old, new) for a in args]
+        created = {}
+        for cm, data in (configmaps or {}).items():
+            assert cm in pod.optional, f"{name} reads no optional ConfigMap {cm!r} (it reads {pod.optional})"
+            created.update({k: v for k, v in data.items() if k not in pod.explicit})
         bin_dir = str(Path(sys.executable).parent)
-        env = {**_clean_environ(), **pod.env, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+        env = {**_clean_environ(), **pod.env, **created, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
         proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, f"job {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return proc.stdout

@@ -26,7 +26,7 @@ OVERLAYS = ("dev", "prod-gpu", "site-only")
 SITES = ("t1", "t1ce", "t2", "flair")
 #: Kubernetes version the manifests are validated against.
 KUBERNETES_VERSION = "1.32.0"
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "CronJob")
 
 
 def kubectl() -> str:
@@ -137,17 +137,24 @@ class Rendered:
                 yield r
 
     def pod_templates(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-        """``(workload, pod template)`` of every workload."""
+        """``(workload, pod template)`` of every workload (a CronJob's is its Job template's)."""
         for w in self.workloads():
-            yield w, w["spec"]["template"]
+            yield w, pod_template(w)
+
+
+def pod_template(workload: dict[str, Any]) -> dict[str, Any]:
+    spec = workload["spec"]
+    return spec["jobTemplate"]["spec"]["template"] if workload["kind"] == "CronJob" else spec["template"]
 
 
 def pod_env(rendered: Rendered, container: dict[str, Any]) -> dict[str, str]:
     """The environment a container gets: its ConfigMaps (``envFrom``) then its ``env`` (which wins)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
-        if "configMapRef" in source:
-            env.update(rendered.get("ConfigMap", source["configMapRef"]["name"]).get("data", {}))
+        ref = source.get("configMapRef", {})
+        if ref.get("optional") and ref["name"] not in rendered.names("ConfigMap"):
+            continue  # created by an operator at run time (e.g. the audit Job's request), not by the overlay
+        env.update(rendered.get("ConfigMap", ref["name"]).get("data", {}))
     for item in container.get("env", []):
         env[item["name"]] = item["value"]
     return env

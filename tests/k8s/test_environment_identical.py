@@ -2,11 +2,13 @@
 
 The phantom Job fills the volumes (8 cases instead of 24, to keep the test short), the four sites, the
 aggregator and the audit start as local processes from the rendered manifests (see ``local_pods``), and an
-operator trains a few steps through the aggregator's REST API and audits the recorded traffic.
+operator trains a few steps through the aggregator's REST API and audits the recorded traffic, through the
+audit service and through the audit's Job form.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,7 +82,9 @@ def test_dev_overlay_trains_and_audits_as_configured(dev_cluster: LocalCluster) 
     spec = {
         "sites": list(SITES),  # names of the registry the overlay mounts (AGG_SITES)
         "model": {"spatial_dims": 2, "features": [4, 8, 16], "cut_level": 0},
-        "roi": [32, 32], "batch_size": 2, "steps": 3, "val_cases": 2, "max_val_cases": 1,
+        # whole slices resized to 32x32 keep the validation to a few requests (sliding windows over a 96^2 slice
+        # would be hundreds on two shared cores)
+        "roi": [32, 32], "resize_slices": True, "batch_size": 8, "steps": 3, "val_cases": 2, "max_val_cases": 1,
     }
     with httpx.Client(base_url=cluster.url("aggregator"), headers=headers, timeout=60) as client:
         created = client.post("/v1/jobs", json=spec)
@@ -103,3 +107,13 @@ def test_dev_overlay_trains_and_audits_as_configured(dev_cluster: LocalCluster) 
         assert findings[0]["ssim"] is not None
         report = client.get(f"/v1/audits/{audit_id}/report")
         assert report.status_code == 200 and "text/html" in report.headers["content-type"]
+
+    # the audit's Job form (a Job created from the CronJob template): the operator names the run in the optional
+    # ConfigMap `audit-run`; the Job reads the service's configuration, asks t1, writes to its reports volume
+    request = {"AUDIT_RUN_ID": job_id, "AUDIT_RUN_SITES": "t1", "AUDIT_RUN_SPEC": json.dumps(audit_spec)}
+    once = json.loads(cluster.run_job("audit-once", configmaps={"audit-run": request}, timeout=420))
+    assert once["state"] == "succeeded" and once["run_id"] == job_id, once
+    assert [(f["site"], f["attack"]) for f in once["result"]["findings"]] == [("t1", "whitebox")]
+    written = cluster.claim("audit-reports") / job_id / once["audit_id"]
+    assert json.loads((written / "result.json").read_text())["findings"] == once["result"]["findings"]
+    assert "<html" in (written / "report.html").read_text().lower()

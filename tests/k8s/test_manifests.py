@@ -10,7 +10,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from manifests import KUBERNETES_VERSION, OVERLAYS, REPO, Rendered, pod_env, selects
+from manifests import KUBERNETES_VERSION, OVERLAYS, REPO, Rendered, pod_env, pod_template, selects
 
 #: Environment prefix -> the settings class that reads it.
 SETTINGS = {
@@ -24,9 +24,20 @@ RUNTIME_VARIABLES = {"OMP_NUM_THREADS"}
 OPERATOR_SELECTOR = {"matchLabels": {"splitunet.io/operator": "true"}}
 
 
-def settings_class(prefix: str) -> type:
-    module, name = SETTINGS[prefix].split(":")
+#: Containers whose command is not ``splitunet serve`` but reads a service's settings: command -> class.
+COMMAND_SETTINGS = {("splitunet", "audit", "once"): "services.audit.settings:AuditJobSettings"}
+#: What an operator may put in the audit Job's optional ``audit-run`` ConfigMap (k8s/base/audit-job).
+AUDIT_RUN_KEYS = ("AUDIT_RUN_ID", "AUDIT_RUN_SITES", "AUDIT_RUN_SPEC")
+
+
+def _load(path: str) -> type:
+    module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def settings_class(prefix: str, container: dict[str, Any] | None = None) -> type:
+    command = tuple(container.get("command", [])) if container else ()
+    return _load(COMMAND_SETTINGS.get(command, SETTINGS[prefix]))
 
 
 def prefix_of(env: dict[str, str]) -> str:
@@ -38,8 +49,16 @@ def prefix_of(env: dict[str, str]) -> str:
 def service_containers(rendered: Rendered) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """``(workload, container)`` for the long-running services (Deployments and StatefulSets)."""
     return [
-        (w, c) for w, t in rendered.pod_templates() if w["kind"] != "Job" for c in t["spec"]["containers"]
+        (w, c) for w, t in rendered.pod_templates() if w["kind"] in ("Deployment", "StatefulSet")
+        for c in t["spec"]["containers"]
     ]
+
+
+def configured_containers(rendered: Rendered) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The service containers and the Jobs that run a service's code with its settings (the audit's Job form)."""
+    jobs = [(w, c) for w, t in rendered.pod_templates() if w["kind"] in ("Job", "CronJob")
+            for c in t["spec"]["containers"] if tuple(c.get("command", [])) in COMMAND_SETTINGS]
+    return service_containers(rendered) + jobs
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -83,10 +102,10 @@ def test_services_select_pods_and_ports_match_settings(rendered_overlays, overla
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_environment_is_read_by_the_settings(rendered_overlays, overlay: str) -> None:
     rendered = rendered_overlays[overlay]
-    for workload, container in service_containers(rendered):
+    for workload, container in configured_containers(rendered):
         env = pod_env(rendered, container)
         prefix = prefix_of(env)
-        cls = settings_class(prefix)
+        cls = settings_class(prefix, container)
         fields = set(cls.model_fields)
         for name in env:
             if name in RUNTIME_VARIABLES:
@@ -148,7 +167,8 @@ def test_referenced_secrets_configmaps_and_claims_exist(rendered_overlays, overl
             volumes = {v["name"] for v in template["spec"].get("volumes", [])} | templates
             assert mounts <= volumes, f"{name}: mounts without volumes {mounts - volumes}"
             for source in container.get("envFrom", []):
-                assert source["configMapRef"]["name"] in configmaps, f"{name}: ConfigMap missing"
+                ref = source["configMapRef"]
+                assert ref["name"] in configmaps or ref.get("optional") is True, f"{name}: ConfigMap missing"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -176,5 +196,50 @@ def test_sites_accept_only_the_aggregator_and_the_audit(rendered_overlays) -> No
     policies = [p for p in rendered.of_kind("NetworkPolicy") if selects(p["spec"]["podSelector"], site)]
     peers = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
              for p in policies for rule in p["spec"].get("ingress", []) for peer in rule.get("from", [])]
-    assert sorted(peers) == ["aggregator", "audit"]
+    assert sorted(peers) == ["aggregator", "audit", "audit-job"]
     assert all(not p["spec"].get("egress") for p in policies), "a site must not open any egress"
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod-gpu"])
+def test_audit_job_form_is_a_template_run_on_demand(rendered_overlays, overlay: str) -> None:
+    rendered = rendered_overlays[overlay]
+    cron = rendered.get("CronJob", "audit-once")
+    assert cron["spec"]["suspend"] is True, "the audit's Job form must never run by itself"
+    assert cron["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0, "a failed privacy gate must not be retried"
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["splitunet", "audit", "once"]
+    # the same configuration as the audit service, plus the operator's optional request
+    service = next(c for w, c in service_containers(rendered) if w["metadata"]["name"] == "audit")
+    refs = [s["configMapRef"] for s in container["envFrom"]]
+    assert refs[0]["name"] == service["envFrom"][0]["configMapRef"]["name"]
+    assert refs[1] == {"name": "audit-run", "optional": True}
+    fields = set(settings_class("AUDIT_", container).model_fields)
+    for key in AUDIT_RUN_KEYS:
+        assert key[len("AUDIT_"):].lower() in fields, f"{key} is read by no field of AuditJobSettings"
+    policy = rendered.get("NetworkPolicy", "audit-job")
+    assert policy["spec"]["ingress"] == [] and set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    if overlay == "prod-gpu":  # TLS on: it verifies the sites and presents the audit's client certificate
+        names = {e["name"] for e in container["env"]}
+        assert {"AUDIT_SITE_CA_FILE", "AUDIT_SITE_CLIENT_CERT_FILE", "AUDIT_SITE_CLIENT_KEY_FILE"} <= names
+
+
+@pytest.mark.parametrize("overlay", ["prod-gpu", "site-only"])
+def test_hospitals_sites_run_the_defenses_component(rendered_overlays, overlay: str) -> None:
+    import yaml
+    from pydantic import TypeAdapter
+
+    from splitunet.defenses import SiteDefenseConfig
+
+    rendered = rendered_overlays[overlay]
+    sites = [(w, c) for w, c in service_containers(rendered) if w["kind"] == "StatefulSet"]
+    assert sites
+    for workload, container in sites:
+        env = pod_env(rendered, container)
+        path = env["SITE_DEFENSES"]
+        mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in pod_template(workload)["spec"]["volumes"] if v["name"] == mount["name"])
+        data = rendered.get("ConfigMap", volume["configMap"]["name"])["data"]
+        # the site's settings validate the file the same way: an unknown name or a bad parameter stops it
+        chain = TypeAdapter(tuple[SiteDefenseConfig, ...]).validate_python(
+            yaml.safe_load(data[path[len(mount["mountPath"]) + 1:]]))
+        assert chain, f"{workload['metadata']['name']}: an empty defense chain"

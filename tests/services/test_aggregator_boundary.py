@@ -72,7 +72,7 @@ def test_no_remote_body_or_token_in_job_status(start_app, aggregator_settings, t
     assert status["state"] == "failed" and status["error"]["code"] == "peer_failed", status
     text = json.dumps(status)
     assert "REMOTE-BODY" not in text and not any(token in text for token in SITE_TOKENS.values())
-    security.refused("remote_body_echo", 502, expected=502)  # the job's error: a typed peer failure, not echoed
+    security.blocked("remote_body_echo")  # the job failed with a typed peer error that echoes nothing
 
 
 @pytest.mark.parametrize(
@@ -129,4 +129,4 @@ def test_aggregator_checkpoints_count_against_a_disk_budget(start_app, aggregato
     status = run_job(start_app(app), job_spec())
     assert status["state"] == "failed" and status["error"]["code"] == "policy_violation", status
     assert "AGG_CHECKPOINT_BUDGET_BYTES" in status["error"]["message"]
-    security.refused("disk_budget", 403, expected=403)
+    security.blocked("disk_budget")

@@ -20,20 +20,23 @@ import torch
 from fastapi.testclient import TestClient
 from federation_testkit import (
     AGG_HEADERS,
-    SITE_HEADERS,
     SITES,
     checkpoint_weights,
     identity_aligner,
     max_weight_difference,
     peers,
     run_job,
+    site_headers,
     wait_for_job,
 )
 from safetensors.torch import load_file
 
 from services.aggregator.app import create_app as create_aggregator_app
 from services.client_site.app import create_app as create_site_app
+from splitunet.data.sampling import Sample
+from splitunet.errors import PolicyError
 from splitunet.protocol import SiteStep
+from splitunet.schemas import ForwardRequest
 
 STEPS = 8
 
@@ -168,12 +171,37 @@ def test_a_site_restarted_mid_run_is_restored_when_the_aggregator_asks(federatio
     start(fed.aggregator, spec("faulty"))
     assert switch.tripped.wait(60)
     fed.restart_site("t1ce")  # a new site process over the same state folder: the run is back from its store
-    info = fed.sites["t1ce"].get("/v1/info", headers=SITE_HEADERS).json()
+    info = fed.sites["t1ce"].get("/v1/info", headers=site_headers("t1ce")).json()
     assert info["runs"]["faulty"]["restore_required"] is True
     switch.down.clear()
     status = wait_for_job(fed.aggregator, "faulty", timeout_s=120)
     assert status["state"] == "succeeded", status
     assert status["resumed_from_step"] == 2, status
+    assert_same_training(fed, "clean", "faulty")
+
+
+def test_a_secure_sum_site_restarted_mid_run_agrees_new_keys_and_trains_on(federation: Federation) -> None:
+    """A restarted site has lost its secure-sum key pair: the recovery agrees the pairwise keys again, so the
+    masks cancel and the job ends where an uninterrupted one does (the fixed-point sum is exact)."""
+    fed = federation
+    secure = {"model": {"spatial_dims": 2, "features": [4, 8, 16], "cut_level": 1, "fusion": "sum"},
+              "secure_sum": {"clip_range": 64.0}}
+    assert run_job(fed.aggregator, spec("clean", **secure))["state"] == "succeeded"
+    switch = fed.switches["t2"]
+    switch.trigger = backward_of("faulty", 3)
+    start(fed.aggregator, spec("faulty", **secure))
+    assert switch.tripped.wait(60)
+    fed.restart_site("t2")
+    # the restarted site remembers that the run agreed on secure sum: without new keys it refuses to release plain
+    # features (never a silent downgrade)
+    request = ForwardRequest(step=3, samples=[Sample(case_id="c", start=(0, 0), size=(16, 16), axial_index=0,
+                                                     volume_shape=(16, 16, 4))])
+    with pytest.raises(PolicyError, match="keys were lost"):
+        fed.sites["t2"].app.state.runtime.protection.outbound("faulty", request, {"f": torch.zeros(2)})
+    switch.down.clear()
+    status = wait_for_job(fed.aggregator, "faulty", timeout_s=120)
+    assert status["state"] == "succeeded", status
+    assert status["resumed_from_step"] == 2 and status["defenses"]["secure_sum"] is True, status
     assert_same_training(fed, "clean", "faulty")
 
 

@@ -5,13 +5,17 @@ endpoints (weights at the recorded step, scoring in place), results, report and 
 from __future__ import annotations
 
 import json
+import os
 import time
 
+import pytest
 import torch
 from federation_testkit import AGG_TOKEN, AUDIT_TOKEN, SITE_HEADERS, SITES, peers, run_job, write_registry
+from pydantic import ValidationError
 
 from services.audit.app import create_app as create_audit_app
-from services.audit.settings import AuditSettings
+from services.audit.settings import AuditJobSettings, AuditSettings
+from splitunet.errors import NotFoundError
 from splitunet.transcript import Transcript, verify_transcript
 from splitunet.wire import CONTENT_TYPE, BundleKind, BundleMeta, WireDtype, encode_bundle
 
@@ -32,7 +36,7 @@ def _recorded_run(start_app, aggregator_settings, sites, tmp_path):
     from services.aggregator.app import create_app as create_aggregator_app
 
     settings = aggregator_settings(transcript={"enabled": True, "dir": tmp_path / "transcripts", "every": 1,
-                                               "fsync": False})
+                                               "fsync": False, "record_eval": True})
     app = create_aggregator_app(settings, aligner=identity_aligner,
                                 transport_factory=lambda peer: sites[peer.name]._transport)
     client = start_app(app)
@@ -49,7 +53,7 @@ def test_job_transcript_records_planned_samples_and_verifies(start_app, aggregat
     assert {(r.step, r.site, r.flow.value) for r in train} == {
         (s, m, f) for s in (1, 2) for m in ("t1", "flair") for f in ("received", "sent")}
     assert all(len(r.samples) == 2 and r.samples[0].size == (16, 16) for r in train)
-    assert transcript.records(phase="eval"), "validation forwards are always recorded"
+    assert transcript.records(phase="eval"), "validation forwards are recorded with record_eval"
     assert transcript.run["model"]["cut_level"] == 0
 
 
@@ -84,6 +88,60 @@ def test_audit_service_attacks_a_recorded_run_in_federated_mode(start_app, aggre
     report = audit.get(f"/v1/audits/{audit_id}/report", headers=AUDIT_HEADERS)
     assert report.status_code == 200 and "text/html" in report.headers["content-type"]
     assert "data:image/png;base64" in report.text and "whitebox" in report.text
+
+
+def test_one_off_audit_defaults_to_the_newest_run_and_its_registered_sites(start_app, aggregator_settings, sites,
+                                                                             tmp_path):
+    """The Job form's defaults (``splitunet audit once`` with no AUDIT_RUN_ID / AUDIT_RUN_SITES)."""
+    from services.audit.runtime import AuditManager, AuditRequest
+
+    root = _recorded_run(start_app, aggregator_settings, sites, tmp_path)
+    older = root / "older-run"
+    older.mkdir()
+    (older / "index.sqlite").write_text("")
+    os.utime(older / "index.sqlite", (1, 1))  # written long before the recorded run
+    registry = write_registry(tmp_path / "audit-registry", tokens={m: AUDIT_TOKEN for m in SITES})
+    settings = AuditJobSettings(transcripts_dir=root, auth_token=OPERATOR_TOKEN, sites=registry,
+                                reports_dir=tmp_path / "reports")
+    manager = AuditManager(settings, transport_factory=lambda peer: sites[peer.name]._transport)
+    try:
+        assert manager.newest_run() == "audited"
+        assert manager.run_sites("audited") == ["t1", "flair"]  # the run's sites, in the run's order
+        status = manager.run_now(AuditRequest(run_id="audited", sites=manager.run_sites("audited"),
+                                              spec={"steps": [2], "attacks": ["whitebox"],
+                                                    "budgets": {"whitebox_iterations": 20}}))
+    finally:
+        manager.close()
+    assert status.state == "succeeded", status
+    assert sorted(f.site for f in status.result.findings) == ["flair", "t1"]
+
+
+def test_one_off_audit_settings_parse_what_an_operator_writes(tmp_path, monkeypatch):
+    registry = write_registry(tmp_path / "audit-registry", tokens={m: AUDIT_TOKEN for m in SITES})
+    for key, value in {"AUDIT_TRANSCRIPTS_DIR": str(tmp_path), "AUDIT_SITES": str(registry),
+                       "AUDIT_REPORTS_DIR": str(tmp_path / "r"), "AUDIT_AUTH_TOKEN": OPERATOR_TOKEN,
+                       "AUDIT_RUN_ID": "", "AUDIT_RUN_SITES": "t1, flair",
+                       "AUDIT_RUN_SPEC": '{"steps": [3]}'}.items():
+        monkeypatch.setenv(key, value)
+    settings = AuditJobSettings()
+    assert settings.run_id is None and settings.run_sites == ["t1", "flair"] and settings.run_spec == {"steps": [3]}
+    monkeypatch.setenv("AUDIT_RUN_SPEC", "steps: 3")
+    with pytest.raises(ValidationError, match="AUDIT_RUN_SPEC is not JSON"):
+        AuditJobSettings()
+    monkeypatch.setenv("AUDIT_RUN_SPEC", "")
+    monkeypatch.setenv("AUDIT_RUN_ID", "../etc")
+    with pytest.raises(ValidationError, match="run_id"):
+        AuditJobSettings()
+
+
+def test_one_off_audit_without_a_transcript_says_so(tmp_path):
+    from services.audit.runtime import AuditManager
+
+    manager = AuditManager(AuditJobSettings(transcripts_dir=tmp_path / "none", auth_token=OPERATOR_TOKEN,
+                                            reports_dir=tmp_path / "r"))
+    with pytest.raises(NotFoundError, match="has a job with the transcript on"):
+        manager.newest_run()
+    manager.close()
 
 
 def test_audit_service_errors_are_clear(start_app, tmp_path):

@@ -32,7 +32,7 @@ SITES = ("t1", "flair")
 KILLED_SITE = "t1"
 
 
-def job_spec(run_id: str, peers: list[dict[str, Any]]) -> dict[str, Any]:
+def job_spec(run_id: str, peers: list[str]) -> dict[str, Any]:
     return {
         "run_id": run_id, "sites": peers, "model": {"spatial_dims": 2, "features": [4, 8, 16], "cut_level": 1},
         "roi": [16, 16], "batch_size": 2, "steps": STEPS, "val_cases": 1, "seed": 5, "checkpoint_interval": 4,
@@ -64,10 +64,10 @@ def test_sigkill_of_a_site_and_of_the_aggregator_loses_no_step(
     site_fault, aggregator_fault = rng.randint(3, 8), rng.randint(13, 20)
     injected, survived, killed_at = 0, 0, {}
     with LocalFederation(tmp_path / "fed", torch_threads=1) as federation:
-        peers = []
-        for name in SITES:
-            proc = federation.start_site(name, [name], cohort.site_dirs[name])
-            peers.append({"name": name, "url": proc.url, "token_file": str(federation.site_token_file)})
+        peers = list(SITES)  # names of the aggregator's registry
+        for k, name in enumerate(SITES):
+            # SITE_SEED: both runs start from the same encoder weights (the site's choice, never the aggregator's)
+            federation.start_site(name, [name], cohort.site_dirs[name], seed=SEED + k)
         aggregator = federation.start_aggregator(cohort.labels_dir, env={"AGG_SITE_RETRY_MAX_S": "1"})
         federation.wait_ready(timeout_s=180)
         headers = {"Authorization": f"Bearer {federation.aggregator_token}"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from federation_testkit import AGG_HEADERS, SITE_HEADERS, SITES, Cohort, peers, run_job
+from federation_testkit import AGG_HEADERS, SITE_HEADERS, SITES, Cohort, align_site, peers, run_job
 
 from services.aggregator.app import create_app as create_aggregator_app
 from services.client_site.app import create_app as create_site_app
@@ -64,14 +64,17 @@ def test_the_2d_planner_draws_only_slices_inside_the_brain(aggregator, sites, co
 
 def test_sites_report_grids_only_for_aligned_cases(site, cohort: Cohort):
     case_id = cohort.case_ids[0]
+    # before any alignment no case is served, and an unknown id gets the same answer as a known one
+    before = site.post("/v1/grids", json={"case_ids": [case_id]}, headers=SITE_HEADERS)
+    assert before.status_code == 409 and before.json()["code"] == "not_aligned"
+    assert align_site(site, [case_id]).status_code == 200
     reply = site.post("/v1/grids", json={"case_ids": [case_id]}, headers=SITE_HEADERS)
     assert reply.status_code == 200, reply.text
     grid = reply.json()["grids"][case_id]
     assert grid["shape"] == list(cohort.shape) and grid["brain_z"] == [1, 14] and grid["layout"] == "brats2021"
-    assert site.post("/v1/grids", json={"case_ids": ["BraTS2021_99999"]}, headers=SITE_HEADERS).status_code == 404
-    assert site.post("/v1/alignment", json={"case_ids": [case_id]}, headers=SITE_HEADERS).status_code == 200
+    unknown = site.post("/v1/grids", json={"case_ids": ["BraTS2021_99999"]}, headers=SITE_HEADERS)
     other = site.post("/v1/grids", json={"case_ids": [cohort.case_ids[1]]}, headers=SITE_HEADERS)
-    assert other.status_code == 409 and other.json()["code"] == "not_aligned"
+    assert unknown.status_code == other.status_code == 409 and other.json()["code"] == "not_aligned"
     assert site.post("/v1/grids", json={"case_ids": []}, headers=SITE_HEADERS).status_code == 422
 
 

@@ -18,23 +18,24 @@ from splitunet.transcript import verify_transcript
 GATE_SITES = ("t1", "flair")
 
 
-def test_gate_pauses_a_real_job_over_rest_and_resume_continues_it(cohort: Cohort, tmp_path, monkeypatch):
+def test_gate_pauses_a_real_job_over_rest_and_resume_continues_it(cohort: Cohort, tmp_path):
     transcripts = tmp_path / "transcripts"
-    for key, value in {
+    audit_token = tmp_path / "audit-token"
+    audit_token.write_text("gate-audit-token-0123456789abcdef\n")
+    gate_env = {
         "AGG_TRANSCRIPT__ENABLED": "true", "AGG_TRANSCRIPT__DIR": str(transcripts), "AGG_TRANSCRIPT__EVERY": "5",
         "AGG_TRANSCRIPT__FSYNC": "false", "AGG_PRIVACY_GATE__EVERY": "2", "AGG_PRIVACY_GATE__MAX_SSIM": "-0.5",
         "AGG_PRIVACY_GATE__WHITEBOX_ITERATIONS": "30", "AGG_PRIVACY_GATE__MAX_SAMPLES": "1",
-    }.items():
-        monkeypatch.setenv(key, value)  # inherited by the processes LocalFederation starts
+        "AGG_PRIVACY_GATE__AUDIT_TOKEN_FILE": str(audit_token),
+    }
     with LocalFederation(tmp_path / "fed", torch_threads=1) as federation:
-        peers = []
-        for name in GATE_SITES:
-            proc = federation.start_site(name, [name], cohort.site_dirs[name])
-            peers.append({"name": name, "url": proc.url, "token_file": str(federation.site_token_file)})
-        aggregator = federation.start_aggregator(cohort.labels_dir)
+        for name in GATE_SITES:  # each site accepts the gate's audit credential on its audit routes
+            federation.start_site(name, [name], cohort.site_dirs[name],
+                                  env={"SITE_SCOPE_TOKEN_FILES__AUDIT": str(audit_token)})
+        aggregator = federation.start_aggregator(cohort.labels_dir, env=gate_env)
         federation.wait_ready(timeout_s=180)
         spec = {
-            "run_id": "gated", "sites": peers,
+            "run_id": "gated", "sites": list(GATE_SITES),
             "model": {"spatial_dims": 2, "features": [4, 8, 16], "cut_level": 0},
             "roi": [16, 16], "batch_size": 2, "steps": 3, "val_cases": 1, "seed": 5,
         }

@@ -219,7 +219,11 @@ def test_checkpoints_count_against_a_disk_budget(start_app, site_settings, cohor
     client = started(start_app, site_settings, checkpoint_budget_bytes=200_000)
     aligned_run(client)
     assert client.post(f"/v1/runs/{RUN}/checkpoint", json={"step": 0}, headers=SITE_HEADERS).status_code == 200
-    steps = [client.post(f"/v1/runs/{RUN}/checkpoint", json={"step": s}, headers=SITE_HEADERS) for s in range(1, 9)]
+    # every run checkpoints the step it holds (step 0 here): each new run's checkpoint is a new file
+    steps = []
+    for k in range(1, 7):
+        assert client.post("/v1/runs", json=setup_body(f"{RUN}-{k}"), headers=SITE_HEADERS).status_code == 200
+        steps.append(client.post(f"/v1/runs/{RUN}-{k}/checkpoint", json={"step": 0}, headers=SITE_HEADERS))
     refused = [r for r in steps if r.status_code != 200]
     assert refused and rule_of(refused[0]) == "checkpoint_budget_bytes"
     security.refused("disk_budget", refused[0].status_code, expected=403)
@@ -229,12 +233,12 @@ def test_checkpoints_count_against_a_disk_budget(start_app, site_settings, cohor
 def test_corrupt_checkpoint_is_a_typed_error(start_app, site_settings, damage, security) -> None:
     client = started(start_app, site_settings)
     aligned_run(client)
-    saved = client.post(f"/v1/runs/{RUN}/checkpoint", json={"step": 1}, headers=SITE_HEADERS)
+    saved = client.post(f"/v1/runs/{RUN}/checkpoint", json={"step": 0}, headers=SITE_HEADERS)
     path = saved.json()["path"]
     data = open(path, "rb").read()
     broken = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"\x00" * 64 + data[64:]}[damage]
     open(path, "wb").write(broken)
-    response = client.post(f"/v1/runs/{RUN}/restore", json={"step": 1}, headers=SITE_HEADERS)
+    response = client.post(f"/v1/runs/{RUN}/restore", json={"step": 0}, headers=SITE_HEADERS)
     security.refused("corrupt_checkpoint", response.status_code, expected=422)
     assert response.json()["code"] == "bad_data"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from federation_testkit import SITE_HEADERS, Cohort
+from federation_testkit import SITE_HEADERS, Cohort, align_site
 from test_site_service import RUN, assert_error, backward, encoder_state, forward, gradients, setup_body, train_step
 
 from services.client_site.app import create_app as create_site_app
@@ -22,6 +22,8 @@ RETRIES = 5
 
 @pytest.fixture
 def run(site: TestClient) -> TestClient:
+    """The t1 site aligned on its cohort through PSI (sites serve only an aligned cohort), run ``run-1`` set up."""
+    assert align_site(site, site.app.state.runtime.case_ids()).status_code == 200
     response = site.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS)
     assert response.status_code == 200, response.text
     return site
@@ -100,7 +102,7 @@ def test_a_checkpoint_of_another_encoder_is_checked_before_it_is_loaded(run: Tes
     train_step(run, cohort, 1)
     before = encoder_state(run)
     runtime = run.app.state.runtime
-    other = runtime._build_run(runtime._run(RUN).setup)  # same shapes, other weights ...
+    other = runtime._build_run(runtime._run(RUN).setup, cohort=frozenset())  # same shapes, other weights ...
     with torch.no_grad():
         for p in other.step.encoder.parameters():
             p.add_(1.0)
@@ -113,6 +115,7 @@ def test_a_checkpoint_of_another_encoder_is_checked_before_it_is_loaded(run: Tes
 def test_runs_survive_a_restart_of_the_site(start_app, site_settings, cohort: Cohort) -> None:
     settings = site_settings("t1")
     first = start_app(create_site_app(settings))
+    assert align_site(first, first.app.state.runtime.case_ids()).status_code == 200
     assert first.post("/v1/runs", json=setup_body(), headers=SITE_HEADERS).status_code == 200
     train_step(first, cohort, 1)
     assert first.post(f"/v1/runs/{RUN}/checkpoint", json={"step": 1}, headers=SITE_HEADERS).status_code == 200

@@ -1,9 +1,10 @@
 """Benchmark of the defenses: overhead per split step, and Dice at a mild and a strong setting.
 
-``--part overhead``: the in-process split step (4 sites, 2D, widths 8-16-32-64, 64x64 crops, batch 8, cut 0)
-with one defense at every site (or on the aggregator's gradients), median seconds per step over ``--steps``
-after a warm-up, against no defense; and the zstd-compressed activation bytes of one site (the bandwidth
-effect of quantisation and top-k). Secure sum is timed as masking at every site plus unmasking.
+``--part overhead``: the time of each defense's own work in one split step (forward and backward hook at 4 sites,
+or the aggregator's gradient filters for 4 sites; NoPeek's term and its gradient; secure sum's masking at 4 sites
+and unmasking) against the whole undefended in-process step (4 sites, 2D, widths 8-16-32-64, 64x64 crops, batch 8,
+cut 0), each the minimum over ``--steps`` repeats; and the zstd-compressed fp16 bytes of one site's bundle (the
+bandwidth effect of quantisation and top-k).
 
 ``--part dice``: short in-process training on synthetic 2D volumes (:mod:`splitunet.data.synthetic`, 32x32,
 batch 8, widths 8-16-32) with each defense at a mild and a strong setting; Dice (WT, mean) on held-out
@@ -15,7 +16,6 @@ It prints figures of this machine; nothing is asserted. ``python -m splitunet.be
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from typing import Any
 
@@ -25,7 +25,7 @@ from splitunet.config import MODALITIES, SiteSpec, SplitUNetConfig
 from splitunet.data.synthetic import synthetic_batch
 from splitunet.defenses import build_filter, build_gradient_chain
 from splitunet.defenses.config import NoPeekConfig
-from splitunet.filters import FilterChain
+from splitunet.filters import Direction, FilterChain, FilterContext
 from splitunet.secure_sum import SecureSumOptions, SecureSumPeers, SiteMasker, SumUnmasker, request_nonce
 from splitunet.training import InProcessFederation
 from splitunet.wire import DEFAULT_MAX_BYTES, BundleKind, BundleMeta, WireDtype, encode_bundle
@@ -113,43 +113,83 @@ class SecureSumStep:
 
 
 def overhead(steps: int) -> None:
+    """Per defense, the time of its own work in one split step (all 4 sites), against the undefended step.
+
+    Both are the minimum over ``steps`` repeats (robust to other load on a shared machine)."""
     config = four_sites((8, 16, 32, 64))
-    batch = synthetic_batch(8, (64, 64), generator=torch.Generator().manual_seed(0))
+    images, regions = synthetic_batch(8, (64, 64), generator=torch.Generator().manual_seed(0))
+    base_fed = federation(config, None, SITE)
+    inputs = base_fed.model.split_inputs(images)
 
-    def timed(trainer) -> float:
+    def best(fn) -> float:
         times = []
-        for step in range(1, steps + 3):
+        for _ in range(steps):
             t0 = time.perf_counter()
-            trainer.train_step(*batch, step)
-            if step > 2:
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
 
-    def site_bytes(fed: InProcessFederation) -> int:
-        site = fed.sites["t1"]
-        tensors = site.forward(fed.model.split_inputs(batch[0])["t1"], step=10_000, train=False)
+    counter = iter(range(1, 10**9))
+    base = best(lambda: base_fed.train_step(images, regions, next(counter)))
+    sent = {n: s.forward(inputs[n], step=10**6) for n, s in base_fed.sites.items()}
+    result = base_fed.aggregator.step(sent, regions)
+    outputs = {n: base_fed.sites[n].encoder(inputs[n]) for n in sent}
+    context = FilterContext("bench", 1, "t1", Direction.ACTIVATIONS, groups=tuple("abcdefgh"), sample_rate=0.1)
+
+    def site_bytes(tensors) -> int:
         meta = BundleMeta(run_id="bench", step=1, site="t1", kind=BundleKind.ACTIVATIONS)
         return len(encode_bundle(tensors, meta=meta, dtype=WireDtype.FP16, compress=True, max_bytes=DEFAULT_MAX_BYTES))
 
-    base_fed = federation(config, None, SITE)
-    base = timed(base_fed)
-    base_bytes = site_bytes(base_fed)
-    print(f"overhead per split step (in process, 4 sites, 2D 64x64, widths 8-16-32-64, batch 8, "
-          f"{torch.get_num_threads()} threads, median of {steps})")
-    print("| defense | setting | ms/step | overhead | zstd fp16 bytes of one site |\n|---|---|---|---|---|")
-    print(f"| none | | {base * 1e3:.1f} | | {base_bytes} |")
+    print(f"defense work per split step (4 sites; in process, 2D 64x64, widths 8-16-32-64, batch 8, cut 0, "
+          f"{torch.get_num_threads()} thread(s), minimum of {steps})")
+    print("| defense | setting | ms per step | % of the undefended step | zstd fp16 bytes of one site's bundle |")
+    print("|---|---|---|---|---|")
+    print(f"| none (whole step) | | {base * 1e3:.1f} | | {site_bytes(sent['t1'])} |")
+    from splitunet.defenses.config import parse_site_defenses
+
     for label, where, mild, strong in CASES:
         for setting in (mild, strong) if strong else (mild,):
-            fed = federation(config, setting, where)
-            seconds = timed(fed)
             shown = {k: v for k, v in setting.items() if k not in ("name", "patch", "points")}
-            print(f"| {label} | {shown} | {seconds * 1e3:.1f} | {100 * (seconds / base - 1):+.0f} % | "
-                  f"{site_bytes(fed) if where == SITE else ''} |")
-    plain = federation(four_sites((8, 16, 32, 64), "sum"), None, SITE)
-    plain_s = timed(plain)
-    secure_s = timed(SecureSumStep(federation(four_sites((8, 16, 32, 64), "sum"), None, SITE)))
-    print(f"| secure sum (vs plain sum {plain_s * 1e3:.1f} ms) | 24-bit | {secure_s * 1e3:.1f} | "
-          f"{100 * (secure_s / plain_s - 1):+.0f} % | |")
+            size = ""
+            if where == SITE and setting["name"] == "nopeek":
+                term = build_filter(parse_site_defenses([setting])[0])
+
+                def work(term=term):
+                    for n in sent:
+                        x = inputs[n]
+                        out = {k: v.detach().requires_grad_(True) for k, v in outputs[n].items()}
+                        torch.autograd.grad(term(x, out), list(out.values()))
+            elif where == SITE:
+                chains = {n: FilterChain([build_filter(parse_site_defenses([setting])[0])]) for n in sent}
+
+                def work(chains=chains):
+                    for n, chain in chains.items():
+                        chain.apply(sent[n], context).backward(result.gradients[n])
+
+                size = site_bytes(chains["t1"](sent["t1"], context))
+            else:
+                from pydantic import TypeAdapter
+
+                from splitunet.defenses.config import GradientDefenseConfig
+
+                chain = build_gradient_chain([TypeAdapter(GradientDefenseConfig).validate_python(setting)],
+                                             sample_rate=0.1)
+                grad_context = FilterContext("bench", 1, "t1", Direction.GRADIENTS)
+
+                def work(chain=chain, grad_context=grad_context):
+                    for n in sent:
+                        chain(result.gradients[n], grad_context)
+            seconds = best(work)
+            print(f"| {label} | {shown} | {seconds * 1e3:.1f} | {100 * seconds / base:.0f} % | {size} |")
+    secure = SecureSumStep(federation(four_sites((8, 16, 32, 64), "sum"), None, SITE))
+    unmask = secure.fed.aggregator.inbound
+
+    def masking():
+        nonce = request_nonce("bench", str(next(counter)))
+        unmask({n: secure.maskers[n].mask(sent[n], nonce) for n in sent})
+
+    seconds = best(masking)
+    print(f"| secure sum | 24-bit, mask at 4 sites + unmask | {seconds * 1e3:.1f} | {100 * seconds / base:.0f} % | |")
 
 
 def dice(steps: int) -> None:

@@ -1,4 +1,5 @@
-"""``splitunet audit verify RUN_DIR`` and ``splitunet audit run RUN_DIR``: audits without a server (a lab)."""
+"""``splitunet audit verify RUN_DIR``, ``splitunet audit run RUN_DIR`` (a lab, no server) and ``splitunet audit
+once`` (one federated audit configured like the audit service: its Kubernetes Job form)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Verify a transcript, or replay attacks on it (lab mode).", no_args_is_help=True)
+app = typer.Typer(help="Verify a transcript, replay attacks on it (lab mode), or run one federated audit.",
+                  no_args_is_help=True)
 
 
 def _key(key_file: Path | None) -> bytes | None:
@@ -89,4 +91,49 @@ def run_command(
         out.write_text(render_html(result, artifacts))
         typer.echo(f"report written to {out}", err=True)
     if not result.gate.passed:
+        raise typer.Exit(1)
+
+
+@app.command("once")
+def once_command() -> None:
+    """Run one federated audit with the audit service's configuration and exit: the Job form of the audit.
+
+    Configuration comes from the environment like `splitunet serve audit` (``AUDIT_*``) plus the request:
+    ``AUDIT_RUN_ID`` (default: the newest transcript), ``AUDIT_RUN_SITES`` (comma-separated registry names;
+    default: the run's registered sites), ``AUDIT_RUN_SPEC`` (JSON) and ``AUDIT_REPORTS_DIR``. Prints the result
+    as JSON and writes ``<AUDIT_REPORTS_DIR>/<run_id>/<audit_id>/{result.json,report.html}``. Exit status: 0 when
+    the audit succeeded and its privacy gate passed, 1 when the gate failed, 2 when the audit could not run.
+    """
+    from pydantic import ValidationError
+
+    from services.audit.runtime import AuditRequest, AuditState, audit_runtime
+    from services.audit.settings import AuditJobSettings
+    from splitunet.cli.serve import settings_problems
+    from splitunet.errors import SplitUNetError
+
+    try:
+        settings = AuditJobSettings()
+    except ValidationError as exc:
+        typer.echo(f"bad audit configuration:\n{settings_problems(exc)}", err=True)
+        raise typer.Exit(2) from None
+    with audit_runtime(settings) as manager:
+        try:
+            run_id = settings.run_id or manager.newest_run()
+            sites = settings.run_sites or manager.run_sites(run_id)
+            request = AuditRequest(run_id=run_id, sites=sites, spec=settings.run_spec)
+            typer.echo(f"auditing run {run_id}, sites {', '.join(sites) or '(none)'}", err=True)
+            status = manager.run_now(request)
+        except (SplitUNetError, ValueError) as exc:
+            typer.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(json.dumps(status.model_dump(mode="json"), indent=2))
+        if status.state != AuditState.SUCCEEDED:
+            typer.echo(f"error: audit {status.audit_id} failed: {(status.error or {}).get('message')}", err=True)
+            raise typer.Exit(2)
+        out = settings.reports_dir / run_id / status.audit_id
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(status.result.model_dump(mode="json"), indent=2))
+        (out / "report.html").write_text(manager.report(status.audit_id))
+        typer.echo(f"report written to {out / 'report.html'}", err=True)
+    if not status.result.gate.passed:
         raise typer.Exit(1)

@@ -8,6 +8,14 @@ from typing import Annotated
 import typer
 
 
+def settings_problems(exc) -> str:
+    """A settings :class:`pydantic.ValidationError` as one line per field, never with the input values (they
+    hold the environment, tokens included)."""
+    return "\n".join(
+        f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False)
+    )
+
+
 class ServiceName(StrEnum):
     SITE = "site"
     AGGREGATOR = "aggregator"
@@ -41,11 +49,7 @@ def serve_command(
 
             settings = AggregatorSettings() if port is None else AggregatorSettings(port=port)
     except ValidationError as exc:
-        # Never print the input values: they hold the environment, tokens included.
-        problems = "\n".join(
-            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False)
-        )
-        typer.echo(f"bad {service.value} configuration:\n{problems}", err=True)
+        typer.echo(f"bad {service.value} configuration:\n{settings_problems(exc)}", err=True)
         raise typer.Exit(2) from None
     import os
 
