@@ -3,9 +3,11 @@ must produce. Phantom 128 x 128 slices, site t1, widths 16-32-64-128.
 
 The defenses are the project's own, built as the services build them: the site's calibrated ``gaussian`` noise
 (``sigma = sigma0 * P95(|F|)``) from its validated ``SITE_DEFENSES`` list (:func:`parse_site_defenses`, then
-:func:`build_site_defenses`, as ``SiteProtection`` does), and the aggregator's gradient defenses (``smooth``,
-``dp``, ``norm_equalize``) from a job's validated ``gradient_defenses`` list through
-:func:`build_gradient_chain`, as the aggregator's trainer does. Noise seeds are fixed for reproducibility.
+:func:`build_site_defenses`, as ``SiteProtection`` does), and the aggregator's gradient defenses (``gaussian``,
+``dp``, ``smooth``, ``norm_equalize``) from a job's validated ``gradient_defenses`` list through
+:func:`build_gradient_chain`, as the aggregator's trainer does. Noise seeds are fixed for reproducibility; DP's
+clip is calibrated to the undefended batch's median per-sample gradient norm. Gradient noise and DP reduce label
+leakage; smoothing and norm equalisation alone do not (measured), so that test checks the attack sees through them.
 """
 
 from __future__ import annotations
@@ -126,31 +128,54 @@ def undefended_leak(slices: Slices) -> tuple[float, float, torch.Tensor]:
     return _label_leak(slices)
 
 
-def test_label_leakage_beats_baselines_undefended(slices: Slices, undefended_leak):
+def _baselines(slices: Slices) -> tuple[float, float]:
+    """Dice of an empty mask and of the public cohort's tumour-frequency blob."""
     truth = slices.regions[:, 1].astype(bool)
     freq = slices.public.masks(slices.samples).mean(0)[:, 0]
     blob = float(np.mean([dice(freq[i] >= 0.5 * freq[i].max(), truth[i]) for i in range(len(truth))]))
-    empty = float(np.mean([dice(np.zeros_like(t), t) for t in truth]))
+    return float(np.mean([dice(np.zeros_like(t), t) for t in truth])), blob
+
+
+def test_label_leakage_beats_baselines_undefended(slices: Slices, undefended_leak):
+    empty, blob = _baselines(slices)
     undefended, auc, _ = undefended_leak
     logger.warning("label leakage Dice %.3f (AUC %.3f); baselines empty %.3f blob %.3f", undefended, auc, empty, blob)
     assert undefended > max(empty, blob) + 0.2, (undefended, empty, blob)
     assert auc > 0.8
 
 
-#: A job's ``gradient_defenses``; DP's clip is set to the undefended batch's median per-sample gradient norm.
-GRADIENT_DEFENSES = {
-    "smooth": [{"name": "smooth", "sigma": 4.0}],
-    "dp": [{"name": "dp", "clip": "median", "noise_multiplier": 1.0, "seed": 1}],
-    "norm_equalize+smooth": [{"name": "norm_equalize"}, {"name": "smooth", "sigma": 4.0}],
+def _with_clip(defenses: list[dict], norms: torch.Tensor) -> list[dict]:
+    """DP's clip ``"median"`` becomes the undefended batch's median per-sample gradient norm (as one calibrates C)."""
+    return [d | {"clip": float(norms.median())} if d.get("clip") == "median" else d for d in defenses]
+
+
+#: A job's ``gradient_defenses`` that must reduce the leak.
+REDUCING = {
+    "gaussian": [{"name": "gaussian", "sigma0": 1.0, "seed": 1}],
+    "dp": [{"name": "dp", "clip": "median", "noise_multiplier": 0.1, "seed": 1}],
+    "norm_equalize+smooth+dp": [{"name": "norm_equalize"}, {"name": "smooth", "sigma": 4.0},
+                                {"name": "dp", "clip": "median", "noise_multiplier": 0.1, "seed": 1}],
 }
 
 
-@pytest.mark.parametrize("label", list(GRADIENT_DEFENSES))
+@pytest.mark.parametrize("label", list(REDUCING))
 def test_the_aggregators_gradient_defenses_reduce_label_leakage(slices: Slices, undefended_leak, label: str):
     undefended, auc, norms = undefended_leak
-    clip = float(norms.median())
-    defenses = [d | {"clip": clip} if d.get("clip") == "median" else d for d in GRADIENT_DEFENSES[label]]
-    defended, auc_defended, _ = _label_leak(slices, gradient_chain(defenses))
+    defended, auc_defended, _ = _label_leak(slices, gradient_chain(_with_clip(REDUCING[label], norms)))
     logger.warning("label leakage with gradient defenses %s: Dice %.3f (AUC %.3f) vs undefended %.3f (AUC %.3f)",
                    label, defended, auc_defended, undefended, auc)
     assert defended < undefended - 0.2, (label, defended, undefended)
+
+
+def test_the_attack_sees_through_gradient_smoothing_and_norm_equalisation(slices: Slices, undefended_leak):
+    """Measured: smoothing the gradient map denoises the direction score (the tumour blob stays, its outline blurs)
+    and per-sample norm equalisation leaves each sample's map unchanged, so neither alone protects labels; the
+    audit's attack must keep beating the baselines through them (a weak attack would report them as protective)."""
+    empty, blob = _baselines(slices)
+    undefended, _, _ = undefended_leak
+    smooth, equalize = {"name": "smooth", "sigma": 4.0}, {"name": "norm_equalize"}
+    chains = {"smooth": [smooth], "norm_equalize": [equalize], "norm_equalize+smooth": [equalize, smooth]}
+    figures = {label: _label_leak(slices, gradient_chain(defenses))[:2] for label, defenses in chains.items()}
+    logger.warning("label leakage (Dice, AUC) through %s; undefended Dice %.3f", figures, undefended)
+    for label, (d, auc) in figures.items():
+        assert d > max(empty, blob) + 0.2 and auc > 0.8, (label, d, auc, blob)
