@@ -188,7 +188,8 @@ def test_site_scores_semantic_leakage_with_the_audits_segmenter(site, cohort, tm
     samples = [crop(cohort.case_ids[3], 7), crop(cohort.case_ids[3], 8)]
     originals = torch.from_numpy(lab.images(samples, ["t1"]))
     noisy = originals + 0.3 * torch.randn(originals.shape, generator=torch.Generator().manual_seed(0))
-    tensors = {"reconstruction": noisy, "prior": torch.zeros_like(originals)}
+    noise = torch.randn(originals.shape, generator=torch.Generator().manual_seed(1)) * (originals != 0)
+    tensors = {"reconstruction": noisy, "prior": noise}
     registry = write_registry(tmp_path / "audit-registry", tokens={m: AUDIT_TOKEN for m in SITES})
     (peer,) = AuditSettings(transcripts_dir=tmp_path, auth_token=OPERATOR_TOKEN, sites=registry).registry().resolve(
         ["t1"])
@@ -201,7 +202,9 @@ def test_site_scores_semantic_leakage_with_the_audits_segmenter(site, cohort, tm
     for name in tensors:
         assert [r["semantic"] for r in federated[name]] == pytest.approx([r["semantic"] for r in local[name]])
     assert all(r["semantic"] is not None and r["semantic"] > 0.5 for r in federated["reconstruction"]), federated
-    assert all(r["semantic"] == 0.0 for r in federated["prior"]), federated  # no tumour in an all-zero image
+    # noise in the brain as the "prior": the tumour it shows is far less than the close reconstruction's
+    semantic = {name: [r["semantic"] for r in rows] for name, rows in federated.items()}
+    assert max(semantic["prior"]) < min(semantic["reconstruction"]) - 0.3, semantic
 
     headers = {"Authorization": f"Bearer {AUDIT_TOKEN}", "Content-Type": CONTENT_TYPE}
     sample_json = json.dumps([s.model_dump(mode="json") for s in samples])
