@@ -8,7 +8,9 @@ noise of the gradients is :class:`~splitunet.defenses.dp.DPGaussian` with the sa
   (jointly over the bundle's tensors) is rescaled to the batch's mean per-sample norm for that site; the update's
   overall size is kept, the ranking of samples by norm is gone.
 - ``smooth``: each gradient map is smoothed over its spatial axes by MONAI's ``GaussianFilter`` with ``sigma``
-  voxels (of that tensor's grid), blurring the tumour outline.
+  voxels (of that tensor's grid), blurring the tumour outline. Measured against the audit's label-leakage
+  attack it does not protect: it denoises the gradient map and the recovered mask gets *better* (README, Audit);
+  combine it with ``dp`` or gradient noise, which do reduce the leak.
 """
 
 from __future__ import annotations
