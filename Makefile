@@ -24,8 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m splitunet.bench.phantom_speed
-	$(BIN)/python -m splitunet.bench.http_step
+	$(BIN)/splitunet bench --json runs/bench.json $(ARGS)
 	$(BIN)/python -m splitunet.bench.defenses --part overhead
 
 clean:

@@ -427,3 +427,45 @@ def test_decode_does_not_touch_pickle_at_runtime(monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(pickle, name, boom)
     monkeypatch.setattr(torch, "load", boom)
     assert decode_bundle(good, max_bytes=MAX).meta == META
+
+
+@pytest.mark.parametrize("dtype", list(WireDtype))
+def test_payload_is_standard_safetensors(dtype: WireDtype) -> None:
+    """The encoder writes the safetensors buffer itself (no copy); the reference library must read it back."""
+    from safetensors.torch import load
+
+    tensors = {**_tensors(3), "empty": torch.zeros(0, 4)}
+    frame = encode_bundle(tensors, meta=BundleMeta(run_id="r", step=1, site="t1", kind="activations"),
+                          dtype=dtype, max_bytes=MAX)
+    loaded = load(unpack_frame(frame, max_bytes=MAX))
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == dtype.torch_dtype()
+        torch.testing.assert_close(loaded[name], tensor.to(dtype.torch_dtype()))
+
+
+@pytest.mark.parametrize(
+    "offsets", [[[0, 24], [20, 44]], [[0, 24], [28, 52]], [[0, 20], [20, 44]], [[0, 24], [0, 24]], [[0, 24], [24, 40]]]
+)
+def test_rejects_overlapping_gapped_or_mismatched_offsets(offsets: list[list[int]]) -> None:
+    """Tensors are decoded as views into the received bytes, so their spans are checked as safetensors does."""
+    payload = bytearray(save({"a": torch.ones(2, 3), "b": torch.ones(2, 3)}, metadata=_metadata(names='["a", "b"]')))
+    (n,) = struct.unpack_from("<Q", payload)
+    header = json.loads(payload[8 : 8 + n])
+    header["a"]["data_offsets"], header["b"]["data_offsets"] = offsets[0], offsets[1]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    crafted = struct.pack("<Q", len(text)) + text + bytes(payload[8 + n :])
+    with pytest.raises(WireFormatError, match="not a valid safetensors buffer"):
+        decode_bundle(pack_frame(crafted, compressed=False), max_bytes=MAX)
+
+
+def test_decoded_tensors_do_not_share_the_received_buffer() -> None:
+    data = bytearray(encode_bundle(_tensors(), meta=BundleMeta(run_id="r", step=1, site="t1", kind="activations"),
+                                   dtype=WireDtype.FP32, max_bytes=MAX))
+    bundle = decode_bundle(data, max_bytes=MAX, as_float32=False)
+    before = {k: v.clone() for k, v in bundle.tensors.items()}
+    data[wire.HEADER_SIZE + 200 :] = bytes(len(data) - wire.HEADER_SIZE - 200)
+    for name, tensor in bundle.tensors.items():
+        torch.testing.assert_close(tensor, before[name])
+        tensor.add_(1.0)  # writable

@@ -10,6 +10,9 @@ and send; the aggregator decodes the fused tensors and MONAI blends the windows 
   slices.
 - 2D with ``resize_slices``: whole slices resized to ``roi`` by the sites, logits resized back to ``(X, Y)``
   (bilinear) before the sigmoid.
+
+Outside the brain's axial extent that the sites report (``brain_z`` of the case's grid) the probability is 0, as
+in :func:`splitunet.inference.predict_volume`; in 2D those slices are not requested at all.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from monai.inferers import sliding_window_inference
 
 from services.aggregator.site_client import Received, SiteClient
 from splitunet.data.sampling import Sample
-from splitunet.inference import DEFAULT_OVERLAP
+from splitunet.inference import DEFAULT_OVERLAP, axial_range, outside_brain
 from splitunet.protocol import AggregatorStep
 from splitunet.schemas import Phase
 from splitunet.wire import WireDtype
@@ -78,19 +81,24 @@ class SplitPredictor:
         self.on_plan = on_plan
         self.calls = 0
 
-    def predict_case(self, case_id: str, shape: Sequence[int], *, step: int) -> torch.Tensor:
-        """Sigmoid probabilities ``(3, X, Y, Z)`` float32 of a case whose RAS volume shape is ``shape``."""
+    def predict_case(self, case_id: str, shape: Sequence[int], *, step: int,
+                     brain_z: tuple[int, int] | None = None) -> torch.Tensor:
+        """Sigmoid probabilities ``(3, X, Y, Z)`` float32 of a case whose RAS volume shape is ``shape``; 0 outside
+        the axial slices ``brain_z`` = ``(first, last)`` (``None``: every slice)."""
         shape = tuple(int(s) for s in shape)
+        first, stop = axial_range(brain_z, shape[2])
+        if len(self.roi) == 2 and stop <= first:
+            return torch.zeros(3, *shape)
         if self.resize_slices:
-            return self._predict_resized(case_id, shape, step=step)
+            return self._predict_resized(case_id, shape, (first, stop), step=step)
         if len(self.roi) == 3:
             placeholder = torch.zeros(1, 1, *shape)
         else:
-            placeholder = torch.zeros(shape[2], 1, shape[0], shape[1])
+            placeholder = torch.zeros(stop - first, 1, shape[0], shape[1])  # the brain's slices only
         pads = [max(r - s, 0) // 2 for r, s in zip(self.roi, placeholder.shape[2:])]
 
         def predictor(window: torch.Tensor, coords: list) -> torch.Tensor:
-            samples = [self._sample(case_id, shape, c, pads) for c in coords]
+            samples = [self._sample(case_id, shape, c, pads, z_offset=first) for c in coords]
             return self._predict_samples(samples, step=step)
 
         logits = sliding_window_inference(
@@ -104,31 +112,36 @@ class SplitPredictor:
         )
         probs = torch.sigmoid(logits.float())
         if len(self.roi) == 3:
-            return probs[0]
-        return probs.permute(1, 2, 3, 0).contiguous()  # (Z, 3, X, Y) -> (3, X, Y, Z)
+            return outside_brain(probs[0], brain_z, 0.0)
+        out = torch.zeros(3, *shape)
+        out[..., first:stop] = probs.permute(1, 2, 3, 0)  # (Z, 3, X, Y) -> (3, X, Y, Z)
+        return out
 
-    def _predict_resized(self, case_id: str, shape: tuple[int, ...], *, step: int) -> torch.Tensor:
-        """2D whole slices resized to ``roi``: ``(3, X, Y, Z)`` probabilities on the original grid."""
-        out = torch.empty(3, *shape)
-        for z0 in range(0, shape[2], self.batch_size):
+    def _predict_resized(self, case_id: str, shape: tuple[int, ...], slices: tuple[int, int], *,
+                         step: int) -> torch.Tensor:
+        """2D whole slices ``[first, stop)`` resized to ``roi``: ``(3, X, Y, Z)`` probabilities on the original
+        grid (0 on the other slices)."""
+        out = torch.zeros(3, *shape)
+        first, stop = slices
+        for z0 in range(first, stop, self.batch_size):
             samples = [
                 Sample(case_id=case_id, start=(0, 0), size=shape[:2], axial_index=z, volume_shape=shape,
                        resize=self.roi)
-                for z in range(z0, min(z0 + self.batch_size, shape[2]))
+                for z in range(z0, min(z0 + self.batch_size, stop))
             ]
             logits = self._predict_samples(samples, step=step).float()
             logits = torch.nn.functional.interpolate(logits, size=shape[:2], mode="bilinear", align_corners=False)
             out[:, :, :, z0 : z0 + len(samples)] = torch.sigmoid(logits).permute(1, 2, 3, 0)
         return out
 
-    def _sample(self, case_id: str, shape: tuple[int, ...], coords: list, pads: list[int]) -> Sample:
+    def _sample(self, case_id: str, shape: tuple[int, ...], coords: list, pads: list[int], *,
+                z_offset: int = 0) -> Sample:
         spatial = coords[2:]
         start = tuple(int(s.start) - p for s, p in zip(spatial, pads))
         if len(self.roi) == 3:
             return Sample(case_id=case_id, start=start, size=self.roi, volume_shape=shape)
-        return Sample(
-            case_id=case_id, start=start, size=self.roi, axial_index=int(coords[0].start), volume_shape=shape
-        )
+        return Sample(case_id=case_id, start=start, size=self.roi, axial_index=z_offset + int(coords[0].start),
+                      volume_shape=shape)
 
     def _predict_samples(self, samples: list[Sample], *, step: int) -> torch.Tensor:
         shapes = self.shapes_for(len(samples))

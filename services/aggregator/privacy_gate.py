@@ -105,7 +105,8 @@ class PrivacyGate:
         spec = AuditSpec(
             transcript=self.transcript_dir, steps=[step], attacks=[AttackKind.WHITEBOX],
             max_samples=self.settings.max_samples,
-            budgets=AttackBudgets(whitebox_iterations=self.settings.whitebox_iterations),
+            # the gate thresholds SSIM / RDLV only: no WT segmenter to train (semantic leakage is the audit's)
+            budgets=AttackBudgets(whitebox_iterations=self.settings.whitebox_iterations, segmenter_steps=0),
             gate=GateThreshold(max_ssim=self.settings.max_ssim, max_rdlv=self.settings.max_rdlv),
         )
         client = SiteAuditClient(self.peers)

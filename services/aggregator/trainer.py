@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,6 +66,9 @@ logger = logging.getLogger(__name__)
 
 #: Per-step losses kept in the job status.
 MAX_LOSS_HISTORY = 100_000
+
+#: Per-step wall-clock breakdowns kept in the job status (``JobStatus.step_times``).
+MAX_STEP_TIMES = 1000
 
 #: ``(clients, label case ids) -> aligned case ids``: the private set intersection with every site.
 Aligner = Callable[[Mapping[str, SiteClient], Sequence[str]], list[str]]
@@ -130,6 +134,8 @@ class TrainingJob:
         self._lock = threading.Lock()
         self._status = JobStatus(job_id=job_id, state=JobState.PENDING, steps=spec.steps)
         self._losses: list[float] = []
+        self._phases: dict[str, float] = {}
+        self._step_times: deque[dict[str, float]] = deque(maxlen=MAX_STEP_TIMES)
         self._rng = np.random.default_rng(spec.seed)
         self.config: SplitUNetConfig | None = None
         self.aggregator: AggregatorStep | None = None
@@ -152,7 +158,8 @@ class TrainingJob:
     # ------------------------------------------------------------------ status
     def status(self) -> JobStatus:
         with self._lock:
-            return self._status.model_copy(deep=True, update={"losses": list(self._losses)})
+            return self._status.model_copy(deep=True, update={"losses": list(self._losses),
+                                                               "step_times": list(self._step_times)})
 
     def _update(self, **changes) -> None:
         with self._lock:
@@ -300,6 +307,7 @@ class TrainingJob:
             elapsed = time.perf_counter() - t0
             with self._lock:
                 self._losses.append(loss)
+                self._step_times.append({"step": step, "total": time.perf_counter() - ts, **self._phases})
                 if len(self._losses) > MAX_LOSS_HISTORY:
                     del self._losses[: len(self._losses) - MAX_LOSS_HISTORY]
             self._update(
@@ -427,6 +435,7 @@ class TrainingJob:
     def train_step(self, step: int) -> float:
         """One split step over HTTP; returns the loss."""
         assert self.aggregator is not None
+        t0 = time.perf_counter()
         samples = self.plan(step)
         set_lr(self.aggregator.optimizer, self.spec.server_optimizer.model_copy(
             update={"total_steps": self.spec.steps}).lr_at(step))
@@ -435,6 +444,7 @@ class TrainingJob:
         wire = self.spec.wire
         shapes = self.shapes_for(len(samples))
         act_dtype, grad_dtype = WireDtype(wire.activations.value), WireDtype(wire.gradients.value)
+        t1 = time.perf_counter()
         futures = {
             name: self.pool.submit(c.forward, self.job_id, step, samples, phase=Phase.TRAIN, shapes=shapes,
                                    dtype=act_dtype)
@@ -444,7 +454,9 @@ class TrainingJob:
         for name, item in received.items():
             self._record_received(name, step, item, Phase.TRAIN)
         tensors = {name: {k: v.to(self.device) for k, v in r.bundle.tensors.items()} for name, r in received.items()}
+        t2 = time.perf_counter()
         result = self.aggregator.step(tensors, labels, step=step, run_id=self.job_id)
+        t3 = time.perf_counter()
 
         def send(name: str) -> int:
             client = self.clients[name]
@@ -458,6 +470,8 @@ class TrainingJob:
 
         site_defenses: dict[str, list] = {}
         sent = sum(self.pool.map(send, self.clients))
+        self._phases = {"plan": t1 - t0, "forward": t2 - t1, "aggregator": t3 - t2,
+                        "backward": time.perf_counter() - t3}
         self._update(defenses={"gradients": self.aggregator.filters.stats(), "sites": site_defenses,
                                "secure_sum": self.spec.secure_sum is not None})
         received_bytes = sum(len(r.data) for r in received.values())
@@ -488,10 +502,11 @@ class TrainingJob:
         cases = self.val_cases[: self.spec.max_val_cases] if self.spec.max_val_cases else self.val_cases
         metrics = RegionMetrics(hd95=True)
         predictor = self.predictor()
+        grids = self.case_grids(list(cases))
         for case_id in cases:
             self._check_stop()
             regions = self.labels.regions(case_id)
-            probs = predictor.predict_case(case_id, regions.shape[1:], step=step)
+            probs = predictor.predict_case(case_id, regions.shape[1:], step=step, brain_z=grids[case_id].brain_z)
             metrics.add_case(case_id, probs, regions, self.labels.spacing(case_id), logits=False)
         result = metrics.aggregate()
         history = [*self.status().validations, {"step": step, "dice": result["dice"]}]
@@ -513,7 +528,7 @@ class TrainingJob:
             )
         grid = self.case_grids([case_id])[case_id]
         shape = grid.geometry().ras_shape
-        probs = self.predictor().predict_case(case_id, shape, step=self.status().step)
+        probs = self.predictor().predict_case(case_id, shape, step=self.status().step, brain_z=grid.brain_z)
         return probs.cpu().numpy(), grid
 
     # ------------------------------------------------------------------ checkpoints

@@ -7,7 +7,12 @@
 - **Scoring.** ``POST /v1/score`` takes a wire bundle of reconstructions (one or more tensors
   ``B, C_site, *spatial``, e.g. ``reconstruction`` and ``prior``) whose metadata annotation ``x.samples`` lists the
   recorded samples (JSON); the site cuts its own originals for those samples and returns only numbers (brain
-  SSIM, PSNR, NMSE per sample and modality). No image leaves the site.
+  SSIM, PSNR, NMSE per sample and modality). No image leaves the site. The bundle may also carry the audit's
+  frozen whole-tumour segmenters (tensors ``segmenter/<modality>/<key>``, annotation ``x.segmenter =
+  "wt-unet/1"``, :mod:`splitunet.auditing.segmenter`): the site rebuilds that fixed architecture, checks every
+  weight's name and shape (422 naming the problem), segments its original and each reconstruction and returns
+  ``semantic``, the Dice of the two masks (``null`` without a segmenter or when it finds no tumour in the
+  original).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import save_file
 
+from splitunet.auditing.segmenter import WTSegmenter, from_wire_tensors, semantic_score, split_wire_tensors
 from splitunet.data.loader import load_images
 from splitunet.data.sampling import Sample, extract
 from splitunet.errors import CaseNotFoundError, NotFoundError, WireFormatError
@@ -40,9 +46,10 @@ class SampleScore(BaseModel):
     index: int
     case_id: str
     modality: str
-    ssim: float
-    psnr: float
-    nmse: float
+    ssim: float | None
+    psnr: float | None
+    nmse: float | None
+    semantic: float | None = None
 
 
 class ScoreResponse(BaseModel):
@@ -121,10 +128,16 @@ class SiteAuditor:
             raise WireFormatError(f"the bundle's x.samples annotation must be a JSON list of samples: {exc}") from None
         modalities = self.settings.modalities
         expected = (len(samples), len(modalities), *samples[0].output_size) if samples else None
-        for name, t in bundle.tensors.items():
+        images, weights = split_wire_tensors(bundle.tensors)
+        if not images:
+            raise WireFormatError("a score request needs at least one reconstruction tensor besides segmenter weights")
+        for name, t in images.items():
             if expected is None or tuple(t.shape) != expected:
                 raise WireFormatError(f"tensor {name!r} has shape {tuple(t.shape)}; expected {expected} "
                                       "(one reconstruction per sample in x.samples, this site's modalities)")
+        assert expected is not None
+        segmenters = from_wire_tensors(weights, architecture=meta.extra.get("segmenter"), modalities=modalities,
+                                       spatial_dims=len(expected) - 2)
         originals = []
         for s in samples:
             case = self.runtime.cases.get(s.case_id)
@@ -132,20 +145,21 @@ class SiteAuditor:
                 raise CaseNotFoundError(f"site {self.settings.site_id} has no case {s.case_id!r}")
             originals.append(extract(load_images(case, modalities, cache=self.runtime.cache).array, s))
         scores: dict[str, list[SampleScore]] = {}
-        for name, t in bundle.tensors.items():
+        for name, t in images.items():
             recon = t.numpy()
             scores[name] = [
-                _score(i, s.case_id, m, recon[i, c], originals[i][c])
+                _score(i, s.case_id, m, recon[i, c], originals[i][c], segmenters.get(m))
                 for i, s in enumerate(samples) for c, m in enumerate(modalities)
             ]
-        logger.info("site %s scored %d reconstructions of run %s step %d", self.settings.site_id,
-                    len(samples) * len(bundle.tensors), meta.run_id, meta.step)
+        logger.info("site %s scored %d reconstructions of run %s step %d (segmenters: %s)", self.settings.site_id,
+                    len(samples) * len(images), meta.run_id, meta.step, sorted(segmenters) or "none")
         return ScoreResponse(run_id=meta.run_id, step=meta.step, site=self.settings.site_id, scores=scores)
 
 
-def _score(index: int, case_id: str, modality: str, recon: np.ndarray, original: np.ndarray) -> SampleScore:
-    if not (original != 0).any():
-        nan = float("nan")
-        return SampleScore(index=index, case_id=case_id, modality=modality, ssim=nan, psnr=nan, nmse=nan)
+def _score(index: int, case_id: str, modality: str, recon: np.ndarray, original: np.ndarray,
+           segmenter: WTSegmenter | None) -> SampleScore:
+    if not (original != 0).any():  # no brain in this crop: nothing to compare (JSON has no NaN)
+        return SampleScore(index=index, case_id=case_id, modality=modality, ssim=None, psnr=None, nmse=None)
     return SampleScore(index=index, case_id=case_id, modality=modality, ssim=brain_ssim(recon, original),
-                       psnr=brain_psnr(recon, original), nmse=brain_nmse(recon, original))
+                       psnr=brain_psnr(recon, original), nmse=brain_nmse(recon, original),
+                       semantic=semantic_score(segmenter, recon, original))

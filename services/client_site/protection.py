@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,6 +113,12 @@ class SiteProtection:
                     "sum for this run (a job with fusion=sum and secure_sum)",
                     detail={"rule": "secure_sum_required"},
                 )
+            if self._agreed(run_id).exists():  # keys lost in a restart: never fall back to plain features
+                raise PolicyError(
+                    f"run {run_id!r} agreed on secure sum with site {self.settings.site_id}, whose keys were lost "
+                    "in a restart; agree the keys again (GET then POST /v1/runs/{run}/secure-sum) before forwards",
+                    detail={"rule": "secure_sum_required"},
+                )
             return tensors
         return masker.mask(tensors, request_nonce(run_id, request.model_dump_json()))
 
@@ -134,7 +141,15 @@ class SiteProtection:
             raise NotFoundError(f"no secure-sum key for run {run_id!r}; GET /v1/runs/{run_id}/secure-sum first")
         if self.settings.site_id not in peers.order:
             raise ConfigurationError(f"the relayed key set has no site {self.settings.site_id!r} (this site)")
-        return masker.establish(peers)
+        ack = masker.establish(peers)
+        marker = self._agreed(run_id)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return ack
+
+    def _agreed(self, run_id: str) -> Path:
+        """A marker in the state folder: the run agreed on secure sum (it survives a restart; the keys do not)."""
+        return Path(self.settings.state_dir) / "secure-sum" / run_id
 
     def drop_run(self, run_id: str) -> None:
         with self._lock:

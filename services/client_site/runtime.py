@@ -10,7 +10,6 @@ a checkpointed step, so no step is ever applied to weights the run does not hold
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import threading
@@ -65,7 +64,15 @@ from splitunet.schemas import (
 from splitunet.secure_sum import SecureSumAck, SecureSumOffer, SecureSumPeers
 from splitunet.service.device import resolve_device
 from splitunet.service.metrics import ServiceMetrics
-from splitunet.wire import BundleExpectation, BundleKind, BundleMeta, WireDtype, decode_bundle, encode_bundle
+from splitunet.wire import (
+    BundleExpectation,
+    BundleKind,
+    BundleMeta,
+    WireDtype,
+    decode_bundle,
+    encode_bundle,
+    frame_sha256,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +352,8 @@ class SiteRuntime:
     def _backward(self, run_id: str, run: SiteRun, step: int, body: bytes) -> BackwardAck:
         self._check_restored(run_id, run)
         started = time.perf_counter()
-        digest = hashlib.sha256(body).hexdigest()
+        # the frame's own SHA-256 (header 0..16 + payload), read from its header; decode_bundle verifies it
+        digest = frame_sha256(body)
         pending = run.step.pending_step()
         if pending is None and run.last_applied == step:
             if run.applied_digest not in (None, digest):

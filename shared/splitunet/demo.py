@@ -243,8 +243,12 @@ def baseline_threads(device: str, *, concurrent: bool) -> int | None:
     a GPU."""
     if device not in ("cpu", "auto"):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - (1 if concurrent else 0))
+    return max(1, usable_cores() - (1 if concurrent else 0))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass
@@ -322,7 +326,7 @@ def run_demo(
     from splitunet.baseline_training import BackgroundBaselines
     from splitunet.data.layout import discover_cases
     from splitunet.data.partition import partition_cohort
-    from splitunet.launcher import LocalFederation
+    from splitunet.launcher import LocalFederation, thread_budget
     from splitunet.report.assemble import assemble_report
     from splitunet.report.page import write_report
     from splitunet.service.client import PeerClient, PeerTimeouts
@@ -366,13 +370,17 @@ def run_demo(
     shutil.rmtree(workdir / "transcripts", ignore_errors=True)
     rows = []
     baselines: dict[str, Any] = {}
-    with LocalFederation(workdir) as federation:
+    # the baselines train beside the services with one thread of their own (on CPU): the services share the rest
+    reserved = 1 if options.baselines and baseline_threads(options.device, concurrent=True) is not None else 0
+    site_threads, aggregator_threads = thread_budget(len(MODALITIES), max(1, usable_cores() - reserved))
+    with LocalFederation(workdir, torch_threads=site_threads) as federation:
         sites = []
         for m in MODALITIES:  # each site its own token; the aggregator's registry (AGG_SITES) lists them
             federation.start_site(m, [m], partition.site_dir(m), defenses=options.site_defenses,
                                   device=options.device)
             sites.append(m)
-        aggregator = federation.start_aggregator(partition.aggregator_dir, device=options.device)
+        aggregator = federation.start_aggregator(partition.aggregator_dir, device=options.device,
+                                                 torch_threads=aggregator_threads)
         # lab mode: the demo's cohort is on this machine, the audit scores against it and draws reconstructions
         audit = federation.start_audit(lab_images_dir=source)
         federation.wait_ready(timeout_s=180)

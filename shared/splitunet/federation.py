@@ -224,6 +224,11 @@ class JobStatus(BaseModel):
     bytes_received: int = 0
     error: dict[str, Any] | None = None
     timing: dict[str, float] = Field(default_factory=dict)
+    step_times: list[dict[str, float]] = Field(
+        default_factory=list,
+        description="wall seconds of the last 1000 training steps: step, total and per phase (plan: sampling and "
+        "labels; forward: the sites' forward calls, concurrent; aggregator: decoder step; backward: gradient sends)",
+    )
     defenses: dict[str, Any] = Field(
         default_factory=dict,
         description="what the defenses did: {'gradients': [aggregator's], 'sites': {site: [site's]}, 'secure_sum'}",

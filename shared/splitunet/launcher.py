@@ -41,6 +41,7 @@ class ServiceProcess:
     service: str = ""
     env: dict[str, str] = field(default_factory=dict, repr=False)
     port: int = 0
+    threads: int = 0
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -64,6 +65,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def thread_budget(sites: int, cores: int | None = None) -> tuple[int, int]:
+    """``(site threads, aggregator threads)`` for ``sites`` site processes and one aggregator on ``cores`` cores
+    (default: this process's usable cores). The sites compute concurrently during the forward and backward
+    exchanges and share the cores; the aggregator computes alone in between (fusion, decoder, loss, backward,
+    optimizer) and gets every core. One thread each oversubscribes nothing that runs at the same time."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, sites)), max(1, cores)
 
 
 class LocalFederation:
@@ -135,17 +146,20 @@ class LocalFederation:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _start(self, name: str, service: str, env: dict[str, str], port: int | None = None) -> ServiceProcess:
+    def _start(
+        self, name: str, service: str, env: dict[str, str], port: int | None = None, threads: int | None = None
+    ) -> ServiceProcess:
         port = port or free_port()
+        threads = threads or self.torch_threads
         prefix = {"site": "SITE_", "aggregator": "AGG_", "audit": "AUDIT_"}[service]
         full_env = {
             **service_environment(os.environ),
             **env,
             f"{prefix}HOST": "127.0.0.1",
             f"{prefix}PORT": str(port),
-            f"{prefix}TORCH_THREADS": str(self.torch_threads),
-            "OMP_NUM_THREADS": str(self.torch_threads),
-            "MKL_NUM_THREADS": str(self.torch_threads),
+            f"{prefix}TORCH_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
             "PYTHONUNBUFFERED": "1",
         }
         log_path = self.workdir / "logs" / f"{name}.log"
@@ -161,7 +175,7 @@ class LocalFederation:
         log.close()
         scheme = "https" if self._ca is not None else "http"
         proc = ServiceProcess(name=name, url=f"{scheme}://127.0.0.1:{port}", process=process, log_path=log_path,
-                              service=service, env=env, port=port)
+                              service=service, env=env, port=port, threads=threads)
         self.processes = [p for p in self.processes if p.name != name] + [proc]
         self._write_manifest()
         logger.info("started %s (pid %d) on %s", name, process.pid, proc.url)
@@ -174,11 +188,12 @@ class LocalFederation:
 
     def start_site(
         self, name: str, modalities: list[str], data_dir: Path, *, device: str = "cpu", seed: int | None = None,
-        defenses: str | None = None, env: Mapping[str, str] | None = None,
+        defenses: str | None = None, env: Mapping[str, str] | None = None, torch_threads: int | None = None,
     ) -> ServiceProcess:
         """Start site ``name`` with its own token; ``seed``: ``SITE_SEED`` (default: the site's secret
         randomness); ``defenses``: its ``SITE_DEFENSES`` (a JSON list or a YAML file path); ``env`` adds or
-        overrides ``SITE_*`` settings (e.g. its policy)."""
+        overrides ``SITE_*`` settings (e.g. its policy); ``torch_threads``: this process's intra-op threads
+        (default: the federation's)."""
         token = secrets.token_urlsafe(24)
         self.site_tokens[name] = token
         token_file = self._secret(self.secrets_dir / f"site-{name}-token", token)
@@ -199,7 +214,7 @@ class LocalFederation:
         }
         if defenses:
             site_env["SITE_DEFENSES"] = defenses
-        proc = self._start(f"site-{name}", "site", site_env)
+        proc = self._start(f"site-{name}", "site", site_env, threads=torch_threads)
         self._site_urls[name] = proc.url
         return proc
 
@@ -214,10 +229,11 @@ class LocalFederation:
         return path
 
     def start_aggregator(
-        self, data_dir: Path, *, device: str = "cpu", env: Mapping[str, str] | None = None
+        self, data_dir: Path, *, device: str = "cpu", env: Mapping[str, str] | None = None,
+        torch_threads: int | None = None,
     ) -> ServiceProcess:
         """Start the aggregator with a registry of the sites started so far (start the sites first); ``env`` adds
-        or overrides ``AGG_*`` variables."""
+        or overrides ``AGG_*`` variables; ``torch_threads``: its intra-op threads (default: the federation's)."""
         if not self._site_urls:
             raise RuntimeError("start the sites first: the aggregator's registry (AGG_SITES) lists them")
         env = {
@@ -239,7 +255,7 @@ class LocalFederation:
                 "AGG_SITE_CLIENT_CERT_FILE": str(client.cert),
                 "AGG_SITE_CLIENT_KEY_FILE": str(client.key),
             }
-        return self._start("aggregator", "aggregator", env)
+        return self._start("aggregator", "aggregator", env, threads=torch_threads)
 
     def reconfigure_site(self, name: str, *, defenses: str | None) -> ServiceProcess:
         """Stop site ``name`` and start it again on the same port, token and state folder with other
@@ -326,7 +342,7 @@ class LocalFederation:
         proc = self.process(name)
         if proc.process.poll() is None:
             raise RuntimeError(f"{name} is still running (pid {proc.process.pid}); kill or stop it first")
-        return self._start(proc.name, proc.service, proc.env, port=proc.port)
+        return self._start(proc.name, proc.service, proc.env, port=proc.port, threads=proc.threads or None)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Wait until every service answers ``/readyz`` with 200; raise with the log tail of a failed one."""

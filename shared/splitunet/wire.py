@@ -44,6 +44,8 @@ import io
 import json
 import re
 import struct
+import sys
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -199,7 +201,7 @@ class Bundle:
     sha256: str
 
 
-def _digest(header16: bytes, payload: bytes) -> bytes:
+def _digest(header16: bytes, payload: bytes | memoryview) -> bytes:
     h = hashlib.sha256(header16)
     h.update(payload)
     return h.digest()
@@ -207,16 +209,26 @@ def _digest(header16: bytes, payload: bytes) -> bytes:
 
 def pack_frame(payload: bytes, *, compressed: bool) -> bytes:
     """Wrap already-encoded payload bytes (safetensors, or zstd of them when ``compressed``) in a frame."""
-    head16 = _HEADER.pack(MAGIC, FRAME_VERSION, FLAG_ZSTD if compressed else 0, 0, len(payload), b"")[:16]
-    return head16 + _digest(head16, payload) + payload
+    return _pack_pieces([payload], compressed=compressed)
+
+
+def _pack_pieces(pieces: Sequence[bytes | memoryview], *, compressed: bool) -> bytes:
+    """A frame around the concatenation of ``pieces``, digested piece by piece and copied once."""
+    length = sum(len(p) for p in pieces)
+    head16 = _HEADER.pack(MAGIC, FRAME_VERSION, FLAG_ZSTD if compressed else 0, 0, length, b"")[:16]
+    h = hashlib.sha256(head16)
+    for piece in pieces:
+        h.update(piece)
+    return b"".join((head16, h.digest(), *pieces))
 
 
 def unpack_frame(data: bytes, *, max_bytes: int) -> bytes:
     """Check a frame (size, magic, version, flags, length, digest) and return the decompressed payload."""
-    return _unpack(data, max_bytes)[0]
+    return bytes(_unpack(data, max_bytes)[0])
 
 
-def _unpack(data: bytes, max_bytes: int) -> tuple[bytes, bytes]:
+def _unpack(data: bytes, max_bytes: int) -> tuple[bytes | memoryview, bytes]:
+    """``(payload, digest)``; the payload is a view into ``data`` (no copy) unless it was decompressed."""
     if len(data) > max_bytes:
         raise BundleTooLargeError(
             f"bundle of {len(data)} bytes exceeds the limit of {max_bytes} bytes",
@@ -233,7 +245,7 @@ def _unpack(data: bytes, max_bytes: int) -> tuple[bytes, bytes]:
         raise WireFormatError(
             f"unknown frame flags 0x{flags:02x} / reserved 0x{reserved:04x}; expected flags 0x00 or 0x01 and reserved 0"
         )
-    payload = data[HEADER_SIZE:]
+    payload = memoryview(data)[HEADER_SIZE:]
     if len(payload) != length:
         what = "truncated bundle" if len(payload) < length else "trailing bytes after the bundle"
         raise WireFormatError(f"{what}: header declares {length} payload bytes, got {len(payload)}")
@@ -242,7 +254,7 @@ def _unpack(data: bytes, max_bytes: int) -> tuple[bytes, bytes]:
     return (_decompress(payload, max_bytes) if flags & FLAG_ZSTD else payload), digest
 
 
-def _decompress(payload: bytes, max_bytes: int) -> bytes:
+def _decompress(payload: bytes | memoryview, max_bytes: int) -> bytes:
     import zstandard
 
     too_large = BundleTooLargeError(
@@ -256,7 +268,7 @@ def _decompress(payload: bytes, max_bytes: int) -> bytes:
         raise too_large
     out = bytearray()
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload), read_across_frames=True)
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(payload)), read_across_frames=True)
         with reader:
             while chunk := reader.read(min(_CHUNK, max_bytes + 1 - len(out))):
                 out += chunk
@@ -285,7 +297,6 @@ def encode_bundle(
     cast (e.g. fp16 overflow above 65504), :class:`BundleTooLargeError` when the frame exceeds ``max_bytes``.
     """
     import torch
-    from safetensors.torch import save
 
     try:
         dtype = WireDtype(dtype)
@@ -305,8 +316,8 @@ def encode_bundle(
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise ValueError(f"tensor {name!r} must be a floating-point torch.Tensor")
         wire = tensor.detach().to(device="cpu", dtype=target).contiguous()
-        if not bool(torch.isfinite(wire).all()):
-            if bool(torch.isfinite(tensor).all()):
+        if not _all_finite(wire):
+            if _all_finite(tensor.detach()):
                 raise WireFormatError(f"tensor {name!r} overflows {dtype} (|x| > 65504?); send fp32 or bf16")
             raise WireFormatError(f"tensor {name!r} has non-finite values (NaN/Inf); refusing to send it")
         prepared[name] = wire
@@ -320,45 +331,68 @@ def encode_bundle(
         "dtype": str(dtype),
         **{f"x.{k}": v for k, v in meta.extra.items()},
     }
-    payload = _canonical(save(prepared, metadata=metadata))
-    if len(payload) > max_bytes:
+    pieces = _safetensors_pieces(prepared, metadata, dtype)
+    size = sum(len(p) for p in pieces)
+    if size > max_bytes:
         raise BundleTooLargeError(
-            f"encoded bundle of {len(payload)} bytes exceeds the limit of {max_bytes} bytes",
-            detail={"size": len(payload), "max_bytes": max_bytes},
+            f"encoded bundle of {size} bytes exceeds the limit of {max_bytes} bytes",
+            detail={"size": size, "max_bytes": max_bytes},
         )
     if compress:
         import zstandard
 
-        payload = zstandard.ZstdCompressor(level=level).compress(payload)
-    frame = pack_frame(payload, compressed=compress)
+        pieces = [zstandard.ZstdCompressor(level=level).compress(b"".join(pieces))]
+    frame = _pack_pieces(pieces, compressed=compress)
     if len(frame) > max_bytes:
         raise BundleTooLargeError(f"bundle of {len(frame)} bytes exceeds the limit of {max_bytes} bytes")
     return frame
 
 
-def _canonical(payload: bytes) -> bytes:
-    """Rewrite a safetensors header deterministically (sorted metadata keys, ASCII JSON, space padding).
+def _safetensors_pieces(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], dtype: WireDtype
+) -> list[bytes | memoryview]:
+    """A safetensors buffer as pieces (header, then each tensor's bytes as a view, without copying).
 
-    ``safetensors`` keeps metadata in a hash map, so its key order changes from call to call; a canonical
-    header makes the same tensors and metadata always give the same bytes, hence the same digest.
+    The header is canonical, so the same tensors and metadata always give the same bytes (hence the same
+    digest): ``__metadata__`` first with sorted keys, then the tensors sorted by name (safetensors' own order
+    for one dtype) at consecutive offsets, ASCII JSON padded with spaces to 8 bytes. Tensor bytes are
+    little-endian, as the format requires; ``safetensors.torch.load`` reads the result (tested).
     """
-    (n,) = struct.unpack_from("<Q", payload)
-    header = json.loads(payload[8 : 8 + n])
-    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+        from safetensors.torch import save
+
+        return [save(dict(tensors), metadata=dict(metadata))]
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    views: list[memoryview] = []
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": dtype.safetensors_code, "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        if nbytes:
+            views.append(memoryview(tensor.reshape(-1).view(torch_uint8()).numpy()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + payload[8 + n :]
+    return [struct.pack("<Q", len(text)), text, *views]
 
 
-def _parse_header(payload: bytes) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-    """Parse the safetensors JSON header without touching tensor data."""
+def torch_uint8() -> torch.dtype:
+    import torch
+
+    return torch.uint8
+
+
+def _parse_header(payload: bytes | memoryview) -> tuple[dict[str, str], dict[str, dict[str, Any]], int]:
+    """Parse the safetensors JSON header without touching tensor data; also return where the data starts."""
     if len(payload) < 8:
         raise WireFormatError("payload is not a safetensors buffer: shorter than its 8-byte header length")
     (n,) = struct.unpack_from("<Q", payload)
     if n > len(payload) - 8:
         raise WireFormatError(f"payload is not a safetensors buffer: header length {n} exceeds the payload")
     try:
-        header = json.loads(payload[8 : 8 + n])
+        header = json.loads(bytes(payload[8 : 8 + n]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireFormatError(f"payload is not a safetensors buffer: header is not JSON ({exc})") from None
     except RecursionError:
@@ -370,7 +404,7 @@ def _parse_header(payload: bytes) -> tuple[dict[str, str], dict[str, dict[str, A
         raise WireFormatError(f"bundle metadata missing or not str->str; expected keys {sorted(_META_KEYS)}")
     if not all(isinstance(v, dict) for v in header.values()):
         raise WireFormatError("payload is not a safetensors buffer: malformed tensor entries")
-    return metadata, header
+    return metadata, header, 8 + n
 
 
 def _parse_meta(md: dict[str, str]) -> tuple[BundleMeta, WireDtype, list[str]]:
@@ -449,14 +483,11 @@ def decode_bundle(
     Raises :class:`WireFormatError` or :class:`BundleTooLargeError`; never unpickles anything.
     """
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load
 
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireFormatError(f"bundle must be bytes, got {type(data).__name__}")
-    data = bytes(data)
     payload, digest = _unpack(data, max_bytes)
-    md, entries = _parse_header(payload)
+    md, entries, start = _parse_header(payload)
     meta, dtype, names = _parse_meta(md)
     if set(names) != set(entries):
         raise WireFormatError(f"bundle tensors {sorted(entries)} differ from metadata names {sorted(names)}")
@@ -474,18 +505,24 @@ def decode_bundle(
         shapes[name] = shape
     if expect is not None:
         _check_expectation(meta, dtype, shapes, expect)
-    try:
-        raw = load(payload)
-    except SafetensorError as exc:
-        raise WireFormatError(f"payload is not a valid safetensors buffer: {exc}") from None
-    target = torch.float32 if as_float32 else dtype.torch_dtype()
+    spans = _check_offsets(entries, shapes, dtype, len(payload) - start)
+    wire_dtype = dtype.torch_dtype()
+    target = torch.float32 if as_float32 else wire_dtype
     tensors: dict[str, torch.Tensor] = {}
-    for name in names:
-        wire = raw[name]
-        if not bool(torch.isfinite(wire).all()):
-            bad = int((~torch.isfinite(wire)).sum())
-            raise WireFormatError(f"tensor {name!r} has {bad} NaN/Inf values; expected finite values")
-        tensors[name] = wire.to(dtype=target, copy=True)
+    with warnings.catch_warnings():  # a view of read-only received bytes; copied below before anyone writes
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for name in names:
+            begin, end = spans[name]
+            wire = (
+                torch.frombuffer(payload, dtype=wire_dtype, offset=start + begin, count=(end - begin)
+                                 // _ITEMSIZE[dtype]).view(shapes[name])
+                if end > begin
+                else torch.empty(shapes[name], dtype=wire_dtype)
+            )
+            if not _all_finite(wire):
+                bad = int((~torch.isfinite(wire)).sum())
+                raise WireFormatError(f"tensor {name!r} has {bad} NaN/Inf values; expected finite values")
+            tensors[name] = wire.to(dtype=target, copy=True)
     return Bundle(
         meta=meta,
         tensors=tensors,
@@ -493,6 +530,54 @@ def decode_bundle(
         wire_bytes=len(data),
         sha256=digest.hex(),
     )
+
+
+_ITEMSIZE = {WireDtype.FP32: 4, WireDtype.FP16: 2, WireDtype.BF16: 2}
+
+
+def _check_offsets(
+    entries: dict[str, dict[str, Any]], shapes: dict[str, list[int]], dtype: WireDtype, data_bytes: int
+) -> dict[str, tuple[int, int]]:
+    """Validate the tensors' ``data_offsets`` as safetensors does: each span holds exactly its shape's bytes, and
+    the spans tile the data area from 0 to its end without gaps or overlaps. Returns ``{name: (begin, end)}``."""
+    spans: dict[str, tuple[int, int]] = {}
+    for name, shape in shapes.items():
+        offsets = entries[name].get("data_offsets")
+        if (
+            not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]
+        ):
+            raise WireFormatError(f"payload is not a valid safetensors buffer: tensor {name!r} has bad data_offsets")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if offsets[1] - offsets[0] != numel * _ITEMSIZE[dtype]:
+            raise WireFormatError(
+                f"payload is not a valid safetensors buffer: tensor {name!r} spans {offsets[1] - offsets[0]} bytes, "
+                f"its shape {shape} needs {numel * _ITEMSIZE[dtype]}"
+            )
+        spans[name] = (offsets[0], offsets[1])
+    position = 0
+    for begin, end in sorted(spans.values()):
+        if begin != position:
+            raise WireFormatError("payload is not a valid safetensors buffer: tensor data overlaps or has gaps")
+        position = end
+    if position != data_bytes:
+        raise WireFormatError(
+            f"payload is not a valid safetensors buffer: tensors cover {position} of {data_bytes} data bytes"
+        )
+    return spans
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. ``aminmax`` propagates NaN and meets ±Inf at an end, and is several times
+    faster than ``isfinite(t).all()`` on large tensors."""
+    import torch
+
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def frame_sha256(data: bytes) -> str:

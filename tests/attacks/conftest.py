@@ -33,4 +33,5 @@ def slices() -> Slices:
                for i, z in enumerate((38, 44))]
     images = np.stack([federation.images([s], ["t1", "t1ce", "t2", "flair"])[i, 0] for i, s in enumerate(samples)])
     regions = np.stack([federation.regions([s])[i, 0] for i, s in enumerate(samples)])
-    return Slices(images=images, regions=regions.astype(np.float32), samples=samples, public=public)
+    return Slices(images=images, regions=regions.astype(np.float32), samples=samples, public=public,
+                  federation=federation)

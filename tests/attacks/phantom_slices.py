@@ -15,13 +15,14 @@ SHAPE = (128, 128, 80)
 
 @dataclass(frozen=True)
 class Slices:
-    """``images (B, 4, 128, 128)`` float32 (t1, t1ce, t2, flair), ``regions (B, 3, 128, 128)``, the samples, and the
-    public cohort cut like them."""
+    """``images (B, 4, 128, 128)`` float32 (t1, t1ce, t2, flair), ``regions (B, 3, 128, 128)``, the samples, the
+    public cohort cut like them, and the federation's two cases (``case-0``, ``case-1``) they come from."""
 
     images: np.ndarray
     regions: np.ndarray
     samples: list[Sample]
     public: PublicCohort
+    federation: PublicCohort
 
 
 def site_config(cut_level: int = 0, skips: str = "all", site: str = "t1") -> SplitUNetConfig:

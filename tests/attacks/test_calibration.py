@@ -1,9 +1,13 @@
 """Calibration against the undefended case (an attack that is weak is a broken audit), and the trends defenses
 must produce. Phantom 128 x 128 slices, site t1, widths 16-32-64-128.
 
-The calibrated-noise defense and the gradient defense are *test doubles* here (Gaussian noise of
-``sigma0 * P95(|tensor|)`` through the :class:`~splitunet.filters.TensorFilter` protocol); the real defenses are
-built under ``splitunet.defenses`` and can replace them.
+The defenses are the project's own, built as the services build them: the site's calibrated ``gaussian`` noise
+(``sigma = sigma0 * P95(|F|)``) from its validated ``SITE_DEFENSES`` list (:func:`parse_site_defenses`, then
+:func:`build_site_defenses`, as ``SiteProtection`` does), and the aggregator's gradient defenses (``gaussian``,
+``dp``, ``smooth``, ``norm_equalize``) from a job's validated ``gradient_defenses`` list through
+:func:`build_gradient_chain`, as the aggregator's trainer does. Noise seeds are fixed for reproducibility; DP's
+clip is calibrated to the undefended batch's median per-sample gradient norm. Gradient noise and DP reduce label
+leakage; smoothing and norm equalisation alone do not (measured), so that test checks the attack sees through them.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 import torch
 from phantom_slices import Slices, site_config
 
@@ -19,6 +24,7 @@ from splitunet.attacks.label_leakage import LabelLeakage, mask_from_scores
 from splitunet.attacks.learned import LearnedInversion
 from splitunet.attacks.unsplit import UnSplit
 from splitunet.attacks.whitebox import WhiteBoxInversion
+from splitunet.defenses import GradientDefenseConfig, build_gradient_chain, build_site_defenses, parse_site_defenses
 from splitunet.filters import Direction, FilterChain, FilterContext
 from splitunet.leakage import brain_ssim, dice, leak_auc
 from splitunet.losses import make_loss
@@ -28,15 +34,19 @@ from splitunet.protocol import AggregatorStep
 logger = logging.getLogger(__name__)
 
 
-class GaussianNoiseDouble:
-    """Test double of the calibrated-noise defense: adds N(0, (sigma0 * P95(|t|))^2) to every tensor."""
+def site_noise(sigma0: float) -> FilterChain:
+    """The site's outbound chain for ``SITE_DEFENSES=[{"name": "gaussian", "sigma0": ...}]``."""
+    configs = parse_site_defenses([{"name": "gaussian", "sigma0": sigma0, "seed": 0}])
+    chain = build_site_defenses(configs).chain
+    assert [type(f).__name__ for f in chain.filters] == ["GaussianNoise"]
+    return chain
 
-    def __init__(self, sigma0: float, seed: int = 0) -> None:
-        self.sigma0, self.generator = sigma0, torch.Generator().manual_seed(seed)
 
-    def __call__(self, tensors, context: FilterContext) -> dict[str, torch.Tensor]:
-        return {k: v + self.sigma0 * torch.quantile(v.abs().flatten().float(), 0.95)
-                * torch.randn(v.shape, generator=self.generator) for k, v in tensors.items()}
+def gradient_chain(defenses: list[dict]) -> FilterChain:
+    """The aggregator's gradient chain for a job's ``gradient_defenses`` list (validated as the job spec does)."""
+    from pydantic import TypeAdapter
+
+    return build_gradient_chain(TypeAdapter(list[GradientDefenseConfig]).validate_python(defenses))
 
 
 def _ssim(recon: torch.Tensor, x: np.ndarray) -> float:
@@ -51,7 +61,7 @@ def _observe(slices: Slices, cut_level: int = 0, skips: str = "all", sigma0: flo
         features = encoder(torch.from_numpy(x))
     if sigma0:
         context = FilterContext("audit-test", 1, "t1", Direction.ACTIVATIONS)
-        features = FilterChain([GaussianNoiseDouble(sigma0)])(features, context)
+        features = site_noise(sigma0)(features, context)
     prior = torch.from_numpy(slices.public.prior(slices.samples, ["t1"]))
     obs = Observation(config=config, site="t1", activations=features, encoder_state=encoder.state_dict(), prior=prior)
     return obs, x, encoder
@@ -93,32 +103,79 @@ def test_unsplit_and_learned_inversion_produce_measured_figures(slices: Slices):
     assert unsplit.clone is not None
 
 
-def _label_leak(slices: Slices, sigma0: float = 0.0) -> tuple[float, float]:
+def _label_leak(slices: Slices, filters: FilterChain | None = None) -> tuple[float, float, torch.Tensor]:
+    """Label-leakage Dice and AUC of the curious t1 site from the gradients the aggregator returns through
+    ``filters``, and the per-sample L2 norms of those gradients (``B``)."""
     config = site_config(0)
     encoder = make_site_encoder(config, "t1", seed=3)
     decoder = make_server_decoder(config, seed=3)
-    filters = FilterChain([GaussianNoiseDouble(sigma0, seed=1)]) if sigma0 else FilterChain()
-    step = AggregatorStep(decoder, make_loss("dice"), None, filters)
+    step = AggregatorStep(decoder, make_loss("dice"), None, filters or FilterChain())
     with torch.no_grad():
         features = encoder(torch.from_numpy(slices.images[:, :1]))
     result = step.step({"t1": features}, torch.from_numpy(slices.regions))
-    obs = Observation(config=config, site="t1", activations=features, gradients=result.gradients["t1"])
+    gradients = result.gradients["t1"]
+    obs = Observation(config=config, site="t1", activations=features, gradients=gradients)
     scores = LabelLeakage()(obs).numpy()[:, 0]
     truth = slices.regions[:, 1].astype(bool)
     d = float(np.mean([dice(mask_from_scores(scores[i]), truth[i]) for i in range(len(truth))]))
     auc = float(np.mean([leak_auc(scores[i], truth[i]) for i in range(len(truth))]))
-    return d, auc
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in gradients.values()]).sum(0).sqrt()
+    return d, auc, norms
 
 
-def test_label_leakage_beats_baselines_and_gradient_noise_reduces_it(slices: Slices):
+@pytest.fixture(scope="module")
+def undefended_leak(slices: Slices) -> tuple[float, float, torch.Tensor]:
+    return _label_leak(slices)
+
+
+def _baselines(slices: Slices) -> tuple[float, float]:
+    """Dice of an empty mask and of the public cohort's tumour-frequency blob."""
     truth = slices.regions[:, 1].astype(bool)
     freq = slices.public.masks(slices.samples).mean(0)[:, 0]
     blob = float(np.mean([dice(freq[i] >= 0.5 * freq[i].max(), truth[i]) for i in range(len(truth))]))
-    empty = float(np.mean([dice(np.zeros_like(t), t) for t in truth]))
-    undefended, auc = _label_leak(slices)
-    defended, auc_defended = _label_leak(slices, sigma0=1.0)
-    logger.warning("label leakage Dice %.3f (AUC %.3f); baselines empty %.3f blob %.3f; with gradient noise "
-                   "Dice %.3f (AUC %.3f)", undefended, auc, empty, blob, defended, auc_defended)
+    return float(np.mean([dice(np.zeros_like(t), t) for t in truth])), blob
+
+
+def test_label_leakage_beats_baselines_undefended(slices: Slices, undefended_leak):
+    empty, blob = _baselines(slices)
+    undefended, auc, _ = undefended_leak
+    logger.warning("label leakage Dice %.3f (AUC %.3f); baselines empty %.3f blob %.3f", undefended, auc, empty, blob)
     assert undefended > max(empty, blob) + 0.2, (undefended, empty, blob)
     assert auc > 0.8
-    assert defended < undefended - 0.2, (defended, undefended)
+
+
+def _with_clip(defenses: list[dict], norms: torch.Tensor) -> list[dict]:
+    """DP's clip ``"median"`` becomes the undefended batch's median per-sample gradient norm (as one calibrates C)."""
+    return [d | {"clip": float(norms.median())} if d.get("clip") == "median" else d for d in defenses]
+
+
+#: A job's ``gradient_defenses`` that must reduce the leak.
+REDUCING = {
+    "gaussian": [{"name": "gaussian", "sigma0": 1.0, "seed": 1}],
+    "dp": [{"name": "dp", "clip": "median", "noise_multiplier": 0.1, "seed": 1}],
+    "norm_equalize+smooth+dp": [{"name": "norm_equalize"}, {"name": "smooth", "sigma": 4.0},
+                                {"name": "dp", "clip": "median", "noise_multiplier": 0.1, "seed": 1}],
+}
+
+
+@pytest.mark.parametrize("label", list(REDUCING))
+def test_the_aggregators_gradient_defenses_reduce_label_leakage(slices: Slices, undefended_leak, label: str):
+    undefended, auc, norms = undefended_leak
+    defended, auc_defended, _ = _label_leak(slices, gradient_chain(_with_clip(REDUCING[label], norms)))
+    logger.warning("label leakage with gradient defenses %s: Dice %.3f (AUC %.3f) vs undefended %.3f (AUC %.3f)",
+                   label, defended, auc_defended, undefended, auc)
+    assert defended < undefended - 0.2, (label, defended, undefended)
+
+
+def test_the_attack_sees_through_gradient_smoothing_and_norm_equalisation(slices: Slices, undefended_leak):
+    """Measured: smoothing the gradient map denoises the direction score (the tumour blob stays, its outline blurs)
+    and per-sample norm equalisation leaves each sample's map unchanged, so neither alone protects labels; the
+    audit's attack must keep beating the baselines through them (a weak attack would report them as protective)."""
+    empty, blob = _baselines(slices)
+    undefended, _, _ = undefended_leak
+    smooth, equalize = {"name": "smooth", "sigma": 4.0}, {"name": "norm_equalize"}
+    chains = {"smooth": [smooth], "norm_equalize": [equalize], "norm_equalize+smooth": [equalize, smooth]}
+    figures = {label: _label_leak(slices, gradient_chain(defenses))[:2] for label, defenses in chains.items()}
+    logger.warning("label leakage (Dice, AUC) through %s; undefended Dice %.3f", figures, undefended)
+    for label, (d, auc) in figures.items():
+        assert d > max(empty, blob) + 0.2 and auc > 0.8, (label, d, auc, blob)

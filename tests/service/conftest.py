@@ -1,4 +1,4 @@
-"""A tiny demo service built with the kit, used by the kit's tests."""
+"""Fixtures of the kit's tests: the demo service of :mod:`demo_service` as an app, tokens, a bundle."""
 
 from __future__ import annotations
 
@@ -8,70 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from fastapi import APIRouter, FastAPI
-from pydantic import BaseModel, Field
-from pydantic_settings import SettingsConfigDict
+from demo_service import TOKEN, TOKEN_2, DemoRuntime, DemoSettings, demo_router
+from fastapi import FastAPI
 
-from splitunet.errors import ProtocolError
 from splitunet.service.app import create_service_app
-from splitunet.service.deps import BundleBody, BundleResponse, MetricsDep, runtime_dep
-from splitunet.service.settings import ServiceSettings
-from splitunet.wire import BundleKind, BundleMeta, WireDtype, decode_bundle, encode_bundle
-
-TOKEN = "token-aaaaaaaaaaaaaaaa"
-TOKEN_2 = "token-bbbbbbbbbbbbbbbb"
-
-
-class DemoSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="DEMO_")
-    greeting: str = "hello"
-
-
-class DemoRuntime:
-    """What a real service keeps on app.state.runtime (model, optimizer, clients...)."""
-
-    def __init__(self) -> None:
-        self.ready = False
-        self.closed = False
-        self.calls = 0
-
-
-DemoRuntimeDep = runtime_dep(DemoRuntime)
-
-
-class EchoIn(BaseModel):
-    value: int = Field(ge=0)
-
-
-def demo_router() -> APIRouter:
-    router = APIRouter(prefix="/v1")
-
-    @router.post("/echo")
-    def echo(body: EchoIn, runtime: DemoRuntimeDep) -> dict[str, Any]:
-        runtime.calls += 1
-        return {"value": body.value}
-
-    @router.get("/items/{item_id}")
-    def item(item_id: int) -> dict[str, int]:
-        return {"item_id": item_id}
-
-    @router.post("/backward")
-    def backward() -> None:
-        raise ProtocolError("backward for step 3 without its forward", detail={"step": 3})
-
-    @router.get("/boom")
-    def boom() -> None:
-        raise RuntimeError("secret internal detail /etc/shadow")
-
-    @router.post("/double")
-    def double(body: BundleBody, runtime: DemoRuntimeDep, metrics: MetricsDep) -> BundleResponse:
-        runtime.calls += 1
-        bundle = decode_bundle(body, max_bytes=2**20)
-        metrics.counter("tensor_bytes_in", "tensor bytes received").inc(len(body))
-        doubled = {k: 2 * v for k, v in bundle.tensors.items()}
-        return BundleResponse(encode_bundle(doubled, meta=bundle.meta, dtype=WireDtype.FP32, max_bytes=2**20))
-
-    return router
+from splitunet.wire import BundleKind, BundleMeta, WireDtype, encode_bundle
 
 
 @pytest.fixture

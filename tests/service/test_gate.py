@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, DemoSettings, demo_router
+from demo_service import TOKEN, DemoSettings, demo_router
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 

@@ -33,7 +33,10 @@ from safetensors.torch import load_file
 
 from services.aggregator.app import create_app as create_aggregator_app
 from services.client_site.app import create_app as create_site_app
+from splitunet.data.sampling import Sample
+from splitunet.errors import PolicyError
 from splitunet.protocol import SiteStep
+from splitunet.schemas import ForwardRequest
 
 STEPS = 8
 
@@ -189,6 +192,12 @@ def test_a_secure_sum_site_restarted_mid_run_agrees_new_keys_and_trains_on(feder
     start(fed.aggregator, spec("faulty", **secure))
     assert switch.tripped.wait(60)
     fed.restart_site("t2")
+    # the restarted site remembers that the run agreed on secure sum: without new keys it refuses to release plain
+    # features (never a silent downgrade)
+    request = ForwardRequest(step=3, samples=[Sample(case_id="c", start=(0, 0), size=(16, 16), axial_index=0,
+                                                     volume_shape=(16, 16, 4))])
+    with pytest.raises(PolicyError, match="keys were lost"):
+        fed.sites["t2"].app.state.runtime.protection.outbound("faulty", request, {"f": torch.zeros(2)})
     switch.down.clear()
     status = wait_for_job(fed.aggregator, "faulty", timeout_s=120)
     assert status["state"] == "succeeded", status

@@ -119,7 +119,8 @@ def test_one_off_audit_defaults_to_the_newest_run_and_its_registered_sites(start
 def test_one_off_audit_settings_parse_what_an_operator_writes(tmp_path, monkeypatch):
     registry = write_registry(tmp_path / "audit-registry", tokens={m: AUDIT_TOKEN for m in SITES})
     for key, value in {"AUDIT_TRANSCRIPTS_DIR": str(tmp_path), "AUDIT_SITES": str(registry),
-                       "AUDIT_REPORTS_DIR": str(tmp_path / "r"), "AUDIT_RUN_ID": "", "AUDIT_RUN_SITES": "t1, flair",
+                       "AUDIT_REPORTS_DIR": str(tmp_path / "r"), "AUDIT_AUTH_TOKEN": OPERATOR_TOKEN,
+                       "AUDIT_RUN_ID": "", "AUDIT_RUN_SITES": "t1, flair",
                        "AUDIT_RUN_SPEC": '{"steps": [3]}'}.items():
         monkeypatch.setenv(key, value)
     settings = AuditJobSettings()
@@ -192,7 +193,9 @@ def test_site_audit_endpoints(site, cohort, tmp_path):
     assert ok.status_code == 200, ok.text
     scores = ok.json()["scores"]["reconstruction"]
     assert len(scores) == 1 and scores[0]["modality"] == "t1" and scores[0]["ssim"] < 0.5
-    assert set(scores[0]) == {"index", "case_id", "modality", "ssim", "psnr", "nmse"}  # numbers, never images
+    # numbers, never images; no segmenter sent: no semantic leakage
+    assert set(scores[0]) == {"index", "case_id", "modality", "ssim", "psnr", "nmse", "semantic"}
+    assert scores[0]["semantic"] is None
     bad = site.post("/v1/score", content=bundle({"samples": "not json"}), headers=headers)
     assert bad.status_code == 400 and "x.samples" in bad.json()["message"]
     wrong = site.post("/v1/score", content=bundle({"samples": json.dumps([sample])}, (1, 1, 8, 8)), headers=headers)
@@ -219,3 +222,73 @@ def test_audit_run_command_in_lab_mode(start_app, aggregator_settings, sites, co
     assert 0.0 <= kinds["label_leakage"]["auc"] <= 1.0 and kinds["label_leakage"]["baseline_empty_dice"] == 0.0
     assert "t1" in doc["dcor"]
     assert "data:image/png;base64" in out.read_text()  # lab mode draws the reconstruction grid
+
+
+def test_site_scores_semantic_leakage_with_the_audits_segmenter(site, cohort, tmp_path):
+    """Federated scoring ships the audit's WT segmenter with the reconstructions; the site's semantic leakage equals
+    what lab mode computes on the same originals, and bad segmenter weights are a clear 422."""
+    import numpy as np
+
+    from splitunet.auditing.cohorts import LabCohort
+    from splitunet.auditing.segmenter import ARCHITECTURE, to_wire_tensors, train_segmenter
+    from splitunet.auditing.sources import LabScorer, SiteAuditClient
+    from splitunet.data.sampling import Sample
+
+    lab = LabCohort(cohort.site_dirs["t1"], cohort.labels_dir)
+
+    def crop(case: str, z: int) -> Sample:
+        return Sample(case_id=case, start=(0, 0), size=(16, 16), axial_index=z, volume_shape=cohort.shape)
+
+    train = [crop(c, z) for c in cohort.case_ids[:3] for z in (5, 6, 7, 8, 9)]
+    segmenter = train_segmenter(lab.images(train, ["t1"]), lab.masks(train).astype(np.float32), steps=60,
+                                modality="t1")
+    samples = [crop(cohort.case_ids[3], 7), crop(cohort.case_ids[3], 8)]
+    originals = torch.from_numpy(lab.images(samples, ["t1"]))
+    noisy = originals + 0.3 * torch.randn(originals.shape, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(originals.shape, generator=torch.Generator().manual_seed(1)) * (originals != 0)
+    tensors = {"reconstruction": noisy, "prior": noise}
+    registry = write_registry(tmp_path / "audit-registry", tokens={m: AUDIT_TOKEN for m in SITES})
+    (peer,) = AuditSettings(transcripts_dir=tmp_path, auth_token=OPERATOR_TOKEN, sites=registry).registry().resolve(
+        ["t1"])
+    client = SiteAuditClient([peer], transport_factory=lambda p: site._transport)
+    try:
+        federated = client.score("t1", ["t1"], "r1", 0, samples, tensors, segmenters={"t1": segmenter})
+    finally:
+        client.close()
+    local = LabScorer(lab).score("t1", ["t1"], "r1", 0, samples, tensors, segmenters={"t1": segmenter})
+    for name in tensors:
+        assert [r["semantic"] for r in federated[name]] == pytest.approx([r["semantic"] for r in local[name]])
+    assert all(r["semantic"] is not None and r["semantic"] > 0.5 for r in federated["reconstruction"]), federated
+    # noise in the brain as the "prior": the tumour it shows is far less than the close reconstruction's
+    semantic = {name: [r["semantic"] for r in rows] for name, rows in federated.items()}
+    assert max(semantic["prior"]) < min(semantic["reconstruction"]) - 0.3, semantic
+
+    headers = {"Authorization": f"Bearer {AUDIT_TOKEN}", "Content-Type": CONTENT_TYPE}
+    sample_json = json.dumps([s.model_dump(mode="json") for s in samples])
+
+    def post(weights: dict, architecture: str | None = ARCHITECTURE, images: bool = True):
+        extra = {"samples": sample_json} | ({"segmenter": architecture} if architecture else {})
+        meta = BundleMeta(run_id="r1", step=0, site="t1", kind=BundleKind.ACTIVATIONS, extra=extra)
+        body = encode_bundle(({"reconstruction": noisy} if images else {}) | weights, meta=meta,
+                             dtype=WireDtype.FP32, max_bytes=2**22)
+        return site.post("/v1/score", content=body, headers=headers)
+
+    weights = to_wire_tensors({"t1": segmenter})
+    assert post(weights).status_code == 200
+    key = "segmenter/t1/model.0.conv.weight"
+    wrong = post(weights | {key: torch.zeros(8, 2, 3, 3)})
+    assert wrong.status_code == 422 and key in wrong.json()["message"] and "(8, 1, 3, 3)" in wrong.json()["message"]
+    missing = post({k: v for k, v in weights.items() if k != key})
+    assert missing.status_code == 422 and "model.0.conv.weight" in missing.json()["message"]
+    extra_tensor = post(weights | {"segmenter/t1/model.9.weight": torch.zeros(3)})
+    assert extra_tensor.status_code == 422 and "unexpected" in extra_tensor.json()["message"]
+    foreign = post({k.replace("/t1/", "/flair/"): v for k, v in weights.items()})
+    assert foreign.status_code == 422 and "flair" in foreign.json()["message"]
+    unknown = post(weights, architecture="resnet/9")
+    assert unknown.status_code == 422 and ARCHITECTURE in unknown.json()["message"]
+    unannounced = post(weights, architecture=None)
+    assert unannounced.status_code == 422 and "x.segmenter" in unannounced.json()["message"]
+    announced_only = post({}, architecture=ARCHITECTURE)
+    assert announced_only.status_code == 422 and "no segmenter/" in announced_only.json()["message"]
+    weights_only = post(weights, images=False)
+    assert weights_only.status_code == 400 and "reconstruction" in weights_only.json()["message"]

@@ -87,6 +87,40 @@ class PublicCohort:
         """Whole-tumour masks of every public case cut like each sample: ``(N, B, 1, *size)``."""
         return self.regions(samples)[:, :, 1:2]
 
+    def crops(self, template: Sample, modality: str, cases: Sequence[int], per_case: int, *,
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Random crops of ``template``'s geometry (2D axial slice or 3D crop, size, resize) from ``cases``.
+
+        Two in three are centred on a random tumour voxel (jittered by a quarter of the size), the rest lie
+        anywhere on the grid; flips are random. Returns images ``(N, 1, *size)`` of ``modality`` and WT masks
+        ``(N, 1, *size)`` float32, ``N = len(cases) * per_case`` (a segmenter's training or validation set).
+        """
+        if per_case < 1 or not cases or any(not 0 <= c < self.n for c in cases):
+            raise ValueError(f"need per_case >= 1 and case indices in [0, {self.n}), got {per_case}, {list(cases)}")
+        rng = np.random.default_rng(seed)
+        volumes, regions = self.volumes
+        channel = MODALITIES.index(modality)
+        dims, size = template.spatial_dims, np.array(template.size)
+        grid = np.array(self.shape[:dims])
+        images, masks = [], []
+        for case in cases:
+            tumour = np.argwhere(regions[case, 1] > 0)
+            for k in range(per_case):
+                if len(tumour) and k % 3 != 2:
+                    centre = tumour[rng.integers(len(tumour))]
+                    start = centre[:dims] - size // 2 + rng.integers(-(size // 4), size // 4 + 1)
+                    z = int(centre[2])
+                else:
+                    start = rng.integers(np.minimum(0, grid - size), np.maximum(0, grid - size) + 1)
+                    z = int(rng.integers(self.shape[2] // 4, 3 * self.shape[2] // 4))
+                flips = tuple(int(a) for a in range(dims) if rng.random() < 0.5)
+                sample = template.model_copy(update={
+                    "case_id": f"public-{case}", "start": tuple(int(s) for s in start), "flip_axes": flips,
+                    "axial_index": z if dims == 2 else None})
+                images.append(extract(volumes[case][channel:channel + 1], sample))
+                masks.append(extract(regions[case][1:2], sample, interpolation="nearest"))
+        return np.stack(images).astype(np.float32), np.stack(masks).astype(np.float32)
+
 
 def _unbound(sample: Sample) -> Sample:
     """The sample's geometry for another case of the same grid."""

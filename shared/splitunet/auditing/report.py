@@ -77,8 +77,8 @@ def curve_figure(result: AuditResult) -> str | None:
 
 def render_html(result: AuditResult, artifacts: AuditArtifacts | None, *, show_images: bool = True) -> str:
     e = html.escape
-    cols = ["site", "step", "attack", "ssim", "prior_ssim", "rdlv", "psnr", "nmse", "reid_top1", "dice", "auc",
-            "baseline_empty_dice", "baseline_blob_dice", "seconds"]
+    cols = ["site", "step", "attack", "ssim", "prior_ssim", "rdlv", "psnr", "nmse", "semantic", "prior_semantic",
+            "reid_top1", "dice", "auc", "baseline_empty_dice", "baseline_blob_dice", "seconds"]
 
     def cell(v) -> str:
         return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else e(str(v)))
@@ -92,6 +92,12 @@ def render_html(result: AuditResult, artifacts: AuditArtifacts | None, *, show_i
         "<table border='1' cellspacing='0' cellpadding='3'><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
         + rows + "</table>",
     ]
+    if result.segmenters:
+        parts.append("<p>semantic = Dice of a frozen whole-tumour segmenter's masks on the reconstruction vs on the "
+                     "original (prior_semantic: on the prior); the segmenters, trained on the public phantom "
+                     "cohort: " + ", ".join(
+                         f"{e(s.modality)} {s.spatial_dims}D {'x'.join(map(str, s.size))} ({s.steps} steps, "
+                         f"held-out Dice {cell(s.validation_dice)})" for s in result.segmenters) + "</p>")
     if result.dcor:
         parts.append("<p>dCor(input, features): " + ", ".join(f"{e(k)} {v:.3f}" for k, v in result.dcor.items())
                      + "</p>")

@@ -5,7 +5,9 @@ back), the planned samples of that batch (at most ``max_samples``), the public c
 them (the prior), and runs every requested attack:
 
 - image attacks (white-box, UnSplit, learned) -> reconstructions ``B, C_site, *spatial`` scored by the
-  :class:`~splitunet.auditing.sources.Scorer` together with the prior (so RDLV needs no image to move);
+  :class:`~splitunet.auditing.sources.Scorer` together with the prior (so RDLV needs no image to move); the
+  scorer also gets the audit's frozen WT segmenters (:mod:`splitunet.auditing.segmenter`, trained once per
+  modality and sample geometry on the public cohort) and returns the semantic leakage of both;
 - label leakage -> tumour scores, compared (lab mode only: the true masks are the aggregator's) with the true
   whole-tumour mask (Dice, AUC) and two baselines: an empty mask and the public cohort's tumour-frequency blob.
 
@@ -32,6 +34,7 @@ from splitunet.attacks.unsplit import UnSplit
 from splitunet.attacks.whitebox import WhiteBoxInversion
 from splitunet.auditing.cohorts import LabCohort, PublicCohort
 from splitunet.auditing.gate import GateDecision, GateThreshold
+from splitunet.auditing.segmenter import WTSegmenter, train_public_segmenter
 from splitunet.auditing.sources import Scorer, WeightSource
 from splitunet.config import SplitUNetConfig
 from splitunet.data.phantom import check_shape
@@ -54,6 +57,7 @@ class AttackBudgets(BaseModel):
     unsplit_inner_iters: int = Field(default=20, ge=1)
     learned_steps: int = Field(default=300, ge=1)
     public_cases: int = Field(default=16, ge=2)
+    segmenter_steps: int = Field(default=200, ge=0, description="WT segmenter training (0: no semantic leakage)")
 
 
 class AuditSpec(BaseModel):
@@ -83,7 +87,11 @@ class AuditSpec(BaseModel):
 
 
 class Finding(BaseModel):
-    """One attack on one site's batch: mean scores over the batch's samples and modalities."""
+    """One attack on one site's batch: mean scores over the batch's samples and modalities.
+
+    ``semantic`` (``prior_semantic``): Dice between the audit's frozen WT segmenter's masks on the reconstruction
+    (the prior) and on the original, over the samples where it finds a tumour in the original.
+    """
 
     site: str
     step: int
@@ -93,6 +101,8 @@ class Finding(BaseModel):
     nmse: float | None = None
     prior_ssim: float | None = None
     rdlv: float | None = None
+    semantic: float | None = None
+    prior_semantic: float | None = None
     reid_top1: float | None = None
     dice: float | None = None
     auc: float | None = None
@@ -101,11 +111,22 @@ class Finding(BaseModel):
     seconds: float = 0.0
 
 
+class SegmenterSummary(BaseModel):
+    """One WT segmenter of the audit: its modality, sample geometry, training steps and held-out public Dice."""
+
+    modality: str
+    spatial_dims: int
+    size: list[int]
+    steps: int
+    validation_dice: float | None
+
+
 class AuditResult(BaseModel):
     run_id: str
     records: int
     findings: list[Finding]
     dcor: dict[str, float] = Field(default_factory=dict)
+    segmenters: list[SegmenterSummary] = Field(default_factory=list)
     gate: GateDecision
 
 
@@ -138,6 +159,7 @@ class AuditRunner:
     def __init__(self, scorer: Scorer, *, weights: WeightSource | None = None, lab: LabCohort | None = None,
                  public: PublicCohort | None = None, key: bytes | None = None) -> None:
         self.scorer, self.weights, self.lab, self.public, self.key = scorer, weights, lab, public, key
+        self._segmenters: dict[tuple, WTSegmenter] = {}
 
     def run(self, spec: AuditSpec, progress: Progress | None = None) -> tuple[AuditResult, AuditArtifacts]:
         progress = progress or (lambda fraction, message: None)
@@ -177,8 +199,11 @@ class AuditRunner:
             if d is not None:
                 dcor[site] = d
         progress(1.0, "done")
+        segmenters = [SegmenterSummary(modality=m, spatial_dims=dims, size=list(size), steps=steps,
+                                       validation_dice=s.validation_dice)
+                      for (_, _, m, dims, size, steps), s in self._segmenters.items()]
         result = AuditResult(run_id=transcript.run_id, records=n_records, findings=findings, dcor=dcor,
-                             gate=spec.gate.evaluate(findings))
+                             segmenters=segmenters, gate=spec.gate.evaluate(findings))
         return result, artifacts
 
     def _public(self, samples, budgets: AttackBudgets) -> PublicCohort | None:
@@ -194,6 +219,23 @@ class AuditRunner:
                 return None
             self.public = PublicCohort(shape, budgets.public_cases)
         return self.public
+
+    def _segmenters_for(self, public: PublicCohort | None, samples, modalities, budgets: AttackBudgets,
+                        attacks) -> dict[str, WTSegmenter]:
+        """The frozen WT segmenter of each modality for these samples' geometry, trained once per audit."""
+        images = {AttackKind.WHITEBOX, AttackKind.UNSPLIT, AttackKind.LEARNED} & set(attacks)
+        if public is None or not budgets.segmenter_steps or not images:
+            return {}
+        out = {}
+        template = samples[0]
+        for modality in modalities:
+            key = (public.shape, public.n, modality, template.spatial_dims, template.output_size,
+                   budgets.segmenter_steps)
+            if key not in self._segmenters:
+                self._segmenters[key] = train_public_segmenter(public, template, modality,
+                                                               steps=budgets.segmenter_steps)
+            out[modality] = self._segmenters[key]
+        return out
 
     def _attack_batch(self, spec: AuditSpec, config: SplitUNetConfig, transcript: Transcript, rec, sent_rec):
         site, step = rec.site, rec.step
@@ -214,6 +256,7 @@ class AuditRunner:
         obs = Observation(config=config, site=site, activations=activations, gradients=gradients,
                           encoder_state=state, prior=prior)
         originals = self.lab.images(samples, modalities) if self.lab is not None else None
+        segmenters = self._segmenters_for(public, samples, modalities, spec.budgets, spec.attacks)
         arrays: dict[str, np.ndarray] = {} if prior is None else {"prior": prior.numpy()}
         if originals is not None:
             arrays["original"] = originals
@@ -246,10 +289,12 @@ class AuditRunner:
                 recon = LearnedInversion(steps=budgets.learned_steps).fit(shadow, config, site, aux)(obs)
             arrays[kind.value] = recon.numpy()
             tensors = {"reconstruction": recon} | ({} if prior is None else {"prior": prior})
-            scores = self.scorer.score(site, modalities, transcript.run_id, step, samples, tensors)
+            scores = self.scorer.score(site, modalities, transcript.run_id, step, samples, tensors,
+                                       segmenters=segmenters)
             rows, prior_rows = scores["reconstruction"], scores.get("prior", [])
             finding = Finding(site=site, step=step, attack=kind, ssim=_mean(rows, "ssim"), psnr=_mean(rows, "psnr"),
                               nmse=_mean(rows, "nmse"), prior_ssim=_mean(prior_rows, "ssim"),
+                              semantic=_mean(rows, "semantic"), prior_semantic=_mean(prior_rows, "semantic"),
                               seconds=time.perf_counter() - t0)
             if finding.ssim is not None and finding.prior_ssim is not None and finding.prior_ssim > 0:
                 finding.rdlv = rdlv(finding.ssim, finding.prior_ssim)

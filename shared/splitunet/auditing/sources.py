@@ -2,7 +2,9 @@
 
 - Federated mode: :class:`SiteAuditClient` asks each site for its weight snapshot
   (``GET /v1/runs/{run}/audit/encoder``) and sends reconstructions to ``POST /v1/score``, which compares them with
-  the site's own originals and returns numbers only. Both calls need the site's ``audit`` credential.
+  the site's own originals and returns numbers only. Both calls need the site's ``audit`` credential. The audit's
+  frozen WT segmenters travel in the same bundle (``segmenter/<modality>/<key>`` tensors, annotation
+  ``x.segmenter``; see :mod:`splitunet.auditing.segmenter`), so the site computes semantic leakage in place.
 - Lab mode (phantom, tests): :class:`LabScorer` reads the cohort directly; :class:`SnapshotDirSource` reads the
   sites' snapshot folders.
 """
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load, load_file
 
 from splitunet.auditing.cohorts import LabCohort
+from splitunet.auditing.segmenter import ARCHITECTURE, WTSegmenter, semantic_score, to_wire_tensors
 from splitunet.data.sampling import Sample
 from splitunet.errors import NotFoundError
 from splitunet.federation import SitePeer
@@ -26,8 +29,8 @@ from splitunet.leakage import brain_nmse, brain_psnr, brain_ssim
 from splitunet.service.client import PeerClient, PeerTimeouts
 from splitunet.wire import DEFAULT_MAX_BYTES, BundleKind, BundleMeta, WireDtype, encode_bundle
 
-#: Per reconstruction tensor name: one ``{"index", "case_id", "modality", "ssim", "psnr", "nmse"}`` per sample
-#: and modality.
+#: Per reconstruction tensor name: one ``{"index", "case_id", "modality", "ssim", "psnr", "nmse", "semantic"}`` per
+#: sample and modality (``semantic`` is ``None`` without a segmenter of that modality or a tumour it finds).
 Scores = dict[str, list[dict]]
 
 
@@ -38,13 +41,15 @@ class WeightSource(Protocol):
 
 class Scorer(Protocol):
     def score(self, site: str, modalities: Sequence[str], run_id: str, step: int, samples: Sequence[Sample],
-              tensors: Mapping[str, torch.Tensor]) -> Scores:
+              tensors: Mapping[str, torch.Tensor], *,
+              segmenters: Mapping[str, WTSegmenter] | None = None) -> Scores:
         ...
 
 
-def score_arrays(recon: np.ndarray, originals: np.ndarray, samples: Sequence[Sample],
-                 modalities: Sequence[str]) -> list[dict]:
+def score_arrays(recon: np.ndarray, originals: np.ndarray, samples: Sequence[Sample], modalities: Sequence[str],
+                 segmenters: Mapping[str, WTSegmenter] | None = None) -> list[dict]:
     """Scores of ``recon`` against ``originals`` (both ``B, C, *spatial``), per sample and modality."""
+    segmenters = segmenters or {}
     out = []
     for i, s in enumerate(samples):
         for c, m in enumerate(modalities):
@@ -52,7 +57,8 @@ def score_arrays(recon: np.ndarray, originals: np.ndarray, samples: Sequence[Sam
             if not (x != 0).any():
                 continue
             out.append({"index": i, "case_id": s.case_id, "modality": m, "ssim": brain_ssim(recon[i, c], x),
-                        "psnr": brain_psnr(recon[i, c], x), "nmse": brain_nmse(recon[i, c], x)})
+                        "psnr": brain_psnr(recon[i, c], x), "nmse": brain_nmse(recon[i, c], x),
+                        "semantic": semantic_score(segmenters.get(m), recon[i, c], x)})
     return out
 
 
@@ -63,9 +69,11 @@ class LabScorer:
         self.cohort = cohort
 
     def score(self, site: str, modalities: Sequence[str], run_id: str, step: int, samples: Sequence[Sample],
-              tensors: Mapping[str, torch.Tensor]) -> Scores:
+              tensors: Mapping[str, torch.Tensor], *,
+              segmenters: Mapping[str, WTSegmenter] | None = None) -> Scores:
         originals = self.cohort.images(samples, modalities)
-        return {name: score_arrays(t.numpy(), originals, samples, modalities) for name, t in tensors.items()}
+        return {name: score_arrays(t.numpy(), originals, samples, modalities, segmenters)
+                for name, t in tensors.items()}
 
 
 class SnapshotDirSource:
@@ -108,10 +116,15 @@ class SiteAuditClient:
         return load(response.content)
 
     def score(self, site: str, modalities: Sequence[str], run_id: str, step: int, samples: Sequence[Sample],
-              tensors: Mapping[str, torch.Tensor]) -> Scores:
-        meta = BundleMeta(run_id=run_id, step=step, site=site, kind=BundleKind.ACTIVATIONS,
-                          extra={"samples": json.dumps([s.model_dump(mode="json") for s in samples])})
-        data = encode_bundle(tensors, meta=meta, dtype=WireDtype.FP32, max_bytes=self.max_bytes)
+              tensors: Mapping[str, torch.Tensor], *,
+              segmenters: Mapping[str, WTSegmenter] | None = None) -> Scores:
+        """The site's scores of ``tensors``; with ``segmenters`` their weights go along (semantic leakage)."""
+        extra = {"samples": json.dumps([s.model_dump(mode="json") for s in samples])}
+        if segmenters:
+            extra["segmenter"] = ARCHITECTURE
+        meta = BundleMeta(run_id=run_id, step=step, site=site, kind=BundleKind.ACTIVATIONS, extra=extra)
+        data = encode_bundle({**tensors, **to_wire_tensors(segmenters or {})}, meta=meta, dtype=WireDtype.FP32,
+                             max_bytes=self.max_bytes)
         reply = self._client(site).post_bundle("/v1/score", data, idempotent=True)
         return {name: list(rows) for name, rows in reply["scores"].items()}
 

@@ -69,5 +69,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def whitebox_seconds(iterations: int = 200, size: int = 128) -> dict:
+    """White-box inversion of one ``size`` x ``size`` phantom slice (site t1, cut level 0, widths 16-32-64-128)
+    in the calling thread's torch settings: ``{"seconds", "iterations", "size", "brain_ssim"}``."""
+    import torch
+
+    from splitunet.attacks.base import Observation
+    from splitunet.attacks.whitebox import WhiteBoxInversion
+    from splitunet.auditing.cohorts import PublicCohort
+    from splitunet.config import SiteSpec, SplitUNetConfig
+    from splitunet.data.sampling import Sample
+    from splitunet.leakage import brain_ssim
+    from splitunet.networks.factory import make_site_encoder
+
+    shape = (size, size, 80)
+    federation, public = PublicCohort(shape, 1, seed=1), PublicCohort(shape, 8)
+    sample = Sample(case_id="bench", start=(0, 0), size=(size, size), axial_index=40, volume_shape=shape)
+    x = federation.images([sample], ["t1"])[0]
+    config = SplitUNetConfig(spatial_dims=2, features=(16, 32, 64, 128),
+                             sites=(SiteSpec(name="t1", modalities=("t1",)),))
+    encoder = make_site_encoder(config, "t1", 0).eval()
+    with torch.no_grad():
+        features = encoder(torch.from_numpy(x))
+    prior = torch.from_numpy(public.prior([sample], ["t1"]))
+    obs = Observation(config=config, site="t1", activations=features, encoder_state=encoder.state_dict(), prior=prior)
+    t0 = time.perf_counter()
+    recon = WhiteBoxInversion(iterations=iterations)(obs)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "iterations": iterations, "size": size,
+            "brain_ssim": float(brain_ssim(recon[0, 0].numpy(), x[0, 0]))}
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

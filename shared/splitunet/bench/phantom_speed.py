@@ -38,29 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from splitunet.data.mni import MniAnatomy
-    from splitunet.data.phantom import case_id, case_rng, make_case, output_spacing, write_case
-
     torch.set_num_threads(args.threads)
-    with threadpool_limits(limits=args.threads), tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        anatomy = MniAnatomy.load(output_spacing(args.shape))
-        print(f"template preparation: {time.perf_counter() - t0:.2f} s (once per cohort)")
-        gen, write, cpu = [], [], []
-        for index in range(args.cases):
-            c0 = time.process_time()
-            t0 = time.perf_counter()
-            case = make_case(case_rng(args.seed, index), args.shape, layout=args.layout, anatomy=anatomy)
-            t1 = time.perf_counter()
-            write_case(case, Path(tmp), case_id(index, args.layout), args.layout)
-            t2 = time.perf_counter()
-            gen.append(t1 - t0)
-            write.append(t2 - t1)
-            cpu.append(time.process_time() - c0)
-            print(
-                f"case {index}: generate {gen[-1]:.2f} s, write {write[-1]:.2f} s, total {t2 - t0:.2f} s "
-                f"(CPU time {cpu[-1]:.2f} s)"
-            )
+    with threadpool_limits(limits=args.threads):
+        result = time_cases(args.cases, args.shape, layout=args.layout, seed=args.seed)
+    print(f"template preparation: {result['template_s']:.2f} s (once per cohort)")
+    gen, write, cpu = result["generate_s"], result["write_s"], result["cpu_s"]
+    for index, (g, w, c) in enumerate(zip(gen, write, cpu, strict=True)):
+        print(f"case {index}: generate {g:.2f} s, write {w:.2f} s, total {g + w:.2f} s (CPU time {c:.2f} s)")
     total = [g + w for g, w in zip(gen, write, strict=True)]
     print(
         f"shape {args.shape}, {args.threads} thread(s), {args.cases} cases: seconds per case (wall) "
@@ -69,6 +53,28 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU time per case median {statistics.median(cpu):.2f} s (wall exceeds it when the machine is busy)"
     )
     return 0
+
+
+def time_cases(cases: int, shape: tuple[int, int, int], *, layout: str = "brats2021", seed: int = 0) -> dict:
+    """Seconds per phantom case: ``template_s`` (once), and per case ``generate_s``, ``write_s`` (``.nii.gz``)
+    and ``cpu_s`` (process CPU time of both), in the calling thread's torch/BLAS settings."""
+    from splitunet.data.mni import MniAnatomy
+    from splitunet.data.phantom import case_id, case_rng, make_case, output_spacing, write_case
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        anatomy = MniAnatomy.load(output_spacing(shape))
+        template_s = time.perf_counter() - t0
+        gen, write, cpu = [], [], []
+        for index in range(cases):
+            c0, t0 = time.process_time(), time.perf_counter()
+            case = make_case(case_rng(seed, index), shape, layout=layout, anatomy=anatomy)
+            t1 = time.perf_counter()
+            write_case(case, Path(tmp), case_id(index, layout), layout)
+            write.append(time.perf_counter() - t1)
+            gen.append(t1 - t0)
+            cpu.append(time.process_time() - c0)
+    return {"shape": list(shape), "template_s": template_s, "generate_s": gen, "write_s": write, "cpu_s": cpu}
 
 
 if __name__ == "__main__":

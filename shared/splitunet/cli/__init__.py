@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from splitunet.cli import audit as _audit
+from splitunet.cli import bench as _bench
 from splitunet.cli import demo as _demo
 from splitunet.cli import partition as _partition
 from splitunet.cli import phantom as _phantom
@@ -36,6 +37,7 @@ app.command("partition")(_partition.partition_command)
 app.command("phantom")(_phantom.phantom_command)
 app.command("serve")(_serve.serve_command)
 app.command("probe")(_probe.probe_command)
+app.command("bench")(_bench.bench_command)
 app.add_typer(_audit.app, name="audit")
 
 
