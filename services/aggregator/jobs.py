@@ -151,6 +151,7 @@ class JobManager:
             for job in done:
                 self._threads.pop(job.job_id, None)
         for job in done:
+            job.release_site_runs()
             job.close()
             job.aggregator = None  # the decoder and its optimizer state; status and metrics stay
             logger.info("job %s: released its threads, site clients and model", job.job_id)

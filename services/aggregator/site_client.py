@@ -104,6 +104,10 @@ class SiteClient:
     def setup_run(self, setup: RunSetup) -> RunInfo:
         return RunInfo.model_validate(self.peer.post_json("/v1/runs", setup.model_dump(mode="json"), idempotent=True))
 
+    def release_run(self, run_id: str) -> RunInfo:
+        """Tell the site a run's job ended (it may then make room for a new run)."""
+        return RunInfo.model_validate(self.peer.post_json(f"/v1/runs/{run_id}/release", {}, idempotent=True))
+
     def forward(
         self,
         run_id: str,

@@ -218,6 +218,17 @@ class TrainingJob:
             timing["total_s"] = time.perf_counter() - started
             self._update(timing=timing)
 
+    def release_site_runs(self) -> None:
+        """Tell every site that this job's run ended, so a site that is full may make room for a new run (best
+        effort: a site that does not answer frees the run once it is idle for ``SITE_RUN_IDLE_S``)."""
+        if self._setup is None:
+            return  # no run was set up at the sites
+        for name, client in self.clients.items():
+            try:
+                client.release_run(self.job_id)
+            except PeerError as exc:
+                logger.warning("job %s: site %s did not release the run: %s", self.job_id, name, exc.message)
+
     def close(self) -> None:
         """Release the job's threads, site clients and recorder (the model stays usable until then)."""
         self.pool.shutdown(wait=True, cancel_futures=True)

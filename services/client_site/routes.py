@@ -68,6 +68,11 @@ def setup_run(runtime: SiteRuntimeDep, setup: RunSetup) -> RunInfo:
     return runtime.setup_run(setup)
 
 
+@router.post("/runs/{run_id}/release")
+def release_run(runtime: SiteRuntimeDep, run_id: RunId) -> RunInfo:
+    return runtime.release_run(run_id)
+
+
 @router.post("/runs/{run_id}/forward", responses={200: {"content": {CONTENT_TYPE: {}}, "description": "activations"}})
 def forward(runtime: SiteRuntimeDep, run_id: RunId, request: ForwardRequest) -> BundleResponse:
     return BundleResponse(runtime.forward(run_id, request))

@@ -293,6 +293,17 @@ class SiteRuntime:
         """The encoder of a run (tests, tooling); use it under ``run.step.lock`` while the run trains."""
         return self._run(run_id).step.encoder
 
+    def release_run(self, run_id: str) -> RunInfo:
+        """The aggregator is done with a run (its job ended): it becomes idle now, so a new run may take its place
+        when the site is full. Nothing is deleted: its encoder, checkpoints and ledger stay until then."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                raise NotFoundError(f"no run {run_id!r} at site {self.settings.site_id}")
+            run.active = float("-inf")
+        logger.info("run %s released by the aggregator", run_id)
+        return self._run_info(run_id, run)
+
     def _run(self, run_id: str) -> SiteRun:
         with self._lock:
             run = self._runs.get(run_id)

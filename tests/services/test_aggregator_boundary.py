@@ -4,6 +4,7 @@ echoed; a bad registry is a start-up error; finished jobs release what they hold
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,16 +108,25 @@ def test_http_site_url_with_tls_configured_is_a_configuration_error(tmp_path: Pa
         aggregator_settings(sites=registry, site_ca_file=ca.cert_file)
 
 
-def test_finished_jobs_release_threads_clients_and_model(aggregator, security) -> None:
+def test_finished_jobs_release_threads_clients_and_model(aggregator, sites, security) -> None:
     first = run_job(aggregator, job_spec(run_id="job-a"))
     manager = aggregator.app.state.runtime.jobs
     job_a = manager.get("job-a")
     assert first["state"] == "succeeded" and job_a.aggregator is not None  # the latest keeps its model
     second = run_job(aggregator, job_spec(run_id="job-b"))
     assert second["state"] == "succeeded"
+    # job-b's thread releases the older jobs once it has published its final state: wait for that
+    deadline = time.monotonic() + 60
+    while "job-a" not in manager._released or job_a.aggregator is not None:
+        assert time.monotonic() < deadline, "job-a was not released after job-b finished"
+        time.sleep(0.05)
     assert job_a.aggregator is None and job_a.pool._shutdown
     assert all(c.peer._client.is_closed for c in job_a.clients.values())
     assert "job-a" not in manager._threads
+    # and the sites were told: job-a's run may make room for a new one at once, job-b's (the latest) may not
+    for site in sites.values():
+        runs = site.app.state.runtime._runs
+        assert runs["job-a"].active == float("-inf") and runs["job-b"].active > float("-inf")
     assert aggregator.get("/v1/jobs/job-a", headers=AGG_HEADERS).json()["state"] == "succeeded"  # status stays
     refused = aggregator.post("/v1/infer", json={"case_id": first["val_case_ids"][0], "job_id": "job-a"},
                               headers=AGG_HEADERS)

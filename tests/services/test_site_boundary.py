@@ -209,6 +209,12 @@ def test_a_training_run_is_never_evicted(start_app, site_settings, monkeypatch, 
     security.refused("evict_training_run", third.status_code, expected=409)
     assert "never evicts" in third.json()["message"]
     assert client.get("/v1/info", headers=SITE_HEADERS).json()["runs"].keys() == {"run-1", "run-2"}
+    # the aggregator releases the run of a job that ended: it makes room at once, nothing else is dropped
+    assert client.post("/v1/runs/nope/release", headers=SITE_HEADERS).status_code == 404
+    released = client.post("/v1/runs/run-1/release", headers=SITE_HEADERS)
+    assert released.status_code == 200 and released.json()["run_id"] == "run-1", released.text
+    assert client.post("/v1/runs", json=setup_body("run-3"), headers=SITE_HEADERS).status_code == 200
+    assert client.get("/v1/info", headers=SITE_HEADERS).json()["runs"].keys() == {"run-2", "run-3"}
     idle = started(start_app, site_settings, run_idle_s=1e-6)  # runs idle at once may make room
     aligned_run(idle, "run-1")
     assert idle.post("/v1/runs", json=setup_body("run-2"), headers=SITE_HEADERS).status_code == 200
