@@ -113,7 +113,7 @@ def audit_budgets(level: StudyLevel | str) -> dict[str, Any]:
     """The audit spec's budgets by level (the quick study's attacks are short)."""
     if StudyLevel(level) is StudyLevel.FULL:
         return {"whitebox_iterations": 1000, "unsplit_main_iters": 4, "unsplit_inner_iters": 20,
-                "learned_steps": 200, "public_cases": 8}
+                "learned_steps": 100, "public_cases": 8}
     # the white-box attack keeps a full budget even here: a weak strongest attack is a broken audit
     return {"whitebox_iterations": 1000, "unsplit_main_iters": 2, "unsplit_inner_iters": 10,
             "learned_steps": 60, "public_cases": 4}
