@@ -48,8 +48,9 @@ class DemoOptions:
         gradient_defenses: the job's gradient defenses (a list of defense configurations).
         secure_sum: secure-sum fusion (switches the model to ``fusion=sum`` and fp32 activations).
         study: the privacy–utility sweep (``none``, ``quick``, ``full``; default ``quick`` with ``quick``, else
-            ``full``).
-        baselines: train the centralized and single-modality baselines.
+            ``full``, in 2D; ``none`` in 3D and with a preset: a 3D study does not fit the 3D demos' budgets).
+        baselines: train the centralized and single-modality baselines (default: in 2D; five in-process 3D U-Nets
+            at the demo's budget would take longer than the 3D demo itself).
         device: ``cpu``, ``cuda`` or ``auto`` for every service and the baselines.
     """
 
@@ -66,11 +67,13 @@ class DemoOptions:
     gradient_defenses: list[dict[str, Any]] = field(default_factory=list)
     secure_sum: bool = False
     study: StudyLevel | None = None
-    baselines: bool = True
+    baselines: bool | None = None
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        default = StudyLevel.NONE if self.preset is not None else (
+        if self.baselines is None:
+            object.__setattr__(self, "baselines", self.dims == 2 and self.preset is None)
+        default = StudyLevel.NONE if self.preset is not None or self.dims == 3 else (
             StudyLevel.QUICK if self.quick else StudyLevel.FULL)
         level = self.study if self.study is not None else default
         try:

@@ -44,6 +44,11 @@ def test_quick_study_reuses_the_main_plan_and_none_is_empty(tmp_path):
     assert options.study is StudyLevel.QUICK
     assert study_plan(options, training_plan(options)) == training_plan(options)
     assert study_configs("none") == [NONE]
+    # 2D: the full study and the baselines by default; 3D: neither (they would not fit the 3D demos' budgets)
+    assert DemoOptions(workdir=tmp_path).study is StudyLevel.FULL and DemoOptions(workdir=tmp_path).baselines
+    three_d = DemoOptions(workdir=tmp_path, dims=3, quick=True)
+    assert three_d.study is StudyLevel.NONE and three_d.baselines is False
+    assert DemoOptions(workdir=tmp_path, dims=3, study="quick", baselines=True).baselines is True
     with pytest.raises(ValueError, match="study must be one of"):
         DemoOptions(workdir=tmp_path, study="huge")
     with pytest.raises(ValueError, match="file-name safe|lower-case"):

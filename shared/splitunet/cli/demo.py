@@ -26,8 +26,9 @@ def demo_command(
         help='The aggregator\'s gradient defenses (JSON list), e.g. \'[{"name": "smooth", "sigma": 1}]\'.')] = None,
     secure_sum: Annotated[bool, typer.Option("--secure-sum", help="Secure-sum fusion (fusion=sum, fp32).")] = False,
     study: Annotated[str | None, typer.Option(
-        help="Privacy-utility sweep: none, quick (default with --quick) or full (default).")] = None,
-    baselines: Annotated[bool, typer.Option(help="Train the centralized and single-modality baselines.")] = True,
+        help="Privacy-utility sweep: none (default in 3D), quick (default with --quick) or full (default).")] = None,
+    baselines: Annotated[bool | None, typer.Option(
+        help="Train the centralized and single-modality baselines (default: in 2D).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto, for every service and the baselines.")
                       ] = "cpu",
 ) -> None:
