@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from splitunet.config import MODALITIES
-from splitunet.study import StudyLevel
+from splitunet.study import StudyLevel, apply_job_defenses
 
 logger = logging.getLogger(__name__)
 
@@ -174,13 +174,7 @@ def training_plan(options: DemoOptions) -> dict[str, Any]:
         "server_optimizer": {"lr": lr, "weight_decay": 1e-5, **schedule},
         "wire": {"activations": "fp16", "gradients": "fp32", "compress": False},
     }
-    if options.gradient_defenses:
-        plan["gradient_defenses"] = list(options.gradient_defenses)
-    if options.secure_sum:
-        plan["model"]["fusion"] = "sum"
-        plan["wire"]["activations"] = "fp32"
-        plan["secure_sum"] = {}
-    return plan
+    return apply_job_defenses(plan, options.gradient_defenses, secure_sum=options.secure_sum)
 
 
 def study_plan(options: DemoOptions, plan: dict[str, Any]) -> dict[str, Any]:

@@ -70,13 +70,19 @@ class StudyConfig:
         """The job plan with this configuration applied (a copy)."""
         job = json.loads(json.dumps(plan))
         job["model"] |= {"cut_level": self.cut_level, "skips": self.skips}
-        if self.gradient_defenses:
-            job["gradient_defenses"] = list(self.gradient_defenses)
-        if self.secure_sum:
-            job["model"]["fusion"] = "sum"
-            job["wire"]["activations"] = "fp32"
-            job["secure_sum"] = {}
-        return job
+        return apply_job_defenses(job, self.gradient_defenses, secure_sum=self.secure_sum)
+
+
+def apply_job_defenses(plan: dict[str, Any], gradient_defenses: Any, *, secure_sum: bool) -> dict[str, Any]:
+    """Set a job plan's gradient defenses and secure-sum fusion (``fusion=sum`` needs fp32 activations: the masked
+    fixed-point values must travel exactly, :mod:`splitunet.secure_sum`); returns ``plan``, changed in place."""
+    if gradient_defenses:
+        plan["gradient_defenses"] = list(gradient_defenses)
+    if secure_sum:
+        plan["model"]["fusion"] = "sum"
+        plan["wire"]["activations"] = "fp32"
+        plan["secure_sum"] = {}
+    return plan
 
 
 NONE = StudyConfig("none")
