@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -67,6 +68,7 @@ class AuditStatus(BaseModel):
     message: str = ""
     result: AuditResult | None = None
     error: dict | None = None
+    seconds: float | None = None  # wall seconds the audit ran (set when it ends; queueing not counted)
 
 
 class AuditManager:
@@ -144,6 +146,7 @@ class AuditManager:
 
     def _run(self, audit_id: str, request: AuditRequest, spec: AuditSpec) -> None:
         self._update(audit_id, state=AuditState.RUNNING)
+        started = time.perf_counter()
         client = (
             SiteAuditClient(self.settings.registry().resolve(request.sites), timeout_s=self.settings.site_timeout_s,
                             transport_factory=self._transport_factory, verify=self.settings.site_verify())
@@ -160,7 +163,7 @@ class AuditManager:
             with self._lock:
                 self._artifacts[audit_id] = artifacts
             self._update(audit_id, state=AuditState.SUCCEEDED, result=result, progress=1.0,
-                         message=result.gate.message())
+                         message=result.gate.message(), seconds=round(time.perf_counter() - started, 3))
         except SplitUNetError as exc:
             logger.error("audit %s failed: %s", audit_id, exc.message)
             self._update(audit_id, state=AuditState.FAILED, error=exc.to_body())

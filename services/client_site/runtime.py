@@ -133,6 +133,10 @@ class SiteRuntime:
             run = self._build_run(stored.setup, cohort=stored.cohort, created=stored.created)
             # a run never checkpointed never trained (the aggregator checkpoints step 0 before the first step)
             run.needs_restore, run.checkpoint_step = stored.checkpoint_step is not None, stored.checkpoint_step
+            # not training (that waits for a restore): a new run may take its place when the site is full; otherwise
+            # a site restarted with its table full refused every new run for SITE_RUN_IDLE_S (seen in the demo's
+            # study, which restarts the sites with each configuration's defenses)
+            run.active = float("-inf")
             self._runs[stored.setup.run_id] = run
         self._metrics = metrics
         self.audit = SiteAuditor(self)
@@ -499,7 +503,7 @@ class SiteRuntime:
             with run.step.lock:
                 apply_checkpoint(checkpoint, run.step.encoder, run.step.optimizer)
             run.last_applied, run.last_forward, run.applied_digest = step, None, None
-            run.needs_restore = False
+            run.needs_restore, run.active = False, time.monotonic()
         logger.info("run %s restored to step %d at site %s", run_id, step, self.settings.site_id)
         return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=checkpoint.sha256)
 

@@ -1,9 +1,13 @@
-"""The main job: a whole federation on this machine, trained through the REST API.
+"""The main job: a whole federation on this machine, trained through the REST API, compared and audited.
 
 Steps: make (or reuse) a phantom cohort, or take a real BraTS folder; partition it into one folder per site
-(only its modalities) and one for the aggregator (only segmentations); start 4 site services and the aggregator
-as real uvicorn processes on 127.0.0.1; post a job; follow it; segment one held-out case; write
-``WORKDIR/report.json``; stop every process (also on error and Ctrl-C).
+(only its modalities) and one for the aggregator (only segmentations), holding out validation cases (the audit's
+public auxiliary cohort is generated apart, from another seed: :mod:`splitunet.auditing.cohorts`); start 4 site
+services, the aggregator and the audit service as real uvicorn processes on 127.0.0.1; train the Split-U-Net
+through the aggregator; segment one held-out case; train the baselines in process with the same budget
+(:mod:`splitunet.baseline_training`); run the privacy–utility study (:mod:`splitunet.study`), each configuration
+trained over REST and audited by the audit service; write ``WORKDIR/report.json``, ``WORKDIR/report.html`` and
+``WORKDIR/figures/*.png`` (:mod:`splitunet.report`); stop every process (also on error and Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from splitunet.config import MODALITIES
+from splitunet.study import StudyLevel, apply_job_defenses
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,11 @@ class DemoOptions:
         site_defenses: every site's ``SITE_DEFENSES`` (JSON list or YAML path; see :mod:`splitunet.defenses`).
         gradient_defenses: the job's gradient defenses (a list of defense configurations).
         secure_sum: secure-sum fusion (switches the model to ``fusion=sum`` and fp32 activations).
+        study: the privacy–utility sweep (``none``, ``quick``, ``full``; default ``quick`` with ``quick``, else
+            ``full``, in 2D; ``none`` in 3D and with a preset: a 3D study does not fit the 3D demos' budgets).
+        baselines: train the centralized and single-modality baselines (default: in 2D; five in-process 3D U-Nets
+            at the demo's budget would take longer than the 3D demo itself).
+        device: ``cpu``, ``cuda`` or ``auto`` for every service and the baselines.
     """
 
     workdir: Path
@@ -55,8 +66,22 @@ class DemoOptions:
     site_defenses: str | None = None
     gradient_defenses: list[dict[str, Any]] = field(default_factory=list)
     secure_sum: bool = False
+    study: StudyLevel | None = None
+    baselines: bool | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.baselines is None:
+            object.__setattr__(self, "baselines", self.dims == 2 and self.preset is None)
+        default = StudyLevel.NONE if self.preset is not None or self.dims == 3 else (
+            StudyLevel.QUICK if self.quick else StudyLevel.FULL)
+        level = self.study if self.study is not None else default
+        try:
+            object.__setattr__(self, "study", StudyLevel(level))
+        except ValueError:
+            raise ValueError(f"study must be one of {[v.value for v in StudyLevel]}, got {level!r}") from None
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.preset is not None:
             object.__setattr__(self, "preset", Preset(self.preset))
             if self.data is None:
@@ -122,8 +147,8 @@ def training_plan(options: DemoOptions) -> dict[str, Any]:
             "model": {"spatial_dims": 2, "features": [8, 16, 32, 64] if quick else [16, 32, 64, 128], "cut_level": 0},
             "roi": [192, 192] if real else ([64, 64] if quick else [96, 96]),
             "batch_size": 8,
-            "steps": 200 if quick else 600,
-            "val_interval": 100 if quick else 200,
+            "steps": 200 if quick else 300,
+            "val_interval": 100 if quick else 150,
         }
     else:
         plan = {
@@ -136,8 +161,10 @@ def training_plan(options: DemoOptions) -> dict[str, Any]:
     if options.steps is not None:
         plan["steps"] = options.steps
         plan["val_interval"] = min(plan["val_interval"], options.steps)
-    lr = 4e-3 if options.dims == 3 else 2e-3  # 3D runs take fewer steps in the same time
-    schedule = {"schedule": "cosine", "warmup_steps": 10} if options.dims == 3 else {}
+    # cosine decay after a short warm-up: measured on the phantom, 2D at 5e-3 reached in 400 steps about what a
+    # constant 2e-3 reached in 600 (WT 0.970 vs 0.979); 3D runs take fewer steps in the same time
+    lr = 4e-3 if options.dims == 3 else 5e-3
+    schedule = {"schedule": "cosine", "warmup_steps": 10}
     plan |= {
         "seed": options.seed,
         "fg_ratio": 0.8 if options.dims == 3 else 0.6,
@@ -147,15 +174,30 @@ def training_plan(options: DemoOptions) -> dict[str, Any]:
         "server_optimizer": {"lr": lr, "weight_decay": 1e-5, **schedule},
         "wire": {"activations": "fp16", "gradients": "fp32", "compress": False},
     }
-    if options.gradient_defenses:
-        plan["gradient_defenses"] = list(options.gradient_defenses)
-    if options.secure_sum:
-        plan["model"]["fusion"] = "sum"
-        plan["wire"]["activations"] = "fp32"
-        plan["secure_sum"] = {}
-    return plan
+    return apply_job_defenses(plan, options.gradient_defenses, secure_sum=options.secure_sum)
 
 
+def study_plan(options: DemoOptions, plan: dict[str, Any]) -> dict[str, Any]:
+    """The job plan of every study configuration: the main plan with ``--quick`` (the undefended row is then the
+    main run itself); otherwise the quick model (2D, widths 8-64) for :data:`STUDY_STEPS` steps, so that ten
+    trainings and their audits fit the demo's budget."""
+    if options.quick or options.preset is not None:
+        return plan
+    splan = training_plan(replace(options, quick=True, steps=STUDY_STEPS, site_defenses=None, gradient_defenses=[],
+                                  secure_sum=False))
+    # a short run at a constant rate is far from converged (WT 0.72 at step 100, 0.82 at 120, TC 0.22 -> 0.62), so
+    # the configurations' Dice would differ by training noise; 1e-2 with cosine decay measured WT 0.90, TC 0.94 at
+    # step 100 (0.90, 0.96 at 120)
+    for optimizer in ("site_optimizer", "server_optimizer"):
+        splan[optimizer] |= {"lr": STUDY_LR}
+    return splan
+
+
+#: Training steps of each configuration of the full study (a multiple of the transcript's and the sites'
+#: snapshot interval, 10, so the last step is recorded and its encoder weights kept for the white-box attack).
+STUDY_STEPS = 100
+#: Learning rate of each configuration of the full study (cosine decay, see :func:`study_plan`).
+STUDY_LR = 1e-2
 #: 3D steps by ``quick``: what fits 5 (quick) and 15 minutes on 2 CPU cores with 48^3 patches.
 THREE_D_STEPS = {True: 200, False: 600}
 #: Held-out cases of the demo (phantom cases: 12 quick, 24 default).
@@ -201,24 +243,109 @@ def phantom_cache_key(options: DemoOptions, fingerprint: str | None = None) -> s
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:12]
 
 
+def baseline_threads(device: str, *, concurrent: bool) -> int | None:
+    """Torch threads for the in-process baselines: on CPU, the cores less one when the services work at the same
+    time (each service computes with one thread; more threads than cores make torch's threads wait on each other,
+    measured 6x slower evaluation with 2 threads beside 2 busy processes on 2 cores), at least one; None (keep) on
+    a GPU."""
+    if device not in ("cpu", "auto"):
+        return None
+    return max(1, usable_cores() - (1 if concurrent else 0))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @dataclass
 class DemoResult:
     report: dict[str, Any]
     report_path: Path
     pids: list[int]
+    html_path: Path | None = None
+
+
+#: ``on_task(task, completed, total, info)``: the progress of a phase (``total`` None: unknown).
+TaskCallback = Callable[[str, float, float | None, str], None]
+
+
+def _follow(client: Any, job_id: str, task: str, on_task: TaskCallback | None, log: Any) -> dict[str, Any]:
+    from splitunet.study import follow_job
+
+    def show(status: dict[str, Any]) -> None:
+        if on_task is not None:
+            loss = status.get("loss")
+            dice = (status.get("validation") or {}).get("dice") or {}
+            info = status["state"] + ("" if loss is None else f"  loss {loss:.3f}")
+            if dice.get("WT") is not None:
+                info += f"  val WT {dice['WT']:.2f}"
+            on_task(task, status["step"], status["steps"], info)
+
+    try:
+        return follow_job(client, job_id, show)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}\naggregator log:\n{log.log_tail()}") from None
+
+
+def _run_study(configs: list[Any], federation: Any, options: DemoOptions, sites: list[str], spec: dict[str, Any],
+               splan: dict[str, Any], client: Any, aggregator: Any, phase: Callable[[str], None],
+               on_task: TaskCallback | None, submit_audit: Callable[[Any, str], None]) -> list[Any]:
+    """Train each study configuration over REST and queue its audit; the rows in the study's order.
+    Configurations that keep the sites' defenses train back to back; the sites restart (same state folders) for
+    the others. Audits run at the audit service meanwhile: a site keeps its runs' encoder snapshots on disk across
+    a restart, and the audit rides over the restart (:data:`splitunet.auditing.sources.SITE_RETRIES`)."""
+    from splitunet.study import row_from_runs
+
+    current = options.site_defenses
+    done: dict[str, Any] = {}
+    for config in sorted(configs, key=lambda c: c.site_defenses_json != current):
+        if config.site_defenses_json != current:
+            for m in sites:
+                federation.reconfigure_site(m, defenses=config.site_defenses_json)
+            federation.wait_ready(timeout_s=180)
+            current = config.site_defenses_json
+        phase(f"study {config.name}")
+        run_id = f"study-{config.name.replace('.', '_')}"
+        t0 = time.perf_counter()
+        try:
+            job = client.post_json("/v1/jobs", {**spec, **config.job(splan), "run_id": run_id})
+            status = _follow(client, job["job_id"], f"study {config.name}", on_task, aggregator)
+        except RuntimeError as exc:
+            logger.error("study configuration %s failed: %s", config.name, exc)
+            done[config.name] = row_from_runs(config, {}, time.perf_counter() - t0)
+            done[config.name].error = str(exc).splitlines()[0]
+            continue
+        done[config.name] = row_from_runs(config, status, time.perf_counter() - t0)
+        submit_audit(done[config.name], run_id)
+    return [done[c.name] for c in configs]
 
 
 def run_demo(
     options: DemoOptions,
     *,
-    on_status: Callable[[dict[str, Any]], None] | None = None,
+    on_task: TaskCallback | None = None,
     on_phase: Callable[[str], None] | None = None,
     on_case: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the main job; see the module docstring. Callbacks report progress to the CLI."""
+    from splitunet.baseline_training import BackgroundBaselines
+    from splitunet.data.layout import discover_cases
     from splitunet.data.partition import partition_cohort
     from splitunet.launcher import LocalFederation, thread_budget
+    from splitunet.report.assemble import assemble_report
+    from splitunet.report.page import write_report
     from splitunet.service.client import PeerClient, PeerTimeouts
+    from splitunet.study import (
+        NONE,
+        add_audit,
+        audit_budgets,
+        finish_audit,
+        pick_best,
+        row_from_runs,
+        start_audit,
+        study_configs,
+    )
 
     phase = on_phase or (lambda _: None)
     t_start = time.perf_counter()
@@ -229,48 +356,63 @@ def run_demo(
     phase("data")
     t0 = time.perf_counter()
     source = Path(options.data) if options.data is not None else phantom_cohort(options, on_case)
-    from splitunet.data.layout import discover_cases
-
     n_cases = len(discover_cases(source))
     n_val = max(1, min(VAL_CASES, n_cases // 3))
     partition = partition_cohort(source, workdir / "partition", val_fraction=n_val / n_cases, seed=options.seed)
     timing["data_s"] = time.perf_counter() - t0
 
     plan = training_plan(options)
+    splan = study_plan(options, plan)
+    # the undefended main run is the study's "none" row when the study trains with the main plan
+    reuse_main = splan == plan and not (options.site_defenses or options.gradient_defenses or options.secure_sum)
+    configs = [] if options.study is StudyLevel.NONE else [
+        c for c in study_configs(options.study) if not (c is NONE and reuse_main)]
+    budgets = audit_budgets(options.study)
+    modalities = {m: [m] for m in MODALITIES}
     phase("start")
     t0 = time.perf_counter()
     # a demo starts afresh: services would otherwise resume a job an interrupted demo left in their state folders
     shutil.rmtree(workdir / "state", ignore_errors=True)
-    site_threads, aggregator_threads = thread_budget(len(MODALITIES))
+    shutil.rmtree(workdir / "transcripts", ignore_errors=True)
+    rows = []
+    baselines: dict[str, Any] = {}
+    # the baselines train beside the services with one thread of their own (on CPU): the services share the rest
+    reserved = 1 if options.baselines and baseline_threads(options.device, concurrent=True) is not None else 0
+    site_threads, aggregator_threads = thread_budget(len(MODALITIES), max(1, usable_cores() - reserved))
     with LocalFederation(workdir, torch_threads=site_threads) as federation:
         sites = []
         for m in MODALITIES:  # each site its own token; the aggregator's registry (AGG_SITES) lists them
-            federation.start_site(m, [m], partition.site_dir(m), defenses=options.site_defenses)
+            federation.start_site(m, [m], partition.site_dir(m), defenses=options.site_defenses,
+                                  device=options.device)
             sites.append(m)
-        aggregator = federation.start_aggregator(partition.aggregator_dir, torch_threads=aggregator_threads)
+        aggregator = federation.start_aggregator(partition.aggregator_dir, device=options.device,
+                                                 torch_threads=aggregator_threads)
+        # lab mode: the demo's cohort is on this machine, the audit scores against it and draws reconstructions
+        audit = federation.start_audit(lab_images_dir=source)
         federation.wait_ready(timeout_s=180)
         timing["startup_s"] = time.perf_counter() - t0
 
         spec = {"sites": sites, "val_cases": list(partition.validation) or n_val, **plan}
-        client = PeerClient(aggregator.url, name="aggregator", token=federation.operator_token,
-                            timeouts=PeerTimeouts(connect=5, read=600, write=60, pool=10))
-        with client:
+        timeouts = PeerTimeouts(connect=5, read=600, write=60, pool=10)
+        client = PeerClient(aggregator.url, name="aggregator", token=federation.operator_token, timeouts=timeouts)
+        auditor = PeerClient(audit.url, name="audit", token=federation.operator_token, timeouts=timeouts)
+        # the baselines train in a thread of this process from the start, beside the services' training and audits
+        # (one torch thread: the other core serves the services); they validate on the cases the aggregator does
+        background = None
+        if options.baselines:
+            held_out = list(partition.validation)
+            background = BackgroundBaselines(
+                source, [c for c in partition.case_ids if c not in set(held_out)], held_out, plan,
+                device="cpu" if options.device == "auto" else options.device,
+                threads=baseline_threads(options.device, concurrent=True),
+                on_step=None if on_task is None else (lambda n, s, total, loss: on_task(
+                    f"baseline {n}", s, total, f"loss {loss:.3f}")))
+        with client, auditor, background or nullcontext():
             phase("train")
-            job = client.post_json("/v1/jobs", spec)
-            job_id = job["job_id"]
-            while True:
-                status = client.get_json(f"/v1/jobs/{job_id}")
-                if on_status is not None:
-                    on_status(status)
-                if status["state"] in ("succeeded", "failed", "stopped"):
-                    break
-                time.sleep(0.5)
-            if status["state"] != "succeeded":
-                error = status.get("error") or {}
-                raise RuntimeError(
-                    f"the training job ended {status['state']}: {error.get('message', 'no message')}\n"
-                    f"aggregator log:\n{aggregator.log_tail()}"
-                )
+            t0 = time.perf_counter()
+            job_id = client.post_json("/v1/jobs", {**spec, "run_id": "split"})["job_id"]
+            status = _follow(client, job_id, "Split-U-Net", on_task, aggregator)
+            main_train_s = time.perf_counter() - t0
             phase("infer")
             t0 = time.perf_counter()
             val_case = (status.get("val_case_ids") or list(partition.case_ids))[0]
@@ -280,34 +422,54 @@ def run_demo(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(response.content)
             timing["inference_s"] = time.perf_counter() - t0
+
+            # audits queue at the audit service (one at a time, in the background) while the demo trains the
+            # next models; they are collected at the end
+            pending: list[tuple[Any, str, str, float]] = []  # (row, run id, audit id, submitted at)
+
+            def submit_audit(row, run_id: str) -> None:
+                try:
+                    pending.append((row, run_id, start_audit(auditor, run_id, sites, budgets), time.perf_counter()))
+                except (RuntimeError, OSError) as exc:
+                    logger.error("audit of %s could not start: %s", run_id, exc)
+                    row.error = f"audit failed: {exc}"
+
+            def collect_audits() -> None:
+                if pending:
+                    phase("audit")
+                for row, run_id, audit_id, submitted in pending:
+                    progress = None if on_task is None else (
+                        lambda f, msg, name=row.config.name: on_task(f"audit {name}", f, 1.0, msg))
+                    try:
+                        found = finish_audit(auditor, audit_id, run_id, workdir / "audits", workdir / "figures",
+                                             progress)
+                        add_audit(row, found, modalities, found["seconds"] or time.perf_counter() - submitted)
+                    except (RuntimeError, TimeoutError, OSError) as exc:
+                        logger.error("audit of %s failed: %s", run_id, exc)
+                        row.error = f"audit failed: {exc}"
+                pending.clear()
+
+            if reuse_main and options.study is not StudyLevel.NONE:
+                rows.append(row_from_runs(NONE, status, main_train_s))
+                submit_audit(rows[-1], "split")
+
+            rows += _run_study(configs, federation, options, sites, spec, splan, client, aggregator, phase,
+                               on_task, submit_audit)
+            collect_audits()
+            if background is not None:
+                phase("baselines")
+                baselines = background.result()
+                timing["baselines_s"] = background.seconds or 0.0
+                # every REST figure above (split_step_s, train_s) was measured with the baselines training beside it
+                timing["baselines_concurrent"] = True
         pids = federation.pids()
 
     timing.update({f"job_{k}": v for k, v in status.get("timing", {}).items()})
+    phase("report")
+    best = pick_best(rows) if rows else {"name": None, "why": "no study ran (--study none)"}
     timing["total_s"] = time.perf_counter() - t_start
-    validation = status.get("validation") or {}
-    report = {
-        "dice": {"split": validation.get("dice")},
-        "hd95": {"split": validation.get("hd95")},
-        "dice_median": {"split": validation.get("dice_median")},
-        "hd95_median": {"split": validation.get("hd95_median")},
-        "per_case": validation.get("per_case") or [],
-        "validation_step": status.get("validation_step"),
-        "validation_history": status.get("validations"),
-        "timing": timing,
-        "throughput": {"steps_per_second": status.get("steps_per_second"),
-                       "samples_per_second": status.get("samples_per_second")},
-        "traffic_bytes": {"aggregator_received": status.get("bytes_received"),
-                          "aggregator_sent": status.get("bytes_sent")},
-        "cases": {"aligned": status.get("aligned_cases"), "train": status.get("train_cases"),
-                  "validation": status.get("val_cases")},
-        "final_loss": status.get("loss"),
-        "defenses": status.get("defenses"),
-        "data": str(options.data) if options.data is not None else f"phantom {PHANTOM_SHAPE}",
-        "mode": options.preset.value if options.preset else ("quick" if options.quick else "default"),
-        "job": {k: v for k, v in spec.items() if k != "sites"},
-        "sites": list(sites),
-        "inference": str(out),
-    }
+    report = assemble_report(options, status, spec, baselines, rows, best, timing, out, sites)
     report_path = workdir / "report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    return DemoResult(report=report, report_path=report_path, pids=pids)
+    html_path = write_report(report, workdir)
+    return DemoResult(report=report, report_path=report_path, pids=pids, html_path=html_path)

@@ -151,7 +151,7 @@ class LocalFederation:
     ) -> ServiceProcess:
         port = port or free_port()
         threads = threads or self.torch_threads
-        prefix = "SITE_" if service == "site" else "AGG_"
+        prefix = {"site": "SITE_", "aggregator": "AGG_", "audit": "AUDIT_"}[service]
         full_env = {
             **service_environment(os.environ),
             **env,
@@ -197,12 +197,15 @@ class LocalFederation:
         token = secrets.token_urlsafe(24)
         self.site_tokens[name] = token
         token_file = self._secret(self.secrets_dir / f"site-{name}-token", token)
+        # the audit service's own credential at this site (scope ``audit``), listed in the audit's registry
+        audit_file = self._secret(self.secrets_dir / f"site-{name}-audit-token", secrets.token_urlsafe(24))
         site_env = {
             "SITE_SITE_ID": name,
             "SITE_MODALITIES": ",".join(modalities),
             "SITE_DATA_DIR": str(data_dir),
             "SITE_STATE_DIR": str(self.workdir / "state" / f"site-{name}"),
             "SITE_AUTH_TOKEN_FILE": str(token_file),
+            "SITE_SCOPE_TOKEN_FILES__AUDIT": str(audit_file),
             "SITE_DEVICE": device,
             "SITE_LOG_LEVEL": "warning",
             **self._tls_env("SITE_", f"site-{name}", client_auth=True),
@@ -253,6 +256,56 @@ class LocalFederation:
                 "AGG_SITE_CLIENT_KEY_FILE": str(client.key),
             }
         return self._start("aggregator", "aggregator", env, threads=torch_threads)
+
+    def reconfigure_site(self, name: str, *, defenses: str | None) -> ServiceProcess:
+        """Stop site ``name`` and start it again on the same port, token and state folder with other
+        ``SITE_DEFENSES`` (``None``: none); the registries stay valid. Wait with :meth:`wait_ready`."""
+        proc = self.process(f"site-{name}")
+        if proc.process.poll() is None:
+            _signal_group(proc.process, signal.SIGTERM)
+            try:
+                proc.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.process, signal.SIGKILL)
+                proc.process.wait(timeout=5)
+        env = {k: v for k, v in proc.env.items() if k != "SITE_DEFENSES"}
+        if defenses:
+            env["SITE_DEFENSES"] = defenses
+        return self._start(proc.name, "site", env, port=proc.port)
+
+    def start_audit(
+        self, *, lab_images_dir: Path | None = None, lab_labels_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> ServiceProcess:
+        """Start the audit service on the aggregator's transcripts with its own registry of the sites started so
+        far (each site's audit token, scope ``audit``); the operator token calls its API. ``lab_images_dir`` (and
+        ``lab_labels_dir``) enable lab mode (phantom: the audit reads the cohort and draws reconstructions)."""
+        if not self._site_urls:
+            raise RuntimeError("start the sites first: the audit's registry (AUDIT_SITES) lists them")
+        entries = [
+            {"name": name, "url": url, "token_file": str(self.secrets_dir / f"site-{name}-audit-token")}
+            for name, url in self._site_urls.items()
+        ]
+        registry = self.secrets_dir / "audit-sites.json"
+        registry.write_text(json.dumps({"sites": entries}, indent=2))
+        (self.workdir / "transcripts").mkdir(parents=True, exist_ok=True)
+        audit_env = {
+            "AUDIT_TRANSCRIPTS_DIR": str(self.workdir / "transcripts"),
+            "AUDIT_SITES": str(registry),
+            "AUDIT_AUTH_TOKEN_FILE": str(self.operator_token_file),
+            "AUDIT_LOG_LEVEL": "info",
+            **self._tls_env("AUDIT_", "audit", client_auth=False),
+            **({} if lab_images_dir is None else {"AUDIT_LAB_IMAGES_DIR": str(lab_images_dir)}),
+            **({} if lab_labels_dir is None else {"AUDIT_LAB_LABELS_DIR": str(lab_labels_dir)}),
+        }
+        if self._ca is not None:
+            client = self._ca.client("audit-client", "audit")
+            audit_env |= {
+                "AUDIT_SITE_CA_FILE": str(self._ca.cert_file),
+                "AUDIT_SITE_CLIENT_CERT_FILE": str(client.cert),
+                "AUDIT_SITE_CLIENT_KEY_FILE": str(client.key),
+            }
+        return self._start("audit", "audit", audit_env | dict(env or {}))
 
     def _verify(self) -> object:
         """TLS verification of the operator's own calls: trust the CA, show the operator's client certificate

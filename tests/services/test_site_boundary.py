@@ -221,6 +221,26 @@ def test_a_training_run_is_never_evicted(start_app, site_settings, monkeypatch, 
     assert idle.post("/v1/runs", json=setup_body("run-3"), headers=SITE_HEADERS).status_code == 200
 
 
+def test_runs_rebuilt_after_a_restart_make_room_until_restored(start_app, site_settings, monkeypatch) -> None:
+    import services.client_site.runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "MAX_RUNS", 2)
+    client = started(start_app, site_settings)
+    aligned_run(client, "run-1")
+    assert client.post("/v1/runs", json=setup_body("run-2"), headers=SITE_HEADERS).status_code == 200
+    assert client.post("/v1/runs/run-2/checkpoint", json={"step": 0}, headers=SITE_HEADERS).status_code == 200
+    assert client.post("/v1/runs", json=setup_body("run-3"), headers=SITE_HEADERS).status_code == 409  # full
+    # the site restarts (same state folder): its two runs are rebuilt, neither trains until restored, so a new
+    # run is admitted at once (before, the table stayed full for SITE_RUN_IDLE_S and every new run got 409)
+    restarted = started(start_app, site_settings)
+    assert restarted.get("/v1/info", headers=SITE_HEADERS).json()["runs"].keys() == {"run-1", "run-2"}
+    assert restarted.post("/v1/runs/run-2/restore", json={"step": 0}, headers=SITE_HEADERS).status_code == 200
+    assert restarted.post("/v1/runs", json=setup_body("run-3"), headers=SITE_HEADERS).status_code == 200
+    # the restored run trains again: the rebuilt, unrestored one made room
+    assert restarted.get("/v1/info", headers=SITE_HEADERS).json()["runs"].keys() == {"run-2", "run-3"}
+    assert restarted.post("/v1/runs", json=setup_body("run-4"), headers=SITE_HEADERS).status_code == 409
+
+
 def test_checkpoints_count_against_a_disk_budget(start_app, site_settings, cohort: Cohort, security) -> None:
     client = started(start_app, site_settings, checkpoint_budget_bytes=200_000)
     aligned_run(client)

@@ -90,8 +90,14 @@ class SnapshotDirSource:
         return load_file(str(path))
 
 
+#: Extra attempts of an audit's call to a site that could not be reached (backoff 0.2 s doubling, capped at 5 s:
+#: about 21 s in all), so an audit rides over a site's restart (maintenance, another ``SITE_DEFENSES``).
+SITE_RETRIES = 8
+
+
 class SiteAuditClient:
-    """Federated mode: the sites' audit endpoints, one :class:`PeerClient` per site (audit credential)."""
+    """Federated mode: the sites' audit endpoints, one :class:`PeerClient` per site (audit credential); calls that
+    could not reach a site are retried for about 20 s (:data:`SITE_RETRIES`)."""
 
     def __init__(self, peers: Sequence[SitePeer], *, timeout_s: float = 120.0, transport_factory=None,
                  max_bytes: int = DEFAULT_MAX_BYTES, verify: object = True) -> None:
@@ -99,7 +105,7 @@ class SiteAuditClient:
         self.clients = {
             p.name: PeerClient(p.url, name=f"site {p.name}", token=p.bearer(),
                                timeouts=PeerTimeouts(connect=10.0, read=timeout_s, write=timeout_s, pool=timeout_s),
-                               retries=2, max_response_bytes=max_bytes, verify=verify,
+                               retries=SITE_RETRIES, max_response_bytes=max_bytes, verify=verify,
                                transport=transport_factory(p) if transport_factory else None)
             for p in peers
         }

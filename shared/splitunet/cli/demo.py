@@ -25,14 +25,29 @@ def demo_command(
     gradient_defenses: Annotated[str | None, typer.Option(
         help='The aggregator\'s gradient defenses (JSON list), e.g. \'[{"name": "smooth", "sigma": 1}]\'.')] = None,
     secure_sum: Annotated[bool, typer.Option("--secure-sum", help="Secure-sum fusion (fusion=sum, fp32).")] = False,
+    study: Annotated[str | None, typer.Option(
+        help="Privacy-utility sweep: none (default in 3D), quick (default with --quick) or full (default).")] = None,
+    baselines: Annotated[bool | None, typer.Option(
+        help="Train the centralized and single-modality baselines (default: in 2D).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto, for every service and the baselines.")
+                      ] = "cpu",
 ) -> None:
-    """Start 4 site services (t1, t1ce, t2, flair) and the aggregator on 127.0.0.1, align the patients privately,
-    train the Split-U-Net through the REST API, validate, segment a held-out case and write WORKDIR/report.json.
-    Every process started is stopped at the end, also on error or Ctrl-C."""
+    """Start 4 site services (t1, t1ce, t2, flair), the aggregator and the audit service on 127.0.0.1, align the
+    patients privately, train the Split-U-Net through the REST API, train the centralized and single-modality
+    baselines with the same budget, run the privacy-utility study (each configuration trained over REST and its
+    traffic audited), and write WORKDIR/report.json, WORKDIR/report.html and WORKDIR/figures/. Every process
+    started is stopped at the end, also on error or Ctrl-C."""
     import logging
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.table import Table
 
     from splitunet.demo import DemoOptions, run_demo
@@ -45,7 +60,8 @@ def demo_command(
 
         dims = dims if dims is not None else (3 if preset else 2)
         options = DemoOptions(workdir=workdir, quick=quick, data=data, dims=dims, cases=cases, steps=steps, seed=seed,
-                              preset=preset, site_defenses=site_defenses, secure_sum=secure_sum,
+                              preset=preset, site_defenses=site_defenses, secure_sum=secure_sum, study=study,
+                              baselines=baselines, device=device,
                               gradient_defenses=json.loads(gradient_defenses) if gradient_defenses else [])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -56,33 +72,32 @@ def demo_command(
     signal.signal(signal.SIGTERM, _terminate)
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"), console=console,
+        TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
     )
     tasks: dict[str, int] = {}
 
     def on_phase(name: str) -> None:
-        labels = {"data": "preparing data", "start": "starting services", "train": "training", "infer": "inference"}
-        console.log(labels.get(name, name))
+        labels = {"data": "preparing data", "start": "starting services", "train": "training the Split-U-Net",
+                  "infer": "inference", "audit": "waiting for the audits",
+                  "baselines": "training baselines",
+                  "report": "writing the report"}
+        console.log(f"[bold cyan]phase[/bold cyan] {labels.get(name, name)}")
 
     def on_case(case_id: str) -> None:
         if "phantom" not in tasks:
             tasks["phantom"] = progress.add_task("phantom", total=None, info="")
         progress.update(tasks["phantom"], advance=1, info=case_id)
 
-    def on_status(status: dict) -> None:
-        if "train" not in tasks:
-            tasks["train"] = progress.add_task("training", total=status["steps"], info="")
-        dice = (status.get("validation") or {}).get("dice") or {}
-        info = f"{status['state']}  loss {status['loss']:.3f}" if status.get("loss") is not None else status["state"]
-        if dice:
-            info += "  val Dice " + " ".join(f"{k} {v:.2f}" for k, v in dice.items() if v is not None)
-        progress.update(tasks["train"], completed=status["step"], info=info)
+    def on_task(task: str, completed: float, total: float | None, info: str) -> None:
+        if task not in tasks:
+            tasks[task] = progress.add_task(task, total=total, info="")
+        progress.update(tasks[task], completed=completed, total=total, info=info)
 
     console.print(f"[bold]Split-U-Net demo[/bold] in {workdir} ({'quick' if quick else 'default'}, {dims}D, "
                   f"{'BraTS ' + str(data) if data else 'phantom'})")
     try:
         with progress:
-            result = run_demo(options, on_status=on_status, on_phase=on_phase, on_case=on_case)
+            result = run_demo(options, on_task=on_task, on_phase=on_phase, on_case=on_case)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; every service process was stopped[/yellow]")
         raise typer.Exit(130) from None
@@ -91,21 +106,40 @@ def demo_command(
         raise typer.Exit(1) from None
 
     report = result.report
-    table = Table(title="Validation on held-out cases (split model, through the sites)")
-    for col in ("", "TC", "WT", "ET", "mean"):
+    table = Table(title="Dice on held-out cases (HD95 in mm)")
+    for col in ("model", "TC", "WT", "ET", "mean", "HD95 WT"):
         table.add_column(col, justify="right")
-    for name, label in (("dice", "Dice mean"), ("dice_median", "Dice median"), ("hd95", "HD95 mean (mm)"),
-                        ("hd95_median", "HD95 median (mm)")):
-        values = report[name]["split"] or {}
-        cells = ("-" if values.get(k) is None else f"{values[k]:.3f}" for k in ("TC", "WT", "ET", "mean"))
-        table.add_row(label, *cells)
-    for case in report["per_case"]:
-        table.add_row(f"{case['case_id']} Dice", *(f"{case['dice'][k]:.3f}" for k in ("TC", "WT", "ET")), "")
+    dice, hd95 = report["dice"], report["hd95_mm"]
+    models = [("centralized", dice["centralized"], hd95["centralized"]), ("Split-U-Net", dice["split"], hd95["split"])]
+    models += [(f"only {m}", d, hd95["single_modality"].get(m)) for m, d in dice["single_modality"].items()]
+    for name, d, h in models:
+        if d:
+            table.add_row(name, *(f"{d[k]:.3f}" for k in ("TC", "WT", "ET", "mean")),
+                          "-" if not h or h.get("WT") is None else f"{h['WT']:.1f}")
     console.print(table)
+    if report["study"]:
+        study_table = Table(title="Privacy-utility study (best attack over sites)")
+        for col in ("configuration", "Dice WT", "best attack", "SSIM", "RDLV", "label Dice", "MiB/step"):
+            study_table.add_column(col, justify="right")
+        for row in report["study"]:
+            b = row.get("best_attack") or {}
+            wt = (row.get("dice") or {}).get("WT")
+            study_table.add_row(
+                row["name"] + (" *" if row["name"] == report["best"]["name"] else ""),
+                "-" if wt is None else f"{wt:.3f}", f"{b.get('attack', '-')} {b.get('site', '')}",
+                "-" if b.get("ssim") is None else f"{b['ssim']:.3f}",
+                "-" if b.get("rdlv") is None else f"{b['rdlv']:+.3f}",
+                "-" if not row["label_leakage"] else f"{row['label_leakage'].get('dice', 0):.3f}",
+                "-" if row["bytes_per_step"] is None else f"{row['bytes_per_step'] / 2**20:.2f}")
+        console.print(study_table)
+    console.print(f"best: {report['best']['name']} — {report['best']['why']}")
+    for check in report["checks"]:
+        mark = {True: "[green]holds[/green]", False: "[red]does not hold[/red]", None: "not measured"}[check["holds"]]
+        console.print(f"  {check['claim']}: {mark} ({check['measured']})")
     timing = report["timing"]
     console.print(
         f"steps {report['job']['steps']}, {report['throughput']['steps_per_second']:.2f} steps/s; "
         f"total {timing['total_s']:.0f} s (start-up {timing['startup_s']:.0f} s); "
         f"traffic {sum(report['traffic_bytes'].values()) / 2**20:.0f} MiB"
     )
-    console.print(f"report: {result.report_path}\nsegmentation: {report['inference']}")
+    console.print(f"report: {result.report_path}\nhtml: {result.html_path}\nsegmentation: {report['inference']}")

@@ -27,7 +27,7 @@ from splitunet.data.cohort import CaseCheck, scan_cohort
 from splitunet.data.grid import axial_extent, brain_slices
 from splitunet.data.layout import BratsCase, OnBadCase
 from splitunet.data.loader import labels_to_regions, load_images, load_labels
-from splitunet.data.sampling import Sample, extract, plan_patches, plan_slices
+from splitunet.data.sampling import Sample, extract, foreground_mask, plan_patches, plan_slices
 from splitunet.errors import CaseNotFoundError
 
 
@@ -110,6 +110,7 @@ class BratsDataset(Dataset):
         else:
             self.cases = tuple(scan.case(c) for c in case_ids)
         self._by_id = {c.case_id: c for c in self.cases}
+        self._plans: dict[str, tuple[tuple[int, ...], np.ndarray | None, np.ndarray | None]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Select the plans of ``epoch`` (each epoch draws new crops and flips)."""
@@ -124,21 +125,32 @@ class BratsDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         case = self.cases[index // self.samples_per_case]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        labels = load_labels(case, cache=self.cache).label_map
+        shape, foreground, allowed = self._planning(case)
         common: dict[str, Any] = {
-            "foreground": labels if self.fg_ratio > 0 else None,
+            "foreground": foreground,
             "fg_ratio": self.fg_ratio,
             "flip_prob": self.flip_prob,
             "random_crop": self.random_crop,
         }
         if self.spatial_dims == 3:
-            return plan_patches(case.case_id, labels.shape, self.roi, 1, rng, **common)[0]
-        allowed = None
-        if self.brain_slices_only:  # the same rule as the federated planner (splitunet.data.grid)
-            allowed = brain_slices(axial_extent(load_images(case, self.modalities, cache=self.cache).array))
+            return plan_patches(case.case_id, shape, self.roi, 1, rng, **common)[0]
         return plan_slices(
-            case.case_id, labels.shape, self.roi, 1, rng, allowed_slices=allowed, resize=self.resize, **common
+            case.case_id, shape, self.roi, 1, rng, allowed_slices=allowed, resize=self.resize, **common
         )[0]
+
+    def _planning(self, case: BratsCase) -> tuple[tuple[int, ...], np.ndarray | None, np.ndarray | None]:
+        """What planning a sample of ``case`` needs, computed once per case (a scan of the whole volume each
+        time cost more than the crop itself): the label map's shape, the tumour voxels' ``(N, 3)`` coordinates
+        (None without ``fg_ratio``) and, in 2D with ``brain_slices_only``, the brain's axial slices."""
+        found = self._plans.get(case.case_id)
+        if found is None:
+            labels = load_labels(case, cache=self.cache).label_map
+            foreground = np.argwhere(foreground_mask(labels)) if self.fg_ratio > 0 else None
+            allowed = None
+            if self.spatial_dims == 2 and self.brain_slices_only:  # the federated planner's rule (data.grid)
+                allowed = brain_slices(axial_extent(load_images(case, self.modalities, cache=self.cache).array))
+            found = self._plans[case.case_id] = (tuple(labels.shape), foreground, allowed)
+        return found
 
     def fetch(self, sample: Sample) -> dict[str, Any]:
         """The item for an explicit ``sample`` (same layout as ``self[i]``)."""

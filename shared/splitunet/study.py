@@ -1,0 +1,296 @@
+"""The privacy–utility study: train each defense configuration over REST, audit its recorded traffic, pick one.
+
+A :class:`StudyConfig` is what differs from the undefended job: the sites' ``SITE_DEFENSES`` (the sites are
+restarted with them: a site chooses its own protection), the job's gradient defenses, the cut level and skips,
+secure-sum fusion. For each configuration :func:`run_config` trains the job through the aggregator, reads its
+validation Dice, then asks the audit service (a real process, lab mode on the phantom: the audit reads the cohort
+to score and draw reconstructions) to replay every attack on the last recorded training step, and returns one
+row of ``report.json["study"]``. :func:`pick_best` chooses the best WT Dice among the configurations whose
+best-attack RDLV is <= 0 (no attack beats the prior image).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+StatusCallback = Callable[[str, dict[str, Any]], None]
+#: Image attacks (scored by SSIM/RDLV) and the label attack, as the audit names them.
+IMAGE_ATTACKS = ("whitebox", "unsplit", "learned")
+ALL_ATTACKS = (*IMAGE_ATTACKS, "label_leakage")
+
+
+class StudyLevel(StrEnum):
+    """``--study``: no sweep, the short sweep (``--quick``'s default) or the full one (the default)."""
+
+    NONE = "none"
+    QUICK = "quick"
+    FULL = "full"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One configuration of the study (see the module docstring); ``name`` is unique and file-name safe."""
+
+    name: str
+    site_defenses: tuple[dict[str, Any], ...] = ()
+    gradient_defenses: tuple[dict[str, Any], ...] = ()
+    cut_level: int = 0
+    skips: str = "all"
+    secure_sum: bool = False
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", self.name):
+            raise ValueError(f"study configuration name {self.name!r}: use lower-case letters, digits, _ . -")
+        if self.cut_level < 0:
+            raise ValueError(f"cut_level must be >= 0, got {self.cut_level}")
+
+    @property
+    def site_defenses_json(self) -> str | None:
+        return json.dumps(list(self.site_defenses)) if self.site_defenses else None
+
+    @property
+    def fusion(self) -> str:
+        return "sum" if self.secure_sum else "concat"
+
+    def defenses(self) -> dict[str, Any]:
+        return {"sites": list(self.site_defenses), "gradients": list(self.gradient_defenses)}
+
+    def job(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """The job plan with this configuration applied (a copy)."""
+        job = json.loads(json.dumps(plan))
+        job["model"] |= {"cut_level": self.cut_level, "skips": self.skips}
+        return apply_job_defenses(job, self.gradient_defenses, secure_sum=self.secure_sum)
+
+
+def apply_job_defenses(plan: dict[str, Any], gradient_defenses: Any, *, secure_sum: bool) -> dict[str, Any]:
+    """Set a job plan's gradient defenses and secure-sum fusion (``fusion=sum`` needs fp32 activations: the masked
+    fixed-point values must travel exactly, :mod:`splitunet.secure_sum`); returns ``plan``, changed in place."""
+    if gradient_defenses:
+        plan["gradient_defenses"] = list(gradient_defenses)
+    if secure_sum:
+        plan["model"]["fusion"] = "sum"
+        plan["wire"]["activations"] = "fp32"
+        plan["secure_sum"] = {}
+    return plan
+
+
+NONE = StudyConfig("none")
+SECURE_SUM = StudyConfig("secure-sum", secure_sum=True)
+#: The full study's DP noise multipliers (clip C = 20).
+DP_MULTIPLIERS = (0.01, 0.5)
+_NOPEEK = {"name": "nopeek", "alpha": 1.0, "patch": 4, "points": 128}
+
+
+def study_configs(level: StudyLevel | str) -> list[StudyConfig]:
+    """The configurations of a study level (``none``: only the undefended run, which the demo trains anyway)."""
+    level = StudyLevel(level)
+    if level is StudyLevel.NONE:
+        return [NONE]
+    if level is StudyLevel.QUICK:
+        # two trainings and two audits: what fits --quick's 5 minutes on 2 cores; secure sum is the defense that
+        # measured best-attack RDLV <= 0 at no Dice cost, so even the short study has a configuration to pick
+        return [NONE, SECURE_SUM]
+    return [
+        NONE,
+        *(StudyConfig(f"noise-{s}", ({"name": "gaussian", "sigma0": s},)) for s in (0.1, 0.5, 2.0)),
+        # DP on activations: the noise per entry is z*C while a clipped sample's entries have RMS C/sqrt(d)
+        # (d = 32768 at cut 0 here), so z = 0.01 trains (at an epsilon that guarantees nothing) and z = 0.5
+        # (epsilon ~ 100 over the study's steps) drowns the features: both ends of the trade-off are measured
+        *(StudyConfig(f"dp-z{z}", ({"name": "dp", "clip": 20.0, "noise_multiplier": z},)) for z in DP_MULTIPLIERS),
+        StudyConfig("nopeek", (_NOPEEK,)),
+        StudyConfig("cut2-noskips", cut_level=2, skips="none"),
+        SECURE_SUM,
+        StudyConfig("int4", ({"name": "quantize", "mode": "int4"},)),
+    ]
+
+
+def audit_budgets(level: StudyLevel | str) -> dict[str, Any]:
+    """The audit spec's budgets by level (the quick study's attacks are short)."""
+    if StudyLevel(level) is StudyLevel.FULL:
+        return {"whitebox_iterations": 1000, "unsplit_main_iters": 4, "unsplit_inner_iters": 20,
+                "learned_steps": 100, "public_cases": 8}
+    # the white-box attack keeps a full budget even here: a weak strongest attack is a broken audit
+    return {"whitebox_iterations": 1000, "unsplit_main_iters": 2, "unsplit_inner_iters": 10,
+            "learned_steps": 60, "public_cases": 4}
+
+
+def follow_job(client: Any, job_id: str, on_status: Callable[[dict[str, Any]], None] | None = None,
+               poll_s: float = 0.5) -> dict[str, Any]:
+    """Poll ``GET /v1/jobs/{id}`` until the job ends; its last status. ``RuntimeError`` unless it succeeded."""
+    while True:
+        status = client.get_json(f"/v1/jobs/{job_id}")
+        if on_status is not None:
+            on_status(status)
+        if status["state"] in ("succeeded", "failed", "stopped"):
+            break
+        time.sleep(poll_s)
+    if status["state"] != "succeeded":
+        error = status.get("error") or {}
+        raise RuntimeError(f"job {job_id} ended {status['state']}: {error.get('message', 'no message')}")
+    return status
+
+
+def run_audit(client: Any, run_id: str, sites: list[str], budgets: dict[str, Any], out_dir: Path,
+              figures_dir: Path, on_progress: Callable[[float, str], None] | None = None,
+              timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Audit ``run_id`` through the audit service (lab mode, every attack) and wait for it: :func:`start_audit`
+    then :func:`finish_audit`."""
+    audit_id = start_audit(client, run_id, sites, budgets)
+    return finish_audit(client, audit_id, run_id, out_dir, figures_dir, on_progress, timeout_s)
+
+
+def start_audit(client: Any, run_id: str, sites: list[str], budgets: dict[str, Any]) -> str:
+    """Ask the audit service to audit ``run_id`` (lab mode, every attack); its audit id. The service runs its
+    audits one at a time in the background, so the caller can train the next model meanwhile."""
+    body = {"run_id": run_id, "mode": "lab", "sites": sites,
+            "spec": {"attacks": list(ALL_ATTACKS), "max_samples": 2, "budgets": budgets}}
+    return client.post_json("/v1/audits", body)["audit_id"]
+
+
+def finish_audit(client: Any, audit_id: str, run_id: str, out_dir: Path, figures_dir: Path,
+                 on_progress: Callable[[float, str], None] | None = None,
+                 timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Wait for audit ``audit_id`` of ``run_id``; keep its HTML report and the reconstruction grids it drew
+    (``out_dir/<run_id>.html``, ``figures_dir/recon-<run_id>-<site>.png``).
+
+    Returns ``{"result": AuditResult as JSON, "grids": {site: png path}, "report": html path, "seconds": the
+    audit's own running time (None from an audit service that does not report it)}``."""
+    deadline = time.monotonic() + timeout_s
+    while (status := client.get_json(f"/v1/audits/{audit_id}"))["state"] in ("pending", "running"):
+        if on_progress is not None:
+            on_progress(float(status.get("progress") or 0.0), status.get("message") or "")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"audit {audit_id} of run {run_id} did not finish in {timeout_s:.0f} s")
+        time.sleep(0.5)
+    if status["state"] != "succeeded":
+        raise RuntimeError(f"audit of {run_id} failed: {(status.get('error') or {}).get('message')}")
+    page = client.request("GET", f"/v1/audits/{audit_id}/report", accept="text/html").text
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = out_dir / f"{run_id}.html"
+    report.write_text(page, encoding="utf-8")
+    grids = {}
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for site, data in re.findall(r"<h2>Site ([^,<]+), step \d+</h2><img alt='grid' src='data:image/png;base64,"
+                                 r"([A-Za-z0-9+/=]+)'>", page):
+        path = figures_dir / f"recon-{run_id}-{site}.png"
+        path.write_bytes(base64.b64decode(data))
+        grids[site] = str(path)
+    return {"result": status["result"], "grids": grids, "report": str(report), "seconds": status.get("seconds")}
+
+
+def find_epsilon(defenses: Any) -> float | None:
+    """The largest ``epsilon`` any defense reported in a job status's ``defenses`` (None without DP)."""
+    found: list[float] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "epsilon" and isinstance(v, int | float):
+                    found.append(float(v))
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(defenses)
+    return max(found) if found else None
+
+
+@dataclass
+class StudyRow:
+    """One configuration's results (``report.json["study"][i]`` is :meth:`as_json`)."""
+
+    config: StudyConfig
+    dice: dict[str, Any] | None = None
+    hd95: dict[str, Any] | None = None
+    leakage: list[dict[str, Any]] = field(default_factory=list)
+    label_leakage: dict[str, Any] = field(default_factory=dict)
+    dcor: dict[str, float] = field(default_factory=dict)
+    bytes_per_step: float | None = None
+    epsilon: float | None = None
+    train_s: float | None = None
+    audit_s: float | None = None
+    losses: list[float] = field(default_factory=list)
+    grids: dict[str, str] = field(default_factory=dict)
+    audit_report: str | None = None
+    error: str | None = None
+
+    def best_attack(self) -> dict[str, Any] | None:
+        """The image attack finding with the highest RDLV (ties: SSIM) over every site."""
+        scored = [f for f in self.leakage if f.get("rdlv") is not None]
+        return max(scored, key=lambda f: (f["rdlv"], f["ssim"] or 0.0)) if scored else None
+
+    def as_json(self) -> dict[str, Any]:
+        best = self.best_attack()
+        c = self.config
+        return {
+            "name": c.name, "defenses": c.defenses(), "cut_level": c.cut_level, "skips": c.skips,
+            "fusion": c.fusion, "secure_sum": c.secure_sum, "dice": self.dice, "hd95_mm": self.hd95,
+            "leakage": self.leakage, "label_leakage": self.label_leakage, "dcor": self.dcor,
+            "best_attack": best, "bytes_per_step": self.bytes_per_step, "epsilon": self.epsilon,
+            "train_s": self.train_s, "audit_s": self.audit_s, "losses": self.losses, "grids": self.grids,
+            "audit_report": self.audit_report, "error": self.error,
+        }
+
+
+def row_from_runs(config: StudyConfig, status: dict[str, Any], train_s: float) -> StudyRow:
+    """The training half of a row from the job's final status."""
+    validation = status.get("validation") or {}
+    steps = max(int(status.get("step") or 0), 1)
+    return StudyRow(config=config, dice=validation.get("dice"), hd95=validation.get("hd95"),
+                    bytes_per_step=(int(status.get("bytes_sent", 0)) + int(status.get("bytes_received", 0))) / steps,
+                    epsilon=find_epsilon(status.get("defenses")), train_s=train_s,
+                    losses=list(status.get("losses") or []))
+
+
+def add_audit(row: StudyRow, audit: dict[str, Any], modalities: dict[str, list[str]], audit_s: float) -> None:
+    """The audit half of a row: per site and attack SSIM/PSNR/RDLV, the label attack's Dice/AUC, dCor."""
+    result = audit["result"]
+    labels = []
+    for f in result["findings"]:
+        if f["attack"] == "label_leakage":
+            if f.get("dice") is not None:
+                labels.append(f)
+            continue
+        row.leakage.append({"site": f["site"], "modality": ",".join(modalities.get(f["site"], [f["site"]])),
+                            "attack": f["attack"], "step": f["step"], "ssim": f.get("ssim"), "psnr": f.get("psnr"),
+                            "rdlv": f.get("rdlv"), "prior_ssim": f.get("prior_ssim"),
+                            "reid_top1": f.get("reid_top1")})
+    if labels:
+        row.label_leakage = {k: sum(f[k] for f in labels) / len(labels)
+                             for k in ("dice", "auc", "baseline_empty_dice", "baseline_blob_dice")
+                             if all(f.get(k) is not None for f in labels)}
+    row.dcor = dict(result.get("dcor") or {})
+    row.grids = dict(audit["grids"])
+    row.audit_report = audit["report"]
+    row.audit_s = audit_s
+
+
+def pick_best(rows: list[StudyRow]) -> dict[str, Any]:
+    """The configuration with the best WT Dice among those whose best-attack RDLV <= 0, or say none qualifies."""
+    ok = [r for r in rows if r.error is None and r.dice and (b := r.best_attack()) is not None and b["rdlv"] <= 0]
+    if not ok:
+        audited = [r for r in rows if r.best_attack() is not None]
+        worst = ", ".join(f"{r.config.name} {r.best_attack()['rdlv']:+.2f}" for r in audited)  # type: ignore[index]
+        return {"name": None, "why": "no configuration qualifies: every audited one has a best-attack RDLV > 0 "
+                                     f"(an attack beat the prior image): {worst or 'none audited'}"}
+    best = max(ok, key=lambda r: r.dice["WT"])  # type: ignore[index]
+    none = next((r for r in rows if r.config.name == NONE.name and r.dice), None)
+    cost = "" if none is None else f"; WT Dice cost vs no defense {best.dice['WT'] - none.dice['WT']:+.3f}"  # type: ignore[index]
+    attack = best.best_attack() or {}
+    return {"name": best.config.name,
+            "why": f"best WT Dice ({best.dice['WT']:.3f}) among the {len(ok)} configuration(s) whose best attack "  # type: ignore[index]
+                   f"does not beat the prior (best-attack RDLV {attack.get('rdlv', 0):+.3f}, {attack.get('attack')} "
+                   f"on {attack.get('site')}){cost}"}
