@@ -158,6 +158,23 @@ class SiteStep:
         p = self._pending
         return None if p is None else (p.run_id, p.step)
 
+    def pending_shapes(self, run_id: str, step: int) -> dict[str, tuple[int, ...]] | None:
+        """Shapes of the tensors sent by the forward that the next backward must answer, if it is ``step``'s."""
+        p = self._pending
+        if p is None or (p.run_id, p.step) != (run_id, step):
+            return None
+        return {k: tuple(v.shape) for k, v in p.outputs.items()}
+
+    def weights_for(self, step: int) -> dict[str, torch.Tensor]:
+        """The encoder state (parameters and buffers) a training forward of ``step`` would run on now (call under
+        :attr:`lock`): the live weights."""
+        return self.encoder.state_dict()
+
+    def discard_pending(self) -> None:
+        """Forget the pending forward (a roll-back to a checkpoint)."""
+        with self.lock:
+            self._pending = None
+
 
 @dataclass
 class StepResult:
