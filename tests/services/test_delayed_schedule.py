@@ -1,0 +1,142 @@
+"""The one-step-delayed schedule through the services, in process (``step_schedule = delayed``).
+
+The aggregator's pipelined job equals the in-process delayed protocol replayed on the same samples (the site
+semantics do not depend on the order of arrival, so a lockstep replay is exact), with validations and checkpoints
+draining the pipeline; secure sum works under it; a site keeps at most two steps in flight and says 409 to the
+rest; sync stays the default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from federation_testkit import (
+    AGG_HEADERS,
+    SITE_SEED,
+    Cohort,
+    max_weight_difference,
+    peers,
+    replay_in_process,
+    run_job,
+    site_specs,
+)
+from test_defenses_service import federation
+from test_defenses_service import job_spec as defended_job_spec
+from test_site_service import assert_error, backward, forward, gradients, setup, setup_body
+
+from services.aggregator.trainer import TrainingJob
+from splitunet.delayed import DelayedSiteStep
+from splitunet.federation import FederationSpec
+from splitunet.protocol import SiteStep
+from splitunet.schemas import RunSetup, StepSchedule
+
+STEPS = 5
+
+
+def delayed_spec(run_id: str, **overrides: Any) -> dict[str, Any]:
+    """A tiny fp32 2D job; validation at step 2 and 4 and a checkpoint at step 3 drain the pipeline."""
+    return {
+        "run_id": run_id, "sites": peers(), "model": {"spatial_dims": 2, "features": [4, 8, 16]}, "roi": [16, 16],
+        "batch_size": 2, "steps": STEPS, "val_cases": 1, "val_interval": 2, "checkpoint_interval": 3,
+        "max_val_cases": 1, "sw_overlap": 0.0, "seed": SITE_SEED,
+        "site_optimizer": {"lr": 1e-3, "weight_decay": 1e-5}, "server_optimizer": {"lr": 2e-3, "weight_decay": 1e-5},
+        "wire": {"activations": "fp32", "gradients": "fp32"}, "step_schedule": "delayed",
+    } | overrides
+
+
+def test_a_delayed_job_equals_the_in_process_delayed_protocol(
+    aggregator: TestClient, sites: dict[str, TestClient], cohort: Cohort, monkeypatch
+) -> None:
+    recorded: list[list] = []
+    plan = TrainingJob.plan
+    monkeypatch.setattr(TrainingJob, "plan", lambda self, step: recorded.append(plan(self, step)) or recorded[-1])
+    body = delayed_spec("job-delayed")
+    status = run_job(aggregator, body, headers=AGG_HEADERS)
+    assert status["state"] == "succeeded", status
+    monkeypatch.undo()
+    assert len(recorded) == STEPS and status["checkpoint_step"] == STEPS
+    assert [v["step"] for v in status["validations"]] == [2, 4, 5]
+    assert [t["step"] for t in status["step_times"]] == list(range(1, STEPS + 1))
+    assert all(set(t) == {"step", "total", "plan", "forward", "aggregator", "backward"} for t in status["step_times"])
+    assert all(math.isfinite(loss) for loss in status["losses"])
+    for client in sites.values():
+        assert isinstance(client.app.state.runtime._run("job-delayed").step, DelayedSiteStep)
+
+    job = aggregator.app.state.runtime.jobs.get("job-delayed")
+    spec = FederationSpec.model_validate(body)
+    config = spec.model.build(site_specs(spec))
+    # the reference: the in-process protocol with every site on the delayed step, in lockstep
+    monkeypatch.setattr("splitunet.training.SiteStep", DelayedSiteStep)
+    losses, reference = replay_in_process(spec, config, recorded, cohort, aggregator.app.state.runtime.labels)
+    monkeypatch.undo()
+    assert all(isinstance(s, DelayedSiteStep) for s in reference.sites.values())
+    assert status["losses"] == pytest.approx(losses, abs=1e-5)
+    assert max_weight_difference(job.aggregator.decoder.state_dict(), reference.model.decoder.state_dict()) <= 1e-6
+    for name, client in sites.items():
+        encoder = client.app.state.runtime.encoder("job-delayed")
+        assert max_weight_difference(encoder.state_dict(), reference.model.encoders[name].state_dict()) <= 1e-6
+
+    # a control: the synchronous replay of the same samples ends elsewhere
+    sync_losses, _ = replay_in_process(spec, config, recorded, cohort, aggregator.app.state.runtime.labels)
+    assert sync_losses[0] == pytest.approx(losses[0], abs=1e-6)  # step 1 runs on W_0 under both
+    assert max(abs(a - b) for a, b in zip(sync_losses[1:], losses[1:], strict=True)) > 1e-6
+
+
+def test_secure_sum_trains_under_the_delayed_schedule(start_app, site_settings, aggregator_settings) -> None:
+    aggregator, _ = federation(start_app, site_settings, aggregator_settings, require_secure_sum=True)
+    spec = defended_job_spec(model={"spatial_dims": 2, "features": [4, 8, 16], "fusion": "sum"},
+                             wire={"activations": "fp32", "gradients": "fp32"}, steps=10, val_interval=0,
+                             secure_sum={"clip_range": 64.0}, step_schedule="delayed")
+    status = run_job(aggregator, spec, timeout_s=300)
+    assert status["state"] == "succeeded", status["error"]
+    assert status["defenses"]["secure_sum"] is True
+    losses = status["losses"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+
+
+# ---------------------------------------------------------------------------------------------- the site's refusals
+@pytest.fixture
+def delayed_run(site: TestClient) -> TestClient:
+    """The t1 site with run ``run-1`` set up under the delayed schedule."""
+    response = setup(site, setup_body(step_schedule=StepSchedule.DELAYED))
+    assert response.status_code == 200, response.text
+    return site
+
+
+def test_a_site_keeps_two_steps_in_flight_and_refuses_a_third_or_a_backward_out_of_order(
+    delayed_run: TestClient, cohort: Cohort
+) -> None:
+    assert forward(delayed_run, cohort, 1).status_code == 200
+    assert forward(delayed_run, cohort, 2).status_code == 200
+    third = assert_error(forward(delayed_run, cohort, 3), 409, "out_of_order")
+    assert "at most 2 steps in flight" in third["message"] and third["detail"]["in_flight"] == [1, 2]
+    assert_error(backward(delayed_run, 2, gradients(2)), 409, "out_of_order")
+    assert_error(forward(delayed_run, cohort, 1), 409, "out_of_order")
+    assert backward(delayed_run, 1, gradients(1)).json()["applied"] is True
+    # a retry of step 1 while step 2 is in flight is acknowledged, not refused
+    retry = backward(delayed_run, 1, gradients(1))
+    assert retry.status_code == 200 and retry.json()["applied"] is False
+    assert_error(backward(delayed_run, 1, gradients(1, seed=5)), 409, "conflict")
+    assert forward(delayed_run, cohort, 3).status_code == 200
+    assert backward(delayed_run, 2, gradients(2)).json()["applied"] is True
+    assert backward(delayed_run, 3, gradients(3)).json()["applied"] is True
+
+
+def test_sync_stays_the_default(site: TestClient, cohort: Cohort) -> None:
+    assert FederationSpec(sites=["t1"]).step_schedule == StepSchedule.SYNC
+    assert RunSetup.model_validate(setup_body()).step_schedule == StepSchedule.SYNC
+    assert setup(site, setup_body()).status_code == 200
+    step = site.app.state.runtime._run("run-1").step
+    assert type(step) is SiteStep
+    assert forward(site, cohort, 1).status_code == 200
+    assert forward(site, cohort, 2).status_code == 200  # sync: a new forward replaces the unanswered one
+    assert_error(backward(site, 1, gradients(1)), 409, "out_of_order")
+
+
+def test_an_unknown_schedule_is_422(aggregator: TestClient) -> None:
+    response = aggregator.post("/v1/jobs", json=delayed_spec("job-bad", step_schedule="async"), headers=AGG_HEADERS)
+    assert response.status_code == 422, response.text
+    assert "step_schedule" in response.text
