@@ -34,8 +34,7 @@ import torch
 from torch.func import functional_call
 
 from splitunet.errors import ProtocolError
-from splitunet.filters import Direction, FilterContext
-from splitunet.protocol import Bundle, SiteStep, _Pending, check_bundle
+from splitunet.protocol import Bundle, SiteStep, _Pending
 
 #: Training steps a site keeps in flight under the delayed schedule (the step being answered and the next).
 MAX_IN_FLIGHT = 2
@@ -72,10 +71,7 @@ class DelayedSiteStep(SiteStep):
             return super().forward(x, step=step, run_id=run_id, train=False, groups=groups, sample_rate=sample_rate)
         with self.lock:
             replaced = self._admit(run_id, step)
-            context = FilterContext(
-                run_id, step, self.site, Direction.ACTIVATIONS, "train",
-                groups=None if groups is None else tuple(groups), sample_rate=sample_rate,
-            )
+            context = self._context(run_id, step, True, groups, sample_rate)
             kept, self._kept = self._kept, None
             if replaced is not None and replaced.params is not None:
                 source = {n: p.detach() for n, p in replaced.params.items()}
@@ -129,13 +125,7 @@ class DelayedSiteStep(SiteStep):
                     f"({'none' if have is None else have}); send the backwards in the order of the forwards",
                     detail={"expected": have, "got": {"run_id": run_id, "step": step}},
                 )
-            check_bundle(gradients, {k: tuple(v.shape) for k, v in pending.outputs.items()}, what="gradients")
-            if pending.tape is not None:
-                gradients = pending.tape.backward(gradients)
-            names = list(pending.outputs)
-            outputs = [pending.outputs[n] for n in names] + pending.extra_losses
-            grads = [gradients[n].to(dtype=outputs[i].dtype, device=outputs[i].device) for i, n in enumerate(names)]
-            grads += [torch.ones_like(term) for term in pending.extra_losses]
+            outputs, grads = pending.roots(gradients)
             assert pending.params is not None
             leaves = {n: p for n, p in pending.params.items() if p.requires_grad}
             found = torch.autograd.grad(outputs, list(leaves.values()), grads, allow_unused=True)

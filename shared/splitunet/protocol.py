@@ -58,6 +58,18 @@ class _Pending:
     tape: FilterTape | None = None  # what the outbound filters need on the gradient's way back
     extra_losses: list[torch.Tensor] = field(default_factory=list)  # site loss terms (graph-attached scalars)
 
+    def roots(self, gradients: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Check ``gradients`` (``{name: dL/d sent tensor}``) against the outputs, carry them back through the
+        filters' tape; return the graph's roots (outputs, then site loss terms) and their gradients."""
+        check_bundle(gradients, {k: tuple(v.shape) for k, v in self.outputs.items()}, what="gradients")
+        if self.tape is not None:
+            gradients = self.tape.backward(gradients)
+        names = list(self.outputs)
+        outputs = [self.outputs[n] for n in names] + self.extra_losses
+        grads = [gradients[n].to(dtype=outputs[i].dtype, device=outputs[i].device) for i, n in enumerate(names)]
+        grads += [torch.ones_like(term) for term in self.extra_losses]
+        return outputs, grads
+
 
 class SiteStep:
     """The site side of the protocol: an encoder, its optimizer and the pending forward.
@@ -107,10 +119,7 @@ class SiteStep:
         :class:`~splitunet.filters.FilterContext`).
         """
         with self.lock:
-            context = FilterContext(
-                run_id, step, self.site, Direction.ACTIVATIONS, "train" if train else "eval",
-                groups=None if groups is None else tuple(groups), sample_rate=sample_rate,
-            )
+            context = self._context(run_id, step, train, groups, sample_rate)
             if not train:
                 self.encoder.eval()
                 with torch.no_grad():
@@ -122,6 +131,13 @@ class SiteStep:
             tape = self.filters.apply({k: v.detach() for k, v in outputs.items()}, context)
             self._pending = _Pending(run_id, step, outputs, tape, extra)
             return tape.outputs
+
+    def _context(self, run_id: str, step: int, train: bool, groups: Sequence[str] | None,
+                 sample_rate: float | None) -> FilterContext:
+        return FilterContext(
+            run_id, step, self.site, Direction.ACTIVATIONS, "train" if train else "eval",
+            groups=None if groups is None else tuple(groups), sample_rate=sample_rate,
+        )
 
     def backward(self, gradients: Mapping[str, torch.Tensor], *, step: int, run_id: str = "local") -> None:
         """Backpropagate ``gradients`` (``{name: dL/d sent tensor}``) into the encoder and step the optimizer.
@@ -139,13 +155,7 @@ class SiteStep:
                     f"({'none' if have is None else have}); call forward for this step first",
                     detail={"expected": have, "got": {"run_id": run_id, "step": step}},
                 )
-            check_bundle(gradients, {k: tuple(v.shape) for k, v in pending.outputs.items()}, what="gradients")
-            if pending.tape is not None:
-                gradients = pending.tape.backward(gradients)
-            names = list(pending.outputs)
-            outputs = [pending.outputs[n] for n in names] + pending.extra_losses
-            grads = [gradients[n].to(dtype=outputs[i].dtype, device=outputs[i].device) for i, n in enumerate(names)]
-            grads += [torch.ones_like(term) for term in pending.extra_losses]
+            outputs, grads = pending.roots(gradients)
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(outputs, grads)
