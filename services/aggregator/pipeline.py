@@ -8,16 +8,22 @@ schedule (``step_schedule = delayed``, see :mod:`splitunet.delayed` for what the
 decoder and sends ``t``'s gradients::
 
     sync:     plan F_t  [wait]  decoder_t  B_t | plan F_{t+1}  [wait]  decoder_{t+1}  B_{t+1} | ...
-    delayed:  plan F_t  [wait]  plan F_{t+1}  decoder_t  B_t | [wait]  plan F_{t+2}  decoder_{t+1}  B_{t+1} | ...
+    delayed:  plan F_t  [wait]  plan F_{t+1}  decoder_t  [wait F_{t+1}]  B_t | plan F_{t+2}  decoder_{t+1}  ...
 
 The pipeline is drained (no forward in flight) at every step that validates, checkpoints or runs the privacy
 gate, at the last step, and before an error leaves the loop (a roll-back then restores every party). The
 transcript sees the same records in the same order under both schedules: a step's plan is recorded when its
 activations are collected, after the previous step's gradients.
 
+Under the delayed schedule the gradients of ``t`` leave only once every site answered the forward of ``t + 1``:
+each site then computes ``t + 1`` on the weights from before ``t``'s update, whatever the timing, so a run is
+reproducible and a roll-back replays it exactly (see :mod:`splitunet.delayed`). The forward usually answers while
+the decoder runs, so this wait is short.
+
 ``step_times`` per step: ``plan`` (sampling and labels of the step launched during it), ``forward`` (waiting for
-the step's activations: all of the forward calls when synchronous, only what the overlap did not hide when
-delayed), ``aggregator`` (decoder step) and ``backward`` (gradient sends); ``total`` is the step's wall time.
+activations: all of the forward calls when synchronous; when delayed, only what the overlap did not hide, for
+this step and the one launched ahead), ``aggregator`` (decoder step) and ``backward`` (gradient sends);
+``total`` is the step's wall time.
 """
 
 from __future__ import annotations
@@ -58,8 +64,7 @@ class StepExchange:
 
     Args:
         job: the job (its clients, aggregator step, recorder, status and spec).
-        pool: runs the calls to the sites concurrently (the job's pool; the delayed schedule needs two calls per
-            site at once: the next step's forward and this step's gradients).
+        pool: runs the calls to the sites concurrently (the job's pool).
         delayed: the one-step-delayed schedule (see the module docstring); synchronous otherwise.
     """
 
@@ -83,9 +88,10 @@ class StepExchange:
             if current is None:
                 current = self.launch(step)
 
-            def overlap() -> None:
+            def overlap() -> Launched | None:
                 if not drains:
                     self.next = self.launch(step + 1)
+                return self.next
 
             loss, phases = self.finish(current, overlap=overlap)
             if fresh:  # the step was planned in this call too, not during the previous one
@@ -116,9 +122,12 @@ class StepExchange:
         }
         return Launched(step, samples, labels, futures, plan_s, started=t0)
 
-    def finish(self, launched: Launched, overlap: Callable[[], None] | None = None) -> tuple[float, dict[str, float]]:
+    def finish(self, launched: Launched, overlap: Callable[[], Launched | None] | None = None
+               ) -> tuple[float, dict[str, float]]:
         """Collect ``launched``'s activations, call ``overlap`` (the delayed schedule launches the next step
-        there), run the decoder step and send the gradients; return the loss and the step's phases (seconds)."""
+        there), run the decoder step, wait until every site answered the step ``overlap`` launched (so each
+        site computes it on the weights from before this step's update), and send the gradients; return the loss
+        and the step's phases (seconds)."""
         job, step = self.job, launched.step
         assert job.aggregator is not None
         t1 = time.perf_counter()
@@ -128,15 +137,19 @@ class StepExchange:
             job._record_received(name, step, item, Phase.TRAIN)
         tensors = {name: {k: v.to(job.device) for k, v in r.bundle.tensors.items()} for name, r in received.items()}
         t2 = time.perf_counter()
-        forward_s, plan_s = t2 - t1, launched.plan_s
+        forward_s, plan_s, ahead = t2 - t1, launched.plan_s, None
         if overlap is not None:
-            overlap()
+            ahead = overlap()
             plan_s = time.perf_counter() - t2
             t2 = time.perf_counter()
         set_lr(job.aggregator.optimizer, job.spec.server_optimizer.model_copy(
             update={"total_steps": job.spec.steps}).lr_at(step))
         result = job.aggregator.step(tensors, launched.labels, step=step, run_id=job.job_id)
         t3 = time.perf_counter()
+        if ahead is not None:
+            wait(list(ahead.futures.values()))
+            forward_s += time.perf_counter() - t3
+            t3 = time.perf_counter()
         wire = job.spec.wire
         grad_dtype = WireDtype(wire.gradients.value)
         site_defenses: dict[str, list] = {}

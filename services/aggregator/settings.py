@@ -31,7 +31,7 @@ class AggregatorSettings(ServiceSettings):
             name; see :mod:`splitunet.registry`).
         site_ca_file: CA bundle to verify HTTPS site services (default: system CAs).
         site_client_cert_file, site_client_key_file: client certificate for mutual TLS to the sites.
-        concurrency: threads calling sites concurrently (default: two per site, for the delayed schedule's overlap).
+        concurrency: threads calling sites concurrently (default: one per site).
         checkpoint_budget_bytes: most bytes of checkpoints under ``state_dir``; a job whose checkpoint would pass
             it fails with a clear error.
         site_wait_s: how long a job waits for an unreachable site before it fails (``waiting_for_site``).

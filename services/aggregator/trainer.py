@@ -129,9 +129,7 @@ class TrainingJob:
         self.recorder = recorder or NullRecorder()
         self.gradient_filters = gradient_filters  # built from spec.gradient_defenses in prepare() when None
         self.privacy_gate, self.pause = privacy_gate, JobPause()
-        # two calls per site at once under the delayed schedule (the next step's forward, this step's gradients)
-        self.pool = ThreadPoolExecutor(max_workers=max_workers or 2 * len(self.clients),
-                                       thread_name_prefix=f"job-{job_id}")
+        self.pool = ThreadPoolExecutor(max_workers=max_workers or len(self.clients), thread_name_prefix=f"job-{job_id}")
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._status = JobStatus(job_id=job_id, state=JobState.PENDING, steps=spec.steps)

@@ -84,8 +84,7 @@ class SiteAuditor:
             return
         keep = phase == Phase.EVAL or step % every == 0
         with run.step.lock:
-            weights = run.step.weights_for(step) if phase == Phase.TRAIN else run.step.encoder.state_dict()
-            state = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in run.step.encoder.state_dict().items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(state, str(tmp), metadata={"run_id": run_id, "step": str(step), "phase": phase.value,

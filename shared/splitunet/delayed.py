@@ -3,25 +3,26 @@
 With ``step_schedule = delayed`` the aggregator asks for the forward of step ``t + 1`` before it returns step
 ``t``'s gradients, so the sites compute ``t + 1`` while the aggregator runs its decoder (PipeDream-style)::
 
-    aggregator:  forward t+1 ─┐   decoder step t   backward t ─┐
-    site k:                   └─> encoder(x_{t+1}; W_{t-1})     └─> W_t = W_{t-1} - update(g_t)
+    aggregator:  forward t+1 ─┐   decoder step t   (t+1 answered)   backward t ─┐
+    site k:                   └─> encoder(x_{t+1}; W_{t-1})                     └─> W_t = W_{t-1} - update(g_t)
 
-The weights a forward uses do not depend on which request reaches the site first: the forward of step ``s`` always
-runs on ``W_{s-2}``, the weights after the update of step ``s - 2``, and step ``s``'s update applies the gradient
-taken there::
+A training forward runs on the weights the site holds when it arrives. The aggregator sends the backward of
+``t`` only once every site answered the forward of ``t + 1`` (:mod:`services.aggregator.pipeline`), so in the
+pipeline the forward of ``s`` runs on ``W_{s-2}`` and the update of step ``s`` applies the gradient taken there::
 
     W_s = W_{s-1} - update(dL_s/dW evaluated at W_{s-2})          (one-step-delayed gradient)
 
-so a run is reproducible whatever the timing. A forward that arrives while step ``s - 1`` still awaits its
-backward runs on a detached copy of the live parameters (``torch.func.functional_call``), because the optimizer's
-in-place update of ``s - 1`` would otherwise invalidate ``s``'s autograd graph; a forward that arrives after that
-backward runs on the copy of ``W_{s-2}`` the backward kept for it. At the backward the gradient with respect to the
-copy is put on the live parameters and the optimizer steps.
+and after a drain (validation, checkpoint, privacy gate, roll-back) the next forward runs on the weights just
+updated or restored, as in the synchronous schedule: a run is reproducible, and a roll-back to a checkpoint
+replays exactly what the uninterrupted run did. The forward of ``s`` runs on a detached copy of the parameters
+(``torch.func.functional_call``), because the optimizer's in-place update of ``s - 1`` would otherwise invalidate
+``s``'s autograd graph; at the backward the gradient with respect to the copy is put on the live parameters and the
+optimizer steps.
 
 A backward must answer the oldest forward in flight; a third training forward, or one for an earlier step than
 the newest in flight, is refused (:class:`~splitunet.errors.ProtocolError`, 409). A new forward of the newest step
-replaces it, as in the synchronous schedule. Evaluation forwards use the live weights and leave the steps alone.
-After a roll-back (:meth:`DelayedSiteStep.discard_pending`) the next step runs on the restored weights.
+replaces it (on the same weights), as in the synchronous schedule. Evaluation forwards use the live weights and
+leave the steps alone.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ class DelayedSiteStep(SiteStep):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._in_flight: deque[_InFlight] = deque()
-        self._kept: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, W_{step-2}) for a late forward
 
     def forward(
         self,
@@ -65,18 +65,15 @@ class DelayedSiteStep(SiteStep):
         groups: Sequence[str] | None = None,
         sample_rate: float | None = None,
     ) -> Bundle:
-        """Run the encoder on ``x`` (``B, C_site, *spatial``); training forwards run on ``W_{step-2}`` and stay
-        in flight until their backward (see the module docstring)."""
+        """Run the encoder on ``x`` (``B, C_site, *spatial``); a training forward runs on a copy of the weights
+        held now and stays in flight until its backward (see the module docstring)."""
         if not train:
             return super().forward(x, step=step, run_id=run_id, train=False, groups=groups, sample_rate=sample_rate)
         with self.lock:
             replaced = self._admit(run_id, step)
             context = self._context(run_id, step, True, groups, sample_rate)
-            kept, self._kept = self._kept, None
             if replaced is not None and replaced.params is not None:
                 source = {n: p.detach() for n, p in replaced.params.items()}
-            elif kept is not None and kept[0] == step:
-                source = kept[1]
             else:
                 source = {n: p.detach() for n, p in self.encoder.named_parameters()}
             live = dict(self.encoder.named_parameters())
@@ -130,8 +127,6 @@ class DelayedSiteStep(SiteStep):
             leaves = {n: p for n, p in pending.params.items() if p.requires_grad}
             found = torch.autograd.grad(outputs, list(leaves.values()), grads, allow_unused=True)
             live = dict(self.encoder.named_parameters())
-            if len(self._in_flight) == 1:  # the next forward comes later: keep the weights it must run on
-                self._kept = (step + 1, {n: p.detach().clone() for n, p in live.items()})
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
             for name, grad in zip(leaves, found, strict=True):
@@ -159,16 +154,7 @@ class DelayedSiteStep(SiteStep):
             return None
         return {k: tuple(v.shape) for k, v in p.outputs.items()}
 
-    def weights_for(self, step: int) -> dict[str, torch.Tensor]:
-        """The encoder state a training forward of ``step`` would run on now (call under :attr:`lock`):
-        ``W_{step-2}``, kept by the backward of ``step - 1`` if that came first, else the live weights."""
-        state = self.encoder.state_dict()
-        if self._kept is not None and self._kept[0] == step:
-            state.update(self._kept[1])
-        return state
-
     def discard_pending(self) -> None:
-        """Forget every step in flight and the kept weights (a roll-back to a checkpoint)."""
+        """Forget every step in flight (a roll-back to a checkpoint)."""
         with self.lock:
             self._in_flight.clear()
-            self._kept = None

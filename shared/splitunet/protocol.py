@@ -175,11 +175,6 @@ class SiteStep:
             return None
         return {k: tuple(v.shape) for k, v in p.outputs.items()}
 
-    def weights_for(self, step: int) -> dict[str, torch.Tensor]:
-        """The encoder state (parameters and buffers) a training forward of ``step`` would run on now (call under
-        :attr:`lock`): the live weights."""
-        return self.encoder.state_dict()
-
     def discard_pending(self) -> None:
         """Forget the pending forward (a roll-back to a checkpoint)."""
         with self.lock:

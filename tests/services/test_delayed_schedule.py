@@ -1,14 +1,15 @@
 """The one-step-delayed schedule through the services, in process (``step_schedule = delayed``).
 
-The aggregator's pipelined job equals the in-process delayed protocol replayed on the same samples (the site
-semantics do not depend on the order of arrival, so a lockstep replay is exact), with validations and checkpoints
-draining the pipeline; secure sum works under it; a site keeps at most two steps in flight and says 409 to the
-rest; sync stays the default.
+The aggregator's pipelined job equals the in-process delayed protocol replayed on the same samples in the
+pipeline's order (validations and a checkpoint drain it); a site that fails mid-job is rolled back and the job ends
+on exactly the weights of an uninterrupted delayed job; secure sum works under it; a site keeps at most two steps
+in flight and says 409 to the rest; sync stays the default.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -19,10 +20,15 @@ from federation_testkit import (
     Cohort,
     max_weight_difference,
     peers,
+    reference_batch,
     replay_in_process,
     run_job,
     site_specs,
+    wait_for_job,
 )
+from test_aggregator_fault_tolerance import STEPS as FAULT_STEPS
+from test_aggregator_fault_tolerance import Federation, assert_same_training, backward_of, start
+from test_aggregator_fault_tolerance import spec as fault_spec
 from test_defenses_service import federation
 from test_defenses_service import job_spec as defended_job_spec
 from test_site_service import assert_error, backward, forward, gradients, setup, setup_body
@@ -32,6 +38,7 @@ from splitunet.delayed import DelayedSiteStep
 from splitunet.federation import FederationSpec
 from splitunet.protocol import SiteStep
 from splitunet.schemas import RunSetup, StepSchedule
+from splitunet.training import InProcessFederation
 
 STEPS = 5
 
@@ -68,21 +75,66 @@ def test_a_delayed_job_equals_the_in_process_delayed_protocol(
     job = aggregator.app.state.runtime.jobs.get("job-delayed")
     spec = FederationSpec.model_validate(body)
     config = spec.model.build(site_specs(spec))
-    # the reference: the in-process protocol with every site on the delayed step, in lockstep
-    monkeypatch.setattr("splitunet.training.SiteStep", DelayedSiteStep)
-    losses, reference = replay_in_process(spec, config, recorded, cohort, aggregator.app.state.runtime.labels)
-    monkeypatch.undo()
-    assert all(isinstance(s, DelayedSiteStep) for s in reference.sites.values())
+    labels = aggregator.app.state.runtime.labels
+    losses, reference = replay_delayed(spec, config, recorded, cohort, labels, drains={2, 3, 4, STEPS})
     assert status["losses"] == pytest.approx(losses, abs=1e-5)
     assert max_weight_difference(job.aggregator.decoder.state_dict(), reference.model.decoder.state_dict()) <= 1e-6
     for name, client in sites.items():
         encoder = client.app.state.runtime.encoder("job-delayed")
         assert max_weight_difference(encoder.state_dict(), reference.model.encoders[name].state_dict()) <= 1e-6
 
-    # a control: the synchronous replay of the same samples ends elsewhere
-    sync_losses, _ = replay_in_process(spec, config, recorded, cohort, aggregator.app.state.runtime.labels)
+    # a control: the synchronous replay of the same samples differs where the pipeline ran ahead (steps 2 and 5)
+    sync_losses, _ = replay_in_process(spec, config, recorded, cohort, labels)
     assert sync_losses[0] == pytest.approx(losses[0], abs=1e-6)  # step 1 runs on W_0 under both
-    assert max(abs(a - b) for a, b in zip(sync_losses[1:], losses[1:], strict=True)) > 1e-6
+    assert abs(sync_losses[1] - losses[1]) > 1e-6
+
+
+def replay_delayed(spec: FederationSpec, config, plans, cohort: Cohort, labels, drains: set[int]):
+    """The in-process protocol with every site on :class:`DelayedSiteStep`, in the aggregator's pipeline order:
+    the forward of ``t + 1`` before the backward of ``t`` unless ``t`` drains. Returns (losses, federation)."""
+    federation = InProcessFederation(
+        config, seed=spec.seed, lr_site=spec.site_optimizer.lr, lr_server=spec.server_optimizer.lr,
+        weight_decay=spec.site_optimizer.weight_decay, loss=spec.loss,
+    )
+    sites = {n: DelayedSiteStep(s.encoder, s.optimizer) for n, s in federation.sites.items()}
+    batches = [reference_batch(samples, config, cohort, labels) for samples in plans]
+
+    def forward(step: int) -> dict:
+        inputs = federation.model.split_inputs(batches[step - 1][0])
+        return {name: site.forward(inputs[name], step=step) for name, site in sites.items()}
+
+    losses, ahead = [], None
+    for step in range(1, len(plans) + 1):
+        sent = ahead or forward(step)
+        result = federation.aggregator.step(sent, batches[step - 1][1], step=step)
+        ahead = None if step in drains else forward(step + 1)
+        for name, site in sites.items():
+            site.backward(result.gradients[name], step=step)
+        losses.append(result.loss)
+    return losses, federation
+
+
+def test_a_delayed_job_rolled_back_after_a_site_failure_ends_on_the_uninterrupted_weights(
+    site_settings, aggregator_settings
+) -> None:
+    with ExitStack() as stack:
+        fed = Federation(stack, site_settings, aggregator_settings)
+        try:
+            delayed = {"step_schedule": "delayed", "checkpoint_interval": 4}
+            assert run_job(fed.aggregator, fault_spec("clean", **delayed))["state"] == "succeeded"
+            switch = fed.switches["t2"]
+            switch.trigger = backward_of("faulty", 6)  # step 7's forward is in flight at every site by then
+            start(fed.aggregator, fault_spec("faulty", **delayed))
+            assert switch.tripped.wait(60)
+            wait_for_job(fed.aggregator, "faulty", ("waiting_for_site",), timeout_s=30)
+            switch.down.clear()
+            status = wait_for_job(fed.aggregator, "faulty", timeout_s=120)
+            assert status["state"] == "succeeded", status
+            assert status["recoveries"] == 1 and status["resumed_from_step"] == 4, status
+            assert len(status["losses"]) == FAULT_STEPS
+            assert_same_training(fed, "clean", "faulty")
+        finally:
+            fed.close()
 
 
 def test_secure_sum_trains_under_the_delayed_schedule(start_app, site_settings, aggregator_settings) -> None:
