@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not every status poll
     with tempfile.TemporaryDirectory(prefix="splitunet-delayed-") as tmp:
         doc = compare(args.steps, args.warmup, Path(tmp))
     if args.json is not None:
