@@ -35,7 +35,7 @@ import torch
 from torch.func import functional_call
 
 from splitunet.errors import ProtocolError
-from splitunet.protocol import Bundle, SiteStep, _Pending
+from splitunet.protocol import Bundle, SiteStep, _Pending, unmatched_backward
 
 #: Training steps a site keeps in flight under the delayed schedule (the step being answered and the next).
 MAX_IN_FLIGHT = 2
@@ -116,12 +116,8 @@ class DelayedSiteStep(SiteStep):
         with self.lock:
             pending = self._in_flight[0] if self._in_flight else None
             if pending is None or pending.run_id != run_id or pending.step != step:
-                have = None if pending is None else {"run_id": pending.run_id, "step": pending.step}
-                raise ProtocolError(
-                    f"backward for run {run_id!r} step {step} does not match the oldest training forward in flight "
-                    f"({'none' if have is None else have}); send the backwards in the order of the forwards",
-                    detail={"expected": have, "got": {"run_id": run_id, "step": step}},
-                )
+                raise unmatched_backward(pending, run_id, step, "the oldest training forward in flight",
+                                         "send the backwards in the order of the forwards")
             outputs, grads = pending.roots(gradients)
             assert pending.params is not None
             leaves = {n: p for n, p in pending.params.items() if p.requires_grad}

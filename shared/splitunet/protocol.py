@@ -149,12 +149,8 @@ class SiteStep:
         with self.lock:
             pending = self._pending
             if pending is None or pending.run_id != run_id or pending.step != step:
-                have = None if pending is None else {"run_id": pending.run_id, "step": pending.step}
-                raise ProtocolError(
-                    f"backward for run {run_id!r} step {step} does not match the last training forward "
-                    f"({'none' if have is None else have}); call forward for this step first",
-                    detail={"expected": have, "got": {"run_id": run_id, "step": step}},
-                )
+                raise unmatched_backward(pending, run_id, step, "the last training forward",
+                                         "call forward for this step first")
             outputs, grads = pending.roots(gradients)
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -272,6 +268,17 @@ class AggregatorStep:
             self.decoder.eval()
             with torch.no_grad():
                 return self.decoder(leaves)
+
+
+def unmatched_backward(pending: _Pending | None, run_id: str, step: int, which: str, todo: str) -> ProtocolError:
+    """The 409 for a backward of ``(run_id, step)`` that does not answer ``pending`` (``which`` forward it should
+    answer, and ``todo``: what the caller should do)."""
+    have = None if pending is None else {"run_id": pending.run_id, "step": pending.step}
+    return ProtocolError(
+        f"backward for run {run_id!r} step {step} does not match {which} ({'none' if have is None else have}); "
+        f"{todo}",
+        detail={"expected": have, "got": {"run_id": run_id, "step": step}},
+    )
 
 
 def check_bundle(
