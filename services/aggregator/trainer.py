@@ -31,6 +31,7 @@ import torch
 
 from services.aggregator.evaluation import SplitPredictor
 from services.aggregator.labels import LabelStore
+from services.aggregator.pipeline import StepExchange
 from services.aggregator.privacy_gate import JobPause, PrivacyGate
 from services.aggregator.recovery import RecoveryPolicy, recoverable, unreachable, wait_for_sites
 from services.aggregator.site_client import Received, SiteClient
@@ -56,11 +57,10 @@ from splitunet.metrics import RegionMetrics
 from splitunet.networks.factory import make_optimizer, make_server_decoder
 from splitunet.protocol import AggregatorStep, expected_site_shapes
 from splitunet.recorder import Flow, NullRecorder, Recorder
-from splitunet.schedules import set_lr
-from splitunet.schemas import Phase, RunSetup, SamplingPlan
+from splitunet.schemas import Phase, RunSetup, SamplingPlan, StepSchedule
 from splitunet.secure_sum import establish as establish_secure_sum
 from splitunet.transcript import run_description
-from splitunet.wire import WireDtype, frame_sha256
+from splitunet.wire import WireDtype
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,6 @@ class TrainingJob:
         self._lock = threading.Lock()
         self._status = JobStatus(job_id=job_id, state=JobState.PENDING, steps=spec.steps)
         self._losses: list[float] = []
-        self._phases: dict[str, float] = {}
         self._step_times: deque[dict[str, float]] = deque(maxlen=MAX_STEP_TIMES)
         self._rng = np.random.default_rng(spec.seed)
         self.config: SplitUNetConfig | None = None
@@ -266,7 +265,7 @@ class TrainingJob:
         setup = self._setup = RunSetup(
             run_id=self.job_id, model=self.config,
             optimizer=self.spec.site_optimizer.model_copy(update={"total_steps": self.spec.steps}),
-            wire=self.spec.wire, sampling=sampling,
+            wire=self.spec.wire, sampling=sampling, step_schedule=self.spec.step_schedule,
         )
         list(self.pool.map(lambda c: c.setup_run(setup), self.clients.values()))
         if self.spec.secure_sum is not None:
@@ -309,16 +308,17 @@ class TrainingJob:
         assert self.config is not None and self.aggregator is not None
         spec = self.spec
         samples_done, t_train, t0 = 0, 0.0, time.perf_counter()
+        exchange = StepExchange(self, self.pool, delayed=spec.step_schedule == StepSchedule.DELAYED)
         for step in range(start_step + 1, spec.steps + 1):
             self._check_stop()
             ts = time.perf_counter()
-            loss = self.train_step(step)
+            loss, phases = exchange.run(step, drains=self._drains_at(step))
             t_train += time.perf_counter() - ts
             samples_done += spec.batch_size
             elapsed = time.perf_counter() - t0
             with self._lock:
                 self._losses.append(loss)
-                self._step_times.append({"step": step, "total": time.perf_counter() - ts, **self._phases})
+                self._step_times.append({"step": step, "total": time.perf_counter() - ts, **phases})
                 if len(self._losses) > MAX_LOSS_HISTORY:
                     del self._losses[: len(self._losses) - MAX_LOSS_HISTORY]
             self._update(
@@ -333,6 +333,14 @@ class TrainingJob:
             if self.privacy_gate is not None and self.privacy_gate.due(step):
                 self._gate(step)
         self._timing("train_s", t_train)
+
+    def _drains_at(self, step: int) -> bool:
+        """Whether ``step`` validates, checkpoints, runs the privacy gate or ends: no forward may be in flight
+        after it (the delayed schedule, :mod:`services.aggregator.pipeline`)."""
+        spec = self.spec
+        return (step == spec.steps or bool(spec.val_interval and step % spec.val_interval == 0)
+                or bool(spec.checkpoint_interval and step % spec.checkpoint_interval == 0)
+                or (self.privacy_gate is not None and self.privacy_gate.due(step)))
 
     def case_grids(self, case_ids: Sequence[str]) -> dict[str, CaseGrid]:
         """The sites' agreed grid and brain extent of each case (:mod:`splitunet.data.grid`), asked once per case."""
@@ -442,53 +450,6 @@ class TrainingJob:
     def shapes_for(self, batch: int) -> dict[str, tuple[int, ...]]:
         assert self.config is not None
         return expected_site_shapes(self.config, batch, self.spec.roi)
-
-    def train_step(self, step: int) -> float:
-        """One split step over HTTP; returns the loss."""
-        assert self.aggregator is not None
-        t0 = time.perf_counter()
-        samples = self.plan(step)
-        set_lr(self.aggregator.optimizer, self.spec.server_optimizer.model_copy(
-            update={"total_steps": self.spec.steps}).lr_at(step))
-        self.recorder.plan(run_id=self.job_id, step=step, phase=Phase.TRAIN.value, samples=samples)
-        labels = self._labels_for(samples)
-        wire = self.spec.wire
-        shapes = self.shapes_for(len(samples))
-        act_dtype, grad_dtype = WireDtype(wire.activations.value), WireDtype(wire.gradients.value)
-        t1 = time.perf_counter()
-        futures = {
-            name: self.pool.submit(c.forward, self.job_id, step, samples, phase=Phase.TRAIN, shapes=shapes,
-                                   dtype=act_dtype)
-            for name, c in self.clients.items()
-        }
-        received = {name: f.result() for name, f in futures.items()}
-        for name, item in received.items():
-            self._record_received(name, step, item, Phase.TRAIN)
-        tensors = {name: {k: v.to(self.device) for k, v in r.bundle.tensors.items()} for name, r in received.items()}
-        t2 = time.perf_counter()
-        result = self.aggregator.step(tensors, labels, step=step, run_id=self.job_id)
-        t3 = time.perf_counter()
-
-        def send(name: str) -> int:
-            client = self.clients[name]
-            data = client.encode_gradients(self.job_id, step, result.gradients[name], dtype=grad_dtype,
-                                           compress=wire.compress)
-            self.recorder.record(run_id=self.job_id, step=step, site=name, flow=Flow.SENT, phase=Phase.TRAIN.value,
-                                 data=data, sha256=frame_sha256(data))
-            ack = client.backward(self.job_id, step, data)
-            site_defenses[name] = ack.defenses or []
-            return len(data)
-
-        site_defenses: dict[str, list] = {}
-        sent = sum(self.pool.map(send, self.clients))
-        self._phases = {"plan": t1 - t0, "forward": t2 - t1, "aggregator": t3 - t2,
-                        "backward": time.perf_counter() - t3}
-        self._update(defenses={"gradients": self.aggregator.filters.stats(), "sites": site_defenses,
-                               "secure_sum": self.spec.secure_sum is not None})
-        received_bytes = sum(len(r.data) for r in received.values())
-        status = self.status()
-        self._update(bytes_sent=status.bytes_sent + sent, bytes_received=status.bytes_received + received_bytes)
-        return result.loss
 
     def _record_received(self, name: str, step: int, item: Received, phase: Phase) -> None:
         self.recorder.record(run_id=self.job_id, step=step, site=name, flow=Flow.RECEIVED, phase=phase.value,

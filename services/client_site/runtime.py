@@ -36,6 +36,7 @@ from splitunet.data.grid import case_grid
 from splitunet.data.layout import BratsCase
 from splitunet.data.loader import load_images
 from splitunet.data.sampling import extract
+from splitunet.delayed import DelayedSiteStep
 from splitunet.errors import (
     ConfigurationError,
     ConflictError,
@@ -60,6 +61,7 @@ from splitunet.schemas import (
     RunInfo,
     RunSetup,
     SiteInfo,
+    StepSchedule,
 )
 from splitunet.secure_sum import SecureSumAck, SecureSumOffer, SecureSumPeers
 from splitunet.service.device import resolve_device
@@ -88,7 +90,6 @@ class SiteRun:
     step: SiteStep
     fingerprint: str
     parameters: int
-    last_forward: tuple[int, dict[str, tuple[int, ...]]] | None = None
     last_applied: int | None = None
     created: float = field(default_factory=time.time)
     cohort: frozenset[str] = frozenset()
@@ -277,7 +278,8 @@ class SiteRuntime:
         )
         return SiteRun(
             setup=setup,
-            step=SiteStep(encoder, optimizer, self.filters, self.protection.loss_terms),
+            step=(DelayedSiteStep if setup.step_schedule == StepSchedule.DELAYED else SiteStep)(
+                encoder, optimizer, self.filters, self.protection.loss_terms),
             fingerprint=encoder.fingerprint(),
             parameters=sum(p.numel() for p in encoder.parameters()),
             created=created or time.time(),
@@ -338,7 +340,6 @@ class SiteRuntime:
         if request.phase == Phase.TRAIN:
             with run.lock:
                 tensors = run.step.forward(batch, step=request.step, run_id=run_id, train=True, **protection)
-                run.last_forward = (request.step, {k: tuple(v.shape) for k, v in tensors.items()})
         else:
             tensors = run.step.forward(batch, step=request.step, run_id=run_id, train=False, **protection)
         tensors = self.protection.outbound(run_id, request, tensors)
@@ -370,7 +371,8 @@ class SiteRuntime:
         # the frame's own SHA-256 (header 0..16 + payload), read from its header; decode_bundle verifies it
         digest = frame_sha256(body)
         pending = run.step.pending_step()
-        if pending is None and run.last_applied == step:
+        delayed = run.setup.step_schedule == StepSchedule.DELAYED  # the next step's forward may be in flight
+        if run.last_applied == step and (pending is None or (delayed and pending[1] > step)):
             if run.applied_digest not in (None, digest):
                 raise ConflictError(
                     f"step {step} of run {run_id!r} was already applied with other gradients; a retry must resend "
@@ -378,7 +380,8 @@ class SiteRuntime:
                     detail={"step": step},
                 )
             return BackwardAck(run_id=run_id, step=step, applied=False)
-        if pending != (run_id, step) or run.last_forward is None or run.last_forward[0] != step:
+        shapes = run.step.pending_shapes(run_id, step)
+        if shapes is None:
             raise ProtocolError(
                 f"backward for step {step} of run {run_id!r} has no matching forward at site "
                 f"{self.settings.site_id} (pending: {None if pending is None else pending[1]}); "
@@ -386,7 +389,7 @@ class SiteRuntime:
                 detail={"pending_step": None if pending is None else pending[1], "step": step},
             )
         expect = BundleExpectation(
-            shapes=run.last_forward[1],
+            shapes=shapes,
             dtype=WireDtype(run.setup.wire.gradients.value),
             run_id=run_id,
             step=step,
@@ -502,7 +505,8 @@ class SiteRuntime:
                 )
             with run.step.lock:
                 apply_checkpoint(checkpoint, run.step.encoder, run.step.optimizer)
-            run.last_applied, run.last_forward, run.applied_digest = step, None, None
+            run.step.discard_pending()
+            run.last_applied, run.applied_digest = step, None
             run.needs_restore, run.active = False, time.monotonic()
         logger.info("run %s restored to step %d at site %s", run_id, step, self.settings.site_id)
         return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=checkpoint.sha256)

@@ -17,7 +17,7 @@ from splitunet.config import Fusion, SiteSpec, SkipPolicy, SplitUNetConfig
 from splitunet.defenses.config import GradientDefenseConfig
 from splitunet.inference import DEFAULT_OVERLAP
 from splitunet.losses import DEFAULT_LOSS, LossKind
-from splitunet.schemas import RUN_ID_PATTERN, OptimizerOptions, WireDtypeName, WireOptions
+from splitunet.schemas import RUN_ID_PATTERN, OptimizerOptions, StepSchedule, WireDtypeName, WireOptions
 from splitunet.secure_sum import SecureSumOptions
 
 SITE_NAME_PATTERN = r"^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$"
@@ -99,6 +99,9 @@ class FederationSpec(BaseModel):
             see :mod:`splitunet.defenses`).
         secure_sum: mask the sites' tensors pairwise so the aggregator sees only their sum (needs
             ``model.fusion = sum`` and fp32 activations on the wire; see :mod:`splitunet.secure_sum`).
+        step_schedule: ``sync`` (default, exact) or ``delayed``: the sites' forward of step ``t + 1`` overlaps
+            step ``t``'s decoder step and gradients, so site updates use one-step-stale gradients (see
+            :mod:`splitunet.delayed`); the pipeline drains before validation, checkpoints and the privacy gate.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -128,6 +131,7 @@ class FederationSpec(BaseModel):
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
     gradient_defenses: list[GradientDefenseConfig] = Field(default_factory=list, max_length=16)
     secure_sum: SecureSumOptions | None = None
+    step_schedule: StepSchedule = StepSchedule.SYNC
 
     @field_validator("sites", mode="before")
     @classmethod

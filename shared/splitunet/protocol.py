@@ -58,6 +58,18 @@ class _Pending:
     tape: FilterTape | None = None  # what the outbound filters need on the gradient's way back
     extra_losses: list[torch.Tensor] = field(default_factory=list)  # site loss terms (graph-attached scalars)
 
+    def roots(self, gradients: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Check ``gradients`` (``{name: dL/d sent tensor}``) against the outputs, carry them back through the
+        filters' tape; return the graph's roots (outputs, then site loss terms) and their gradients."""
+        check_bundle(gradients, {k: tuple(v.shape) for k, v in self.outputs.items()}, what="gradients")
+        if self.tape is not None:
+            gradients = self.tape.backward(gradients)
+        names = list(self.outputs)
+        outputs = [self.outputs[n] for n in names] + self.extra_losses
+        grads = [gradients[n].to(dtype=outputs[i].dtype, device=outputs[i].device) for i, n in enumerate(names)]
+        grads += [torch.ones_like(term) for term in self.extra_losses]
+        return outputs, grads
+
 
 class SiteStep:
     """The site side of the protocol: an encoder, its optimizer and the pending forward.
@@ -107,10 +119,7 @@ class SiteStep:
         :class:`~splitunet.filters.FilterContext`).
         """
         with self.lock:
-            context = FilterContext(
-                run_id, step, self.site, Direction.ACTIVATIONS, "train" if train else "eval",
-                groups=None if groups is None else tuple(groups), sample_rate=sample_rate,
-            )
+            context = self._context(run_id, step, train, groups, sample_rate)
             if not train:
                 self.encoder.eval()
                 with torch.no_grad():
@@ -123,6 +132,13 @@ class SiteStep:
             self._pending = _Pending(run_id, step, outputs, tape, extra)
             return tape.outputs
 
+    def _context(self, run_id: str, step: int, train: bool, groups: Sequence[str] | None,
+                 sample_rate: float | None) -> FilterContext:
+        return FilterContext(
+            run_id, step, self.site, Direction.ACTIVATIONS, "train" if train else "eval",
+            groups=None if groups is None else tuple(groups), sample_rate=sample_rate,
+        )
+
     def backward(self, gradients: Mapping[str, torch.Tensor], *, step: int, run_id: str = "local") -> None:
         """Backpropagate ``gradients`` (``{name: dL/d sent tensor}``) into the encoder and step the optimizer.
 
@@ -133,19 +149,9 @@ class SiteStep:
         with self.lock:
             pending = self._pending
             if pending is None or pending.run_id != run_id or pending.step != step:
-                have = None if pending is None else {"run_id": pending.run_id, "step": pending.step}
-                raise ProtocolError(
-                    f"backward for run {run_id!r} step {step} does not match the last training forward "
-                    f"({'none' if have is None else have}); call forward for this step first",
-                    detail={"expected": have, "got": {"run_id": run_id, "step": step}},
-                )
-            check_bundle(gradients, {k: tuple(v.shape) for k, v in pending.outputs.items()}, what="gradients")
-            if pending.tape is not None:
-                gradients = pending.tape.backward(gradients)
-            names = list(pending.outputs)
-            outputs = [pending.outputs[n] for n in names] + pending.extra_losses
-            grads = [gradients[n].to(dtype=outputs[i].dtype, device=outputs[i].device) for i, n in enumerate(names)]
-            grads += [torch.ones_like(term) for term in pending.extra_losses]
+                raise unmatched_backward(pending, run_id, step, "the last training forward",
+                                         "call forward for this step first")
+            outputs, grads = pending.roots(gradients)
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(outputs, grads)
@@ -157,6 +163,18 @@ class SiteStep:
         """``(run_id, step)`` of the forward awaiting its backward, if any."""
         p = self._pending
         return None if p is None else (p.run_id, p.step)
+
+    def pending_shapes(self, run_id: str, step: int) -> dict[str, tuple[int, ...]] | None:
+        """Shapes of the tensors sent by the forward that the next backward must answer, if it is ``step``'s."""
+        p = self._pending
+        if p is None or (p.run_id, p.step) != (run_id, step):
+            return None
+        return {k: tuple(v.shape) for k, v in p.outputs.items()}
+
+    def discard_pending(self) -> None:
+        """Forget the pending forward (a roll-back to a checkpoint)."""
+        with self.lock:
+            self._pending = None
 
 
 @dataclass
@@ -250,6 +268,17 @@ class AggregatorStep:
             self.decoder.eval()
             with torch.no_grad():
                 return self.decoder(leaves)
+
+
+def unmatched_backward(pending: _Pending | None, run_id: str, step: int, which: str, todo: str) -> ProtocolError:
+    """The 409 for a backward of ``(run_id, step)`` that does not answer ``pending`` (``which`` forward it should
+    answer, and ``todo``: what the caller should do)."""
+    have = None if pending is None else {"run_id": pending.run_id, "step": pending.step}
+    return ProtocolError(
+        f"backward for run {run_id!r} step {step} does not match {which} ({'none' if have is None else have}); "
+        f"{todo}",
+        detail={"expected": have, "got": {"run_id": run_id, "step": step}},
+    )
 
 
 def check_bundle(

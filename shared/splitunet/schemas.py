@@ -35,6 +35,18 @@ class WireDtypeName(StrEnum):
     BF16 = "bf16"
 
 
+class StepSchedule(StrEnum):
+    """How the aggregator orders the steps of a run (:mod:`splitunet.delayed`).
+
+    ``sync``: each step's forward waits for the previous step's backward (exact split backpropagation).
+    ``delayed``: the forward of step ``t + 1`` overlaps step ``t``'s decoder step and backward exchange, so every
+    site update uses a gradient one step stale (PipeDream-style pipelining); a site keeps two steps in flight.
+    """
+
+    SYNC = "sync"
+    DELAYED = "delayed"
+
+
 class WireOptions(BaseModel):
     """Wire format of a run: dtype of activations and of gradients, optional zstd compression."""
 
@@ -98,6 +110,7 @@ class RunSetup(BaseModel):
     optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
     wire: WireOptions = Field(default_factory=WireOptions)
     sampling: SamplingPlan | None = None
+    step_schedule: StepSchedule = StepSchedule.SYNC
 
 
 class RunInfo(BaseModel):

@@ -144,15 +144,18 @@ class HttpFederation:
     def __exit__(self, *exc: object) -> None:
         self.fed.stop()
 
-    def run(self, case: StepCase, steps: int, warmup: int, poll_s: float = 0.2) -> tuple[StepTimes, dict]:
-        """Run one job of ``case``; return its step times after warm-up (with median phases) and its status."""
+    def run(self, case: StepCase, steps: int, warmup: int, poll_s: float = 0.2,
+            spec: dict | None = None) -> tuple[StepTimes, dict]:
+        """Run one job of ``case`` (or ``spec``, a job spec without sites, for ``case``'s sites); return its step
+        times after warm-up (with median phases) and its status."""
         import httpx
 
         if case.sites > self.max_sites:
             raise ValueError(f"{case.sites} sites asked, {self.max_sites} started")
         assert self.aggregator is not None
         with httpx.Client(base_url=self.aggregator.url, headers=self.fed.operator_headers(), timeout=60) as client:
-            job_id = client.post("/v1/jobs", json=case.spec(steps)).raise_for_status().json()["job_id"]
+            body = case.spec(steps) if spec is None else spec | {"sites": case.spec(steps)["sites"], "steps": steps}
+            job_id = client.post("/v1/jobs", json=body).raise_for_status().json()["job_id"]
             while (status := client.get(f"/v1/jobs/{job_id}").raise_for_status().json())["state"] not in FINAL_STATES:
                 time.sleep(poll_s)
         if status["state"] != "succeeded":
