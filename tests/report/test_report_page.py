@@ -95,6 +95,7 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
         assert (tmp_path / "run" / "figures" / f"{name}.png").stat().st_size > 1000
     text = page.read_text()
     assert "<script" not in text and "http://" not in text and "https://" not in text  # self-contained
+    assert "covers every DP release" in text  # a reader learns that ε is each site's cumulative ledger
     check = check_page(page, tmp_path / "run" / "report-screenshot.png")
     assert check.console_errors == []
     # 4 figures and the one reconstruction grid, each decoded with a real size

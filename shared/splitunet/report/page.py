@@ -118,7 +118,10 @@ def render_report(report: dict[str, Any], figures: dict[str, Path]) -> str:
         parts.append(_img(figures["dice"], "Dice per region"))
     parts += ["<h2>Privacy–utility study</h2>",
               f"<p><b>Chosen configuration: {e(str(best.get('name')))}</b> — {e(str(best.get('why', '')))}</p>",
-              _study_table(report)]
+              _study_table(report),
+              "<p>ε (Opacus RDP, at the DP defense's δ) is each site's privacy ledger, which covers every DP release "
+              "of its patients across runs: a DP configuration's ε includes the spend of the DP configurations "
+              "trained before it.</p>"]
     if "privacy_utility" in figures:
         parts.append(_img(figures["privacy_utility"], "privacy-utility plot"))
     parts += ["<h2>Leakage per site, configuration and attack</h2>",
