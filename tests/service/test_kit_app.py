@@ -182,6 +182,19 @@ def test_bundle_route_round_trip_and_errors(make_app, headers, bundle_bytes) -> 
 # --- health, readiness, lifespan ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("declared_delta", [1, -1], ids=["shorter-than-declared", "longer-than-declared"])
+def test_bundle_body_that_disagrees_with_its_length_is_400(make_app, headers, bundle_bytes, declared_delta) -> None:
+    """The bundle body is read into a buffer of its declared length: a body that does not fill it exactly is the
+    client's mistake (400, nothing decoded), never a 500."""
+    app, runtimes = make_app()
+    declared = len(bundle_bytes) + declared_delta
+    with TestClient(app) as client:
+        r = client.post("/v1/double", content=bundle_bytes,
+                        headers={**headers, "Content-Type": CONTENT_TYPE, "Content-Length": str(declared)})
+    assert r.status_code == 400 and _is_error_body(r.json(), "body_length_mismatch"), r.text
+    assert str(declared) in r.json()["message"] and runtimes[0].calls == 0
+
+
 def test_healthz_and_readyz_follow_the_runtime(make_app) -> None:
     app, runtimes = make_app()
     cold = TestClient(app)  # no lifespan: the service has not started

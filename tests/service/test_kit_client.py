@@ -10,7 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from splitunet.errors import PeerError
-from splitunet.service.client import PeerClient, PeerTimeouts, tls_context
+from splitunet.service.client import BodyChunks, PeerClient, PeerTimeouts, tls_context
 from splitunet.wire import CONTENT_TYPE, BundleExpectation, BundleKind, BundleMeta, encode_bundle
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -183,6 +183,30 @@ def test_bundles_both_ways() -> None:
     assert client.post_bundle("/v1/backward", _bundle(), params={"step": 4}) == {"applied": True}
     assert received[1].headers["content-type"] == CONTENT_TYPE and received[1].content == _bundle()
     assert received[1].url.params["step"] == "4"
+
+
+def test_bundle_body_goes_in_slices_with_its_length_and_is_resent_whole_on_retry() -> None:
+    """A bundle is posted as zero-copy slices with an explicit Content-Length (never chunked, which services refuse);
+    a retried request sends every byte again."""
+    data = bytes(range(256)) * 40  # 10240 bytes
+    assert [bytes(c) for c in BodyChunks(data, chunk_bytes=4096)] == [data[:4096], data[4096:8192], data[8192:]]
+    assert len(BodyChunks(data)) == len(data) and b"".join(BodyChunks(data)) == b"".join(BodyChunks(data)) == data
+    with pytest.raises(ValueError, match="chunk_bytes must be positive"):
+        BodyChunks(data, chunk_bytes=0)
+    received: list[tuple[dict, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        if not received:
+            received.append(({}, b""))
+            raise httpx.ConnectError("refused", request=request)
+        received.append((dict(request.headers), body))
+        return httpx.Response(200, json={"applied": True})
+
+    assert _client(handler).post_bundle("/v1/backward", data) == {"applied": True}
+    headers, body = received[-1]
+    assert len(received) == 2 and body == data
+    assert headers["content-length"] == str(len(data)) and "transfer-encoding" not in headers
 
 
 def test_bad_bundle_from_peer_is_a_peer_error() -> None:

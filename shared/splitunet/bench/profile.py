@@ -1,7 +1,8 @@
-"""Where the time of a 2D cut-0 split step goes: a wall-clock breakdown per step, and py-spy profiles per service.
+"""Where the time of a 2D split step goes: a wall-clock breakdown per step, and py-spy profiles per service.
 
-``python -m splitunet.bench.profile [--steps N] [--out DIR]`` measures, on the current machine, the bench's P2
-configuration (2D, cut 0, ROI 128², batch 8, widths 8-64, K = 4 sites, phantom cohort of 5 cases):
+``python -m splitunet.bench.profile [--steps N] [--cut 0|1|2] [--out DIR]`` measures, on the current machine, the
+bench's P2 configuration (2D, cut 0 unless ``--cut`` says otherwise, ROI 128², batch 8, widths 8-64, K = 4 sites,
+phantom cohort of 5 cases):
 
 1. **Components, in process** (one torch thread, the services' code and sizes, each timed on its own; the K sites
    one after the other): plan (sampling and labels), site extract, encoder forward, activation encode (fp16
@@ -44,12 +45,13 @@ COMPONENTS = {
 }
 
 
-def bench_case():
+def bench_case(cut_level: int = 0):
     from splitunet.bench.split_step import StepCase
     from splitunet.bench.suite import BenchPlan
 
     plan = BenchPlan.full()
-    return StepCase(dims=2, cut_level=0, roi=plan.roi_2d, sites=4, batch=plan.batch_2d, features=plan.features_2d)
+    return StepCase(dims=2, cut_level=cut_level, roi=plan.roi_2d, sites=4, batch=plan.batch_2d,
+                    features=plan.features_2d)
 
 
 def components(case, cohort: Path, steps: int, warmup: int) -> dict[str, float]:
@@ -226,12 +228,12 @@ def over_http(case, parts, workdir: Path, steps: int, warmup: int, out: Path) ->
     return doc
 
 
-def profile(steps: int, warmup: int, out: Path) -> dict:
+def profile(steps: int, warmup: int, out: Path, cut_level: int = 0) -> dict:
     from splitunet.bench.machine import machine_info
     from splitunet.data.partition import partition_cohort
     from splitunet.data.phantom import write_cohort
 
-    case = bench_case()
+    case = bench_case(cut_level)
     doc: dict = {"config": case.label, "steps": steps, "warmup": warmup, "load_average_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="splitunet-profile-") as tmp:
         root = Path(tmp)
@@ -254,11 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=16, help="training steps (HTTP job and in-process loop)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the medians and the profiles")
     parser.add_argument("--out", type=Path, default=Path("runs/profile"), help="folder for the JSON and raw stacks")
+    parser.add_argument("--cut", type=int, default=0, choices=(0, 1, 2), help="the cut level (P2's rows: 0 and 2)")
     args = parser.parse_args(argv)
     if args.steps < args.warmup + 3:
         parser.error("--steps must exceed --warmup by at least 3")
     args.out.mkdir(parents=True, exist_ok=True)
-    doc = profile(args.steps, args.warmup, args.out)
+    doc = profile(args.steps, args.warmup, args.out, args.cut)
     (args.out / "profile.json").write_text(json.dumps(doc, indent=2))
     m, http = doc["machine"], doc["http"]
     print(f"{doc['config']} on {m['cpu_model']}, {m['cores']} cores, load average "

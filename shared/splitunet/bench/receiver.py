@@ -1,8 +1,9 @@
 """The receiving end of the wire benchmark, run as its own process: ``python -m splitunet.bench.receiver``.
 
 - ``http``: a service built with the service kit (auth, body limit, metrics middleware, as every service) whose
-  one route decodes the posted bundle with :func:`splitunet.wire.decode_bundle` (checksum, header, finiteness,
-  float32 tensors) and answers its size; served by uvicorn with the settings' defaults.
+  route ``/v1/bundle`` decodes the posted bundle with :func:`splitunet.wire.decode_bundle` (checksum, header,
+  finiteness, float32 tensors) and answers its size, ``/v1/bytes`` only reads it; served by uvicorn with the
+  settings' defaults.
 - ``tcp``: a raw loopback socket that reads length-prefixed messages into a preallocated buffer and answers one
   byte each: the physical limit of moving the same bytes on this machine.
 """
@@ -27,7 +28,8 @@ class ReceiverSettings(ServiceSettings):
 
 
 def create_app(settings: ReceiverSettings | None = None):
-    """The HTTP receiver: ``POST /v1/bundle`` decodes the bundle and answers ``{"bytes": n, "tensors": k}``."""
+    """The HTTP receiver: ``POST /v1/bundle`` decodes the bundle and answers ``{"bytes": n, "tensors": k}``;
+    ``POST /v1/bytes`` only reads the body (the HTTP stack's share of the time, without the codec)."""
     from fastapi import APIRouter
 
     from splitunet import __version__
@@ -43,6 +45,10 @@ def create_app(settings: ReceiverSettings | None = None):
     def receive(body: BundleBody) -> dict[str, int]:
         bundle = decode_bundle(body, max_bytes=settings.max_request_bytes)
         return {"bytes": bundle.wire_bytes, "tensors": len(bundle.tensors)}
+
+    @router.post("/bytes", dependencies=[body_limit(lambda s: s.max_request_bytes)])
+    def receive_only(body: BundleBody) -> dict[str, int]:
+        return {"bytes": len(body), "tensors": 0}
 
     @contextmanager
     def runtime(_settings: ReceiverSettings):

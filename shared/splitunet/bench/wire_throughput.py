@@ -22,13 +22,22 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class WireThroughput:
-    """Medians over ``iterations`` (after one warm-up), bytes per second."""
+    """Medians over ``iterations`` (after one warm-up), seconds per bundle and bytes per second.
+
+    ``http_s`` is the P1 path (encode + POST + decode + answer); ``transfer_s`` the same POST of the already encoded
+    bytes to a route that only reads them (the HTTP stack's share); ``encode_s`` and ``decode_s`` the codec's two
+    halves timed in this process; ``cast_s`` the two dtype conversions alone (fp32 -> fp16 at the sender, fp16 ->
+    fp32 at the receiver), per-byte work that any fp16 wire format does; ``tcp_s`` the raw loopback socket.
+    """
 
     bundle_bytes: int
     iterations: int
     http_bytes_per_s: float
     tcp_bytes_per_s: float
     encode_s: float
+    decode_s: float
+    cast_s: float
+    transfer_s: float
     http_s: float
     tcp_s: float
 
@@ -37,8 +46,13 @@ class WireThroughput:
         """P1: HTTP throughput / raw TCP throughput (1.0 = the wire format and HTTP cost nothing)."""
         return self.http_bytes_per_s / self.tcp_bytes_per_s
 
+    @property
+    def cast_bound(self) -> float:
+        """The P1 that would remain if the raw transfer were followed by the two dtype casts and nothing else."""
+        return self.tcp_s / (self.tcp_s + self.cast_s)
+
     def to_dict(self) -> dict:
-        return asdict(self) | {"p1_wire_efficiency": self.efficiency}
+        return asdict(self) | {"p1_wire_efficiency": self.efficiency, "p1_cast_bound": self.cast_bound}
 
 
 def _free_port() -> int:
@@ -68,11 +82,12 @@ def _connect(port: int, process: subprocess.Popen, timeout_s: float = 60) -> soc
 
 
 def measure_wire(megabytes: float = 64.0, iterations: int = 5, *, threads: int = 1) -> WireThroughput:
-    """Measure P1 with an fp16 bundle of about ``megabytes`` MiB (``B, C, X, Y, Z`` activations)."""
-    import httpx
+    """Measure P1 with an fp16 bundle of about ``megabytes`` MiB (``B, C, X, Y, Z`` activations), sent the way the
+    services send bundles (:meth:`splitunet.service.client.PeerClient.post_bundle`)."""
     import torch
 
-    from splitunet.wire import CONTENT_TYPE, BundleMeta, WireDtype, encode_bundle
+    from splitunet.service.client import PeerClient
+    from splitunet.wire import BundleMeta, WireDtype, decode_bundle, encode_bundle
 
     torch.set_num_threads(threads)
     voxels = int(megabytes * 2**20 / 2 / 16)  # fp16, 16 channels
@@ -88,15 +103,16 @@ def measure_wire(megabytes: float = 64.0, iterations: int = 5, *, threads: int =
     http_proc, tcp_proc = _start("http", http_port, env), _start("tcp", tcp_port, env)
     try:
         _connect(http_port, http_proc).close()
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": CONTENT_TYPE}
-        encode, http = [], []
-        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", headers=headers, timeout=120) as client:
+        encode, http, transfer = [], [], []
+        with PeerClient(f"http://127.0.0.1:{http_port}", token=token, retries=0) as client:
             for _ in range(iterations + 1):
                 t0 = time.perf_counter()
                 data = encode_bundle(tensors, meta=meta, dtype=WireDtype.FP16, max_bytes=limit)
                 t1 = time.perf_counter()
-                client.post("/v1/bundle", content=data).raise_for_status()
+                client.post_bundle("/v1/bundle", data)
                 t2 = time.perf_counter()
+                client.post_bundle("/v1/bytes", data)
+                transfer.append(time.perf_counter() - t2)
                 encode.append(t1 - t0)
                 http.append(t2 - t0)
         raw = []
@@ -116,10 +132,20 @@ def measure_wire(megabytes: float = 64.0, iterations: int = 5, *, threads: int =
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    decode, cast = [], []
+    for _ in range(iterations + 1):
+        t0 = time.perf_counter()
+        decode_bundle(sample, max_bytes=limit)
+        t1 = time.perf_counter()
+        tensors["level0"].to(torch.float16).to(torch.float32)
+        cast.append(time.perf_counter() - t1)
+        decode.append(t1 - t0)
     http_s, tcp_s = statistics.median(http[1:]), statistics.median(raw[1:])
     return WireThroughput(
         bundle_bytes=len(sample), iterations=iterations, http_bytes_per_s=len(sample) / http_s,
-        tcp_bytes_per_s=len(sample) / tcp_s, encode_s=statistics.median(encode[1:]), http_s=http_s, tcp_s=tcp_s,
+        tcp_bytes_per_s=len(sample) / tcp_s, encode_s=statistics.median(encode[1:]),
+        decode_s=statistics.median(decode[1:]), cast_s=statistics.median(cast[1:]),
+        transfer_s=statistics.median(transfer[1:]), http_s=http_s, tcp_s=tcp_s,
     )
 
 
