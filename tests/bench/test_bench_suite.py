@@ -53,11 +53,17 @@ def test_bench_quick_writes_every_figure(tmp_path):
     assert set(p2) == {"cut0_2d", "cut2_2d", "cut0_3d", "cut2_3d"}
     assert p2["cut0_2d"] > 0 and p2["cut2_2d"] > 0
     assert p2["cut0_3d"] is None and p2["cut2_3d"] is None  # --dims 2: not measured, never filled in
+    delayed = doc["p2_split_overhead_delayed"]
+    assert set(delayed) == set(p2) and delayed["cut0_2d"] > 0 and delayed["cut2_3d"] is None
+    wire = doc["wire"]
+    assert wire["transfer_s"] > 0 and wire["decode_s"] > 0 and wire["cast_s"] > 0
+    assert 0 < wire["p1_cast_bound"] < 1 and wire["http_s"] > wire["encode_s"]
     # bundle frames add a header to the tensor payload: never fewer bytes than the planner's analytic figure
     assert doc["p3_bytes_ratio"] >= 1.0
     assert [(r["dims"], r["cut_level"]) for r in doc["runs"]] == [(2, 0), (2, 2)]
     for run in doc["runs"]:
         assert set(run["phases_s"]) == {"plan", "forward", "aggregator", "backward"}
+        assert run["http_delayed_step_s"] > 0 and len(run["http_delayed_steps_s"]) >= 1
         assert run["wire_bytes_per_step"] >= run["analytic_bytes_per_step"]
     assert [r["sites"] for r in doc["scaling"]["sites"]] == [2, 4]
     assert len(doc["scaling"]["roi"]) == 2
@@ -67,7 +73,7 @@ def test_bench_quick_writes_every_figure(tmp_path):
     assert doc["phantom"]["seconds_per_case"] > 0 and doc["whitebox_inversion"]["seconds"] > 0
     machine = doc["machine"]
     assert machine["cores"] >= 1 and machine["versions"]["torch"]
-    assert "P1 wire efficiency" in result.output
+    assert "P1 wire efficiency" in result.output and "delayed schedule cut0_2d" in result.output
 
 
 def test_bench_rejects_bad_options():

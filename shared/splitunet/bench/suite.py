@@ -4,6 +4,10 @@
   (:mod:`splitunet.bench.wire_throughput`).
 - ``p2_split_overhead``: median step time over HTTP / the same step in process, at cut levels 0 and 2, 2D and 3D
   (:mod:`splitunet.bench.split_step`); the in-process reference is the faster of 1 torch thread and all cores.
+- ``p2_split_overhead_delayed``: the same ratio with the one-step-delayed (pipelined) schedule over HTTP
+  (``"step_schedule": "delayed"``; :mod:`services.aggregator.pipeline`) against the same synchronous in-process
+  reference: what overlapping the exchange with the next forward buys. Its effect on Dice is
+  ``python -m splitunet.bench.delayed``'s to measure (it needs a trained model).
 - ``p3_bytes_ratio``: bundle bytes per step on the wire / analytic tensor bytes (:mod:`splitunet.planner`, fp16
   activations + fp32 gradients); the worst of all configurations measured (P2 and scaling).
 - ``scaling``: step time, bytes and samples/s for K = 2, 4, 8 sites and for three ROI sizes.
@@ -27,6 +31,8 @@ from splitunet.bench.split_step import HttpFederation, StepCase, codec_seconds, 
 logger = logging.getLogger(__name__)
 
 #: Targets of issue 14 (ratios).
+#: The job-spec change of the delayed-schedule rows.
+DELAYED = {"step_schedule": "delayed"}
 TARGETS = {"p1_wire_efficiency": ">= 0.8", "p2_cut2": "<= 1.10", "p2_cut0": "<= 1.30", "p3_bytes_ratio": "<= 1.02"}
 
 
@@ -56,7 +62,7 @@ class BenchPlan:
 
     @classmethod
     def full(cls) -> BenchPlan:
-        return cls(steps=8, warmup=2, wire_megabytes=64.0, wire_iterations=5, cohort_cases=5,
+        return cls(steps=12, warmup=4, wire_megabytes=64.0, wire_iterations=5, cohort_cases=5,
                    cohort_shape=(128, 128, 80), roi_2d=(128, 128), roi_3d=(64, 64, 64), batch_2d=8, batch_3d=1,
                    features_2d=(8, 16, 32, 64), features_3d=(8, 16, 32, 64), site_counts=(2, 4, 8),
                    scaling_rois_2d=((64, 64), (96, 96), (128, 128)), scaling_rois_3d=((32, 32, 32), (48, 48, 48),
@@ -129,6 +135,7 @@ def run_bench(plan: BenchPlan, *, dims: tuple[int, ...] = (2, 3), device: str = 
                          "write_s": time.perf_counter() - t0}
         parts = partition_cohort(root / "cohort", root / "parts")
         p2: dict = {}
+        p2_delayed: dict = {}
         runs: list[dict] = []
         with HttpFederation(root / "fed", parts, max_sites=max_sites, site_threads=site_threads,
                             aggregator_threads=agg_threads, device=device) as http:
@@ -152,6 +159,12 @@ def run_bench(plan: BenchPlan, *, dims: tuple[int, ...] = (2, 3), device: str = 
                                                           "phases_s": v.phases} for t, v in by_threads.items()},
                             "overhead": row["http_step_s"] / local.median_s}
                     p2[f"cut{cut}_{d}d"] = row["overhead"]
+                    progress(f"P2: {c.label} over HTTP, delayed schedule")
+                    delayed, _ = http.run(c, plan.steps, plan.warmup, spec=c.spec(plan.steps) | DELAYED)
+                    row |= {"http_delayed_step_s": delayed.median_s, "http_delayed_steps_s": delayed.steps,
+                            "delayed_phases_s": delayed.phases,
+                            "overhead_delayed": delayed.median_s / local.median_s}
+                    p2_delayed[f"cut{cut}_{d}d"] = row["overhead_delayed"]
                     runs.append(row)
             scaling: dict = {"sites": [], "roi": []}
             d = dims[0]
@@ -171,6 +184,8 @@ def run_bench(plan: BenchPlan, *, dims: tuple[int, ...] = (2, 3), device: str = 
             doc["peak_rss_bytes"] = http.peak_rss()
     doc["runs"] = runs
     doc["p2_split_overhead"] = {key: p2.get(key) for key in ("cut0_2d", "cut2_2d", "cut0_3d", "cut2_3d")}
+    doc["p2_split_overhead_delayed"] = {key: p2_delayed.get(key) for key in ("cut0_2d", "cut2_2d", "cut0_3d",
+                                                                              "cut2_3d")}
     doc["p3_bytes_ratio"] = max(r["bytes_ratio"] for r in [*runs, *scaling["sites"], *scaling["roi"]])
     doc["scaling"] = scaling
     doc["throughput_samples_per_s"] = {r["config"]: r["samples_per_s"] for r in runs}

@@ -54,6 +54,11 @@ def bench_command(
     for key, value in doc["p2_split_overhead"].items():
         target = doc["targets"]["p2_cut0" if key.startswith("cut0") else "p2_cut2"]
         head.add_row(f"P2 split overhead {key}", _ratio(value), target)
+    for key, value in doc["p2_split_overhead_delayed"].items():
+        if value is not None:
+            head.add_row(f"P2 with the delayed schedule {key}", _ratio(value), "(optional schedule)")
+    wire = doc["wire"]
+    head.add_row("P1 bound by the fp16 casts alone", _ratio(wire["p1_cast_bound"]), "(the limit with casts)")
     head.add_row("P3 bytes ratio (worst)", f"{doc['p3_bytes_ratio']:.4f}", doc["targets"]["p3_bytes_ratio"])
     out.print(head)
     steps = Table(title="split steps (medians after warm-up, seconds)")
@@ -69,6 +74,9 @@ def bench_command(
                                                                                    "backward")),
                       f"{r['wire_bytes_per_step'] / 2**20:.1f}", f"{r['samples_per_s']:.1f}")
     out.print(steps)
+    out.print(f"P1, {wire['bundle_bytes'] / 2**20:.0f} MiB bundle, seconds: HTTP path {wire['http_s']:.3f} (encode "
+              f"{wire['encode_s']:.3f} + post + decode {wire['decode_s']:.3f}); transfer only "
+              f"{wire['transfer_s']:.3f}; the two casts {wire['cast_s']:.3f}; raw TCP {wire['tcp_s']:.3f}")
     rss = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in doc["peak_rss_bytes"].items() if v is not None)
     out.print(f"peak RSS (MiB): {rss}")
     ph, wb = doc["phantom"], doc["whitebox_inversion"]
