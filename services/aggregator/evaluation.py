@@ -147,13 +147,12 @@ class SplitPredictor:
         shapes = self.shapes_for(len(samples))
         if self.on_plan is not None:
             self.on_plan(step, samples)
-        futures = {
-            name: self.pool.submit(
-                client.forward, self.run_id, step, samples, phase=Phase.EVAL, shapes=shapes, dtype=self.dtype
-            )
-            for name, client in self.clients.items()
-        }
-        received = {name: f.result() for name, f in futures.items()}
+        futures = {name: self.pool.submit(client.fetch_activations, self.run_id, step, samples, phase=Phase.EVAL)
+                   for name, client in self.clients.items()}
+        # decoded in this thread, not the pool's (see services.aggregator.pipeline, "Threads")
+        received = {name: self.clients[name].decode_activations(f.result(), run_id=self.run_id, step=step,
+                                                                shapes=shapes, dtype=self.dtype)
+                    for name, f in futures.items()}
         if self.on_received is not None:
             for name, item in received.items():
                 self.on_received(name, step, item)

@@ -20,6 +20,13 @@ each site then computes ``t + 1`` on the weights from before ``t``'s update, wha
 reproducible and a roll-back replays it exactly (see :mod:`splitunet.delayed`). The forward usually answers while
 the decoder runs, so this wait is short.
 
+**Threads.** The pool's threads only move bytes (the HTTP calls); the job's own thread decodes the activations and
+encodes the gradients. Torch work in a pool thread would start an OpenMP team in that thread, and once a process
+holds more OpenMP threads than cores, libgomp stops spinning between parallel regions and every region waits for
+its workers to wake. Measured on 2 cores with the bench's 2D cut-0 step in process (2 torch threads): 0.26 s per
+step in a thread that is the process's only OpenMP team, 0.33 s in one that is not (the decoder step 0.14 vs
+0.19 s), which is what the aggregator phase over HTTP lost against the in-process reference before this split.
+
 ``step_times`` per step: ``plan`` (sampling and labels of the step launched during it), ``forward`` (waiting for
 activations: all of the forward calls when synchronous; when delayed, only what the overlap did not hide, for
 this step and the one launched ahead), ``aggregator`` (decoder step) and ``backward`` (gradient sends);
@@ -54,8 +61,10 @@ class Launched:
     step: int
     samples: list[Sample]
     labels: torch.Tensor
-    futures: dict[str, Future[Received]]
+    futures: dict[str, Future[bytes]]
     plan_s: float
+    shapes: dict[str, tuple[int, ...]]
+    dtype: WireDtype
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -115,12 +124,16 @@ class StepExchange:
         shapes = job.shapes_for(len(samples))
         dtype = WireDtype(job.spec.wire.activations.value)
         plan_s = time.perf_counter() - t0
-        futures = {
-            name: self.pool.submit(c.forward, job.job_id, step, samples, phase=Phase.TRAIN, shapes=shapes,
-                                           dtype=dtype)
-            for name, c in job.clients.items()
-        }
-        return Launched(step, samples, labels, futures, plan_s, started=t0)
+        futures = {name: self.pool.submit(c.fetch_activations, job.job_id, step, samples, phase=Phase.TRAIN)
+                   for name, c in job.clients.items()}
+        return Launched(step, samples, labels, futures, plan_s, shapes=shapes, dtype=dtype, started=t0)
+
+    def collect(self, launched: Launched) -> dict[str, Received]:
+        """Wait for ``launched``'s activations and decode them here, in the job's thread (see the module docstring)."""
+        job = self.job
+        return {name: job.clients[name].decode_activations(f.result(), run_id=job.job_id, step=launched.step,
+                                                            shapes=launched.shapes, dtype=launched.dtype)
+                for name, f in launched.futures.items()}
 
     def finish(self, launched: Launched, overlap: Callable[[], Launched | None] | None = None
                ) -> tuple[float, dict[str, float]]:
@@ -131,7 +144,7 @@ class StepExchange:
         job, step = self.job, launched.step
         assert job.aggregator is not None
         t1 = time.perf_counter()
-        received = {name: f.result() for name, f in launched.futures.items()}
+        received = self.collect(launched)
         job.recorder.plan(run_id=job.job_id, step=step, phase=Phase.TRAIN.value, samples=launched.samples)
         for name, item in received.items():
             job._record_received(name, step, item, Phase.TRAIN)
@@ -154,15 +167,16 @@ class StepExchange:
         grad_dtype = WireDtype(wire.gradients.value)
         site_defenses: dict[str, list] = {}
 
-        def send(name: str) -> int:
-            client = job.clients[name]
-            data = client.encode_gradients(job.job_id, step, result.gradients[name], dtype=grad_dtype,
-                                           compress=wire.compress)
+        encoded = {name: client.encode_gradients(job.job_id, step, result.gradients[name], dtype=grad_dtype,
+                                                 compress=wire.compress) for name, client in job.clients.items()}
+        for name, data in encoded.items():
             job.recorder.record(run_id=job.job_id, step=step, site=name, flow=Flow.SENT, phase=Phase.TRAIN.value,
                                 data=data, sha256=frame_sha256(data))
-            ack = client.backward(job.job_id, step, data)
+
+        def send(name: str) -> int:
+            ack = job.clients[name].backward(job.job_id, step, encoded[name])
             site_defenses[name] = ack.defenses or []
-            return len(data)
+            return len(encoded[name])
 
         sent = sum(self.pool.map(send, job.clients))
         t4 = time.perf_counter()

@@ -120,12 +120,16 @@ class SiteClient:
     ) -> Received:
         """Ask for the activations of ``samples``; the bundle is checked against the expected names and shapes.
 
-        Returns the decoded bundle and the bytes exactly as received (for the recorder).
+        Returns the decoded bundle and the bytes exactly as received (for the recorder). A job that calls its sites
+        from a thread pool calls :meth:`fetch_activations` there and :meth:`decode_activations` in its own thread
+        (see :mod:`services.aggregator.pipeline` for why).
         """
+        data = self.fetch_activations(run_id, step, samples, phase=phase)
+        return self.decode_activations(data, run_id=run_id, step=step, shapes=shapes, dtype=dtype)
+
+    def fetch_activations(self, run_id: str, step: int, samples: Sequence[Sample], *, phase: Phase) -> bytes:
+        """The site's forward call, without decoding: the bundle's bytes as received (no torch work)."""
         request = ForwardRequest(step=step, phase=phase, samples=list(samples))
-        expect = BundleExpectation(
-            shapes=shapes, dtype=dtype, run_id=run_id, step=step, site=self.name, kind=BundleKind.ACTIVATIONS
-        )
         response = self.peer.request(
             "POST",
             f"/v1/runs/{run_id}/forward",
@@ -133,7 +137,15 @@ class SiteClient:
             accept=CONTENT_TYPE,
             idempotent=phase == Phase.EVAL,
         )
-        data = response.content
+        return response.content
+
+    def decode_activations(
+        self, data: bytes, *, run_id: str, step: int, shapes: Mapping[str, tuple[int, ...]], dtype: WireDtype
+    ) -> Received:
+        """Decode the bytes of :meth:`fetch_activations` against the expected names, shapes and metadata."""
+        expect = BundleExpectation(
+            shapes=shapes, dtype=dtype, run_id=run_id, step=step, site=self.name, kind=BundleKind.ACTIVATIONS
+        )
         try:
             bundle = decode_bundle(data, expect=expect, max_bytes=self.max_bundle_bytes)
         except WireFormatError as exc:

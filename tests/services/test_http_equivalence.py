@@ -178,3 +178,33 @@ def test_whole_case_prediction_through_the_sites_equals_fused_sliding_window(
     want = torch.sigmoid(predict_volume(fused, volume, roi, batch_size=3))
     assert got.shape == want.shape == (3, *cohort.shape)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["sync", "delayed"])
+def test_bundles_are_encoded_and_decoded_in_the_jobs_own_thread(
+    aggregator: TestClient, cohort: Cohort, monkeypatch, schedule: str
+) -> None:
+    """The pool's threads only move bytes: torch work there would start an OpenMP team per pool thread and slow
+    the decoder step down (see services.aggregator.pipeline, "Threads"). Training and validation forwards are
+    decoded, and gradients encoded, in the job's thread."""
+    import threading
+
+    from services.aggregator import site_client
+
+    where: list[tuple[str, str]] = []
+
+    def traced(name: str, function: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            where.append((name, threading.current_thread().name))
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(site_client, "decode_bundle", traced("decode", site_client.decode_bundle))
+    monkeypatch.setattr(site_client, "encode_bundle", traced("encode", site_client.encode_bundle))
+    model = {"spatial_dims": 2, "features": [4, 8, 16], "cut_level": 0}
+    body = equivalence_spec(model, [16, 16], f"job-threads-{schedule}") | {
+        "steps": 3, "val_interval": 2, "max_val_cases": 1, "step_schedule": schedule}
+    status = run_job(aggregator, body, headers=AGG_HEADERS)
+    assert status["state"] == "succeeded", status
+    assert {name for name, _ in where} == {"decode", "encode"}
+    assert {thread for _, thread in where} == {f"job-{body['run_id']}"}
