@@ -116,7 +116,11 @@ class SiteAuditor:
         return path.read_bytes()
 
     def score(self, body: bytes) -> ScoreResponse:
-        """Compare reconstructions with this site's own originals; return numbers only."""
+        """Compare reconstructions with this site's own originals; return numbers only. Runs on the site's compute
+        thread (:class:`~splitunet.service.compute.ComputeThread`)."""
+        return self.runtime.compute.call(self._score, body)
+
+    def _score(self, body: bytes) -> ScoreResponse:
         bundle = decode_bundle(body, max_bytes=self.settings.max_bundle_bytes)
         meta = bundle.meta
         if meta.site != self.settings.site_id or meta.kind != BundleKind.ACTIVATIONS:

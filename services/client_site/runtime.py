@@ -64,6 +64,7 @@ from splitunet.schemas import (
     StepSchedule,
 )
 from splitunet.secure_sum import SecureSumAck, SecureSumOffer, SecureSumPeers
+from splitunet.service.compute import ComputeThread
 from splitunet.service.device import resolve_device
 from splitunet.service.metrics import ServiceMetrics
 from splitunet.wire import (
@@ -129,6 +130,8 @@ class SiteRuntime:
         self.alignment = AlignmentGuard(frozenset(self.cases))
         self.eval_budget = EvalBudget(settings.policy)
         self._lock = threading.Lock()
+        #: every forward, backward and audit score runs here (one OpenMP team; see splitunet.service.compute)
+        self.compute = ComputeThread(f"site-{settings.site_id}-torch")
         self.store = RunStore(settings.state_dir)
         for stored in self.store.runs()[-MAX_RUNS:]:
             run = self._build_run(stored.setup, cohort=stored.cohort, created=stored.created)
@@ -319,7 +322,10 @@ class SiteRuntime:
 
     # ------------------------------------------------------------------ the step
     def forward(self, run_id: str, request: ForwardRequest) -> bytes:
-        """Encode the requested samples; return the activation bundle (wire bytes)."""
+        """Encode the requested samples; return the activation bundle (wire bytes). Runs on the compute thread."""
+        return self.compute.call(self._forward, run_id, request)
+
+    def _forward(self, run_id: str, request: ForwardRequest) -> bytes:
         run = self._run(run_id)
         self._check_restored(run_id, run)
         started = time.perf_counter()
@@ -359,8 +365,11 @@ class SiteRuntime:
         A repeated backward of the step just applied is acknowledged with ``applied=False`` (idempotent retry),
         also when it overlaps the original: the run's lock makes it wait for the original to finish. A retry with
         other gradient bytes is a :class:`ConflictError`; any other backward without its forward is a
-        :class:`ProtocolError` (409).
+        :class:`ProtocolError` (409). Runs on the compute thread.
         """
+        return self.compute.call(self._backward_locked, run_id, step, body)
+
+    def _backward_locked(self, run_id: str, step: int, body: bytes) -> BackwardAck:
         run = self._run(run_id)
         with run.lock:
             return self._backward(run_id, run, step, body)
@@ -521,5 +530,6 @@ def site_runtime(settings: SiteSettings, metrics: ServiceMetrics | None = None) 
     try:
         yield runtime
     finally:
+        runtime.compute.close()
         runtime.cache.clear()
         runtime.store.close()

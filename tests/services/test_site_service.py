@@ -208,6 +208,26 @@ def test_backward_steps_the_encoder_and_a_retry_is_acknowledged(run: TestClient,
     assert run.get("/v1/info", headers=SITE_HEADERS).json()["runs"][RUN]["step"] == 1
 
 
+def test_the_step_runs_on_the_sites_one_compute_thread(run: TestClient, cohort: Cohort, monkeypatch) -> None:
+    """Forwards and backwards reach the encoder on one thread whichever worker thread took the request (one OpenMP
+    team per process; see splitunet.service.compute)."""
+    import threading
+
+    threads: list[str] = []
+    step = run.app.state.runtime._run(RUN).step
+    for name in ("forward", "backward"):
+        method = getattr(step, name)
+
+        def traced(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return _method(*args, **kwargs)
+
+        monkeypatch.setattr(step, name, traced)
+    for i in (1, 2):
+        train_step(run, cohort, i)
+    assert len(threads) == 4 and len(set(threads)) == 1 and threads[0].startswith("site-t1-torch")
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def test_backward_before_forward_is_409(run: TestClient) -> None:
     body = assert_error(backward(run, 1, gradients(1)), 409, "out_of_order")
