@@ -130,7 +130,8 @@ class SiteRuntime:
         self.alignment = AlignmentGuard(frozenset(self.cases))
         self.eval_budget = EvalBudget(settings.policy)
         self._lock = threading.Lock()
-        #: every forward, backward and audit score runs here (one OpenMP team; see splitunet.service.compute)
+        #: every forward, backward, checkpoint, restore and audit score runs here (one OpenMP team; see
+        #: splitunet.service.compute)
         self.compute = ComputeThread(f"site-{settings.site_id}-torch")
         self.store = RunStore(settings.state_dir)
         for stored in self.store.runs()[-MAX_RUNS:]:
@@ -468,7 +469,11 @@ class SiteRuntime:
         return self.settings.state_dir / run_id / f"site-{self.settings.site_id}-step-{step:08d}.safetensors"
 
     def checkpoint(self, run_id: str, step: int) -> CheckpointInfo:
-        """Save encoder + optimizer of a run after the backward of ``step``: the step the run holds, or 409."""
+        """Save encoder + optimizer of a run after the backward of ``step``: the step the run holds, or 409. Runs on
+        the compute thread."""
+        return self.compute.call(self._checkpoint, run_id, step)
+
+    def _checkpoint(self, run_id: str, step: int) -> CheckpointInfo:
         run = self._run(run_id)
         path = self._checkpoint_path(run_id, step)
         check_disk_budget(self.settings.state_dir, run.parameters, self.settings.checkpoint_budget_bytes,
@@ -499,7 +504,12 @@ class SiteRuntime:
             NotFoundError: no checkpoint of this run at ``step``.
             DataError: the checkpoint is empty, truncated or corrupt (the run is left as it was).
             ConflictError: it was written by another architecture or for another run or step.
+
+        Runs on the compute thread.
         """
+        return self.compute.call(self._restore, run_id, step)
+
+    def _restore(self, run_id: str, step: int) -> CheckpointInfo:
         run = self._run(run_id)
         path = self._checkpoint_path(run_id, step)
         if not path.is_file():
