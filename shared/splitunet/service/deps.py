@@ -76,9 +76,11 @@ async def read_bundle_body(request: Request) -> bytearray:
     """The raw request body of a wire bundle; 415 unless its content type is the bundle type.
 
     The gate has required a ``Content-Length`` within the route's limit and the body-size middleware bounds what
-    arrives, so the body is read straight into one buffer of the declared size as its chunks arrive: no list of
-    chunks joined at the end (for a 64 MiB bundle that join, and the fresh pages it touches, cost as much as the
-    transfer itself). Decode it with :func:`splitunet.wire.decode_bundle`.
+    arrives. The chunks are appended to one buffer as they arrive and dropped, rather than kept in a list and
+    joined at the end (a 64 MiB POST to a route that only reads it, uvicorn on h11: 0.19-0.21 s with Starlette's
+    ``request.body()``, 0.15 s so; on httptools all ways are within noise, 0.09-0.13 s). The buffer grows with what
+    arrived, not with what the header declares, so a caller cannot make the service commit memory for bytes it
+    never sends. Decode it with :func:`splitunet.wire.decode_bundle`.
     """
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type != CONTENT_TYPE:
@@ -88,19 +90,16 @@ async def read_bundle_body(request: Request) -> bytearray:
     declared = request.headers.get("content-length", "")
     if not declared.isdigit():  # the gate refuses such a request first; this keeps the route safe on its own
         raise CodedHTTPException(411, "length_required", "a bundle body needs a Content-Length header")
-    body = bytearray(int(declared))
-    view, received = memoryview(body), 0
+    expected, body = int(declared), bytearray()
     async for chunk in request.stream():
-        end = received + len(chunk)
-        if end > len(body):
+        body += chunk
+        if len(body) > expected:
             raise CodedHTTPException(
-                400, "body_length_mismatch", f"the body is longer than its Content-Length of {len(body)} bytes"
+                400, "body_length_mismatch", f"the body is longer than its Content-Length of {expected} bytes"
             )
-        view[received:end] = chunk
-        received = end
-    if received != len(body):
+    if len(body) != expected:
         raise CodedHTTPException(
-            400, "body_length_mismatch", f"the body has {received} bytes, its Content-Length says {len(body)}"
+            400, "body_length_mismatch", f"the body has {len(body)} bytes, its Content-Length says {expected}"
         )
     return body
 
