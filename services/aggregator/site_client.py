@@ -108,27 +108,10 @@ class SiteClient:
         """Tell the site a run's job ended (it may then make room for a new run)."""
         return RunInfo.model_validate(self.peer.post_json(f"/v1/runs/{run_id}/release", {}, idempotent=True))
 
-    def forward(
-        self,
-        run_id: str,
-        step: int,
-        samples: Sequence[Sample],
-        *,
-        phase: Phase,
-        shapes: Mapping[str, tuple[int, ...]],
-        dtype: WireDtype,
-    ) -> Received:
-        """Ask for the activations of ``samples``; the bundle is checked against the expected names and shapes.
-
-        Returns the decoded bundle and the bytes exactly as received (for the recorder). A job that calls its sites
-        from a thread pool calls :meth:`fetch_activations` there and :meth:`decode_activations` in its own thread
-        (see :mod:`services.aggregator.pipeline` for why).
-        """
-        data = self.fetch_activations(run_id, step, samples, phase=phase)
-        return self.decode_activations(data, run_id=run_id, step=step, shapes=shapes, dtype=dtype)
-
     def fetch_activations(self, run_id: str, step: int, samples: Sequence[Sample], *, phase: Phase) -> bytes:
-        """The site's forward call, without decoding: the bundle's bytes as received (no torch work)."""
+        """The site's forward call, without decoding: the bundle's bytes as received (no torch work, so a job may call
+        it from its thread pool; :meth:`decode_activations` runs in the job's own thread, see
+        :mod:`services.aggregator.pipeline`, "Threads")."""
         request = ForwardRequest(step=step, phase=phase, samples=list(samples))
         response = self.peer.request(
             "POST",
