@@ -45,7 +45,7 @@ def _error(status: int, code: str, message: str = "m", detail=None) -> httpx.Res
     (409, "conflict", ConflictError, ExitCode.USAGE),
     (403, "policy_violation", PolicyError, ExitCode.USAGE),
     (401, "unauthorized", AuthError, ExitCode.UNREACHABLE),
-    (403, "forbidden", AuthError, ExitCode.UNREACHABLE),
+    (403, "insufficient_scope", AuthError, ExitCode.UNREACHABLE),
     (418, "teapot_of_a_newer_service", ConfigurationError, ExitCode.USAGE),
     (500, "internal", SplitUNetError, ExitCode.FAILED),
 ])

@@ -10,7 +10,8 @@ matches (``not_found`` -> :class:`~splitunet.errors.NotFoundError`, ``policy_vio
     SplitUNetError
     ├── ConfigurationError      4xx the service refused the request (invalid_request, bad_request, ...), or a
     │                           spec the client's own schema validation refused before sending it
-    ├── AuthError               401 (a wrong or revoked token) and 403 ``forbidden`` (a token of another scope)
+    ├── AuthError               401 (a wrong or revoked token), 403 ``insufficient_scope`` (a token of another
+    │                           scope) or ``forbidden``
     ├── PolicyError             403 ``policy_violation`` (a site or registry rule)
     ├── NotFoundError           404 (no such job, audit or case)
     ├── ConflictError           409 (a job already running, nothing to resume)
@@ -47,6 +48,7 @@ _KIT_CODES: dict[str, type[SplitUNetError]] = {
     "not_acceptable": ConfigurationError,
     "too_many_requests": ConfigurationError,
     "forbidden": AuthError,
+    "insufficient_scope": AuthError,  # the gate's 403 for a token of another scope
 }
 #: Fallbacks by HTTP status for a code the client does not know (a newer service).
 _BY_STATUS: dict[int, type[SplitUNetError]] = {

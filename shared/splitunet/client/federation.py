@@ -35,10 +35,12 @@ class Federation:
         audit_url: the audit service's base URL (``None``: only ``jobs`` is usable).
         audit_token_file: the audit service's token file (default: ``token_file``).
         ca_file: CA bundle that signed the services' certificates (default: the system's CAs).
-        client_cert, client_key: the operator's client certificate and key, for services that require mutual TLS.
+        client_cert: the operator's client certificate, for services that require mutual TLS (with client_key).
+        client_key: the client certificate's private key.
         timeout_s: read and write timeout of one call (connect: 5 s).
         retries: extra attempts of a call that may be retried (see :mod:`splitunet.client.http`).
-        transport, audit_transport: ``httpx`` transports to use instead of the network (tests).
+        transport: an ``httpx`` transport to the aggregator instead of the network (tests).
+        audit_transport: the same for the audit service.
     """
 
     def __init__(
