@@ -160,3 +160,25 @@ def test_profiles_environment_and_options_in_that_order(tmp_path, token_file):
     profiles.write_text("[profiles.a]\nurl = ")
     with pytest.raises(ConfigurationError, match="cannot read the profile file"):
         resolve_profile(environ=env)
+
+
+def test_the_live_view_shows_progress_eta_validation_and_the_gate():
+    from rich.console import Console
+
+    from splitunet.cli.views import eta_seconds, job_view
+    from splitunet.federation import JobState, JobStatus
+
+    status = JobStatus.model_validate({
+        "job_id": "j1", "state": "paused_by_privacy_gate", "step": 40, "steps": 100, "loss": 0.5,
+        "steps_per_second": 2.0, "samples_per_second": 16.0, "validation_step": 40,
+        "validation": {"dice": {"TC": 0.8, "WT": 0.9, "ET": 0.7, "mean": 0.8}, "hd95": {"WT": 4.2}},
+        "privacy_gate": {"passed": False, "site": "t1", "attack": "whitebox", "figure": "ssim", "value": 0.9,
+                         "threshold": 0.5, "step": 40}})
+    assert eta_seconds(status) == 30.0
+    assert eta_seconds(status.model_copy(update={"state": JobState.SUCCEEDED})) is None
+    console = Console(record=True, width=120)
+    console.print(job_view(status))
+    text = console.export_text()
+    for shown in ("40 / 100", "0.5000", "2.00 steps/s, 16.0 samples/s", "0:30", "step 40: Dice TC 0.800 WT 0.900",
+                  "HD95 WT 4.2 mm", "site t1: whitebox ssim 0.9 > 0.5 at step 40"):
+        assert shown in text, (shown, text)

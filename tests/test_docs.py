@@ -55,6 +55,9 @@ def test_strict_build_and_the_generated_api_reference(site: Path) -> None:
         for path in document["paths"]:
             assert path in page, (service, path)
         assert scopes[("POST", "/v1/jobs")] == "operator" if service == "aggregator" else True
+    # offline: no script, stylesheet or font is fetched from another host
+    for html in site.rglob("*.html"):
+        assert not re.search(r"<(script|link)[^>]+(src|href)=\"https?://", html.read_text()), html
     site_page = (site / "reference/api/site/index.html").read_text()
     assert "scope <code>audit</code>" in site_page and "scope <code>aggregator</code>" in site_page
 
