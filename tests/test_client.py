@@ -142,11 +142,12 @@ def test_profiles_environment_and_options_in_that_order(tmp_path, token_file):
     profiles.write_text('default = "a"\n'
                         '[profiles.a]\nurl = "https://a.test"\naudit_url = "https://audit-a.test"\ntimeout_s = 5\n'
                         f'token_file = "{token_file}"\n'
-                        '[profiles.b]\nurl = "https://b.test"\n')
+                        '[profiles.b]\nurl = "https://b.test"\nca_file = "pki/ca.pem"\n')
     env = {"SPLITUNET_PROFILES": str(profiles)}
     assert resolve_profile(environ=env).url == "https://a.test"
     assert resolve_profile(environ=env | {"SPLITUNET_PROFILE": "b"}).url == "https://b.test"
     assert resolve_profile(profile="b", environ=env).audit_url is None
+    assert resolve_profile(profile="b", environ=env).ca_file == tmp_path / "pki" / "ca.pem"  # beside the file
     settled = resolve_profile({"url": "https://cli.test", "ca_file": None},
                               environ=env | {"SPLITUNET_URL": "https://env.test", "SPLITUNET_TIMEOUT_S": "7"})
     assert (settled.url, settled.audit_url, settled.timeout_s, settled.token_file) == (

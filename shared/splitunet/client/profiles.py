@@ -19,8 +19,9 @@ the default::
 Each setting is taken from, in order: the command line (or the ``Federation`` argument), the environment
 (``SPLITUNET_URL``, ``SPLITUNET_AUDIT_URL``, ``SPLITUNET_TOKEN_FILE``, ``SPLITUNET_AUDIT_TOKEN_FILE``,
 ``SPLITUNET_CA_FILE``, ``SPLITUNET_CLIENT_CERT``, ``SPLITUNET_CLIENT_KEY``, ``SPLITUNET_TIMEOUT_S``), the profile
-(``--profile`` / ``SPLITUNET_PROFILE``, else the file's ``default``), else nothing. Tokens are never read from the
-command line or the profile itself: only from files.
+(``--profile`` / ``SPLITUNET_PROFILE``, else the file's ``default``), else nothing. A relative path in a profile is
+relative to the profile file's folder. Tokens are never read from the command line or the profile itself: only from
+files.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ ENV_VARS: dict[str, str] = {
     "timeout_s": "SPLITUNET_TIMEOUT_S",
 }
 _URL = r"^https?://[^\s]+$"
+_PATH_FIELDS = ("token_file", "audit_token_file", "ca_file", "client_cert", "client_key")
 
 
 class Profile(BaseModel):
@@ -100,10 +102,15 @@ def load_profile(name: str | None = None, path: Path | None = None) -> Profile:
         known = ", ".join(sorted(profiles)) or "none"
         raise ConfigurationError(f"no profile {name!r} in {str(path)!r}; it has: {known}")
     try:
-        return Profile.model_validate(profiles[name])
+        profile = Profile.model_validate(profiles[name])
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ConfigurationError(f"profile {name!r} in {str(path)!r}: {problems}") from None
+    # as kubectl does with a kubeconfig's files: a relative path is relative to the profile file's folder
+    files = {field: path.parent / value for field in _PATH_FIELDS
+             if (value := getattr(profile, field)) is not None and not value.is_absolute()
+             and not str(value).startswith("~")}
+    return profile.model_copy(update=files)
 
 
 def resolve_profile(
