@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -11,6 +11,9 @@ from splitunet.client.http import PeerTimeouts, ServiceClient, read_token, tls_v
 from splitunet.client.jobs import Jobs
 from splitunet.client.profiles import Profile, resolve_profile
 from splitunet.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from splitunet.client.audits import Audits
 
 
 class Federation:
@@ -98,8 +101,8 @@ class Federation:
         return Jobs(self._jobs_client)
 
     @property
-    def audits(self) -> Any:
-        """The audit service's API (:class:`splitunet.client.audits.Audits`)."""
+    def audits(self) -> Audits:
+        """The audit service's API."""
         if self._audit_client is None:
             raise ConfigurationError(
                 "no audit service URL configured: give audit_url (--url of `splitunet audits`, SPLITUNET_AUDIT_URL, "
