@@ -274,11 +274,12 @@ class LocalFederation:
         return self._start(proc.name, "site", env, port=proc.port)
 
     def start_audit(
-        self, *, lab_images_dir: Path | None = None, lab_labels_dir: Path | None = None,
-        env: Mapping[str, str] | None = None,
+        self, *, labels_dir: Path | None = None, lab_images_dir: Path | None = None,
+        lab_labels_dir: Path | None = None, env: Mapping[str, str] | None = None,
     ) -> ServiceProcess:
-        """Start the audit service on the aggregator's transcripts with its own registry of the sites started so
-        far (each site's audit token, scope ``audit``); the operator token calls its API. ``lab_images_dir`` (and
+        """Start the central audit service on the aggregator's transcripts with its own registry of the sites
+        started so far (its own token at each site, scope ``audit``: one per site); the operator token calls its
+        API. ``labels_dir``: the aggregator's segmentations, for its label-leakage audit. ``lab_images_dir`` (and
         ``lab_labels_dir``) enable lab mode (phantom: the audit reads the cohort and draws reconstructions)."""
         if not self._site_urls:
             raise RuntimeError("start the sites first: the audit's registry (AUDIT_SITES) lists them")
@@ -295,6 +296,7 @@ class LocalFederation:
             "AUDIT_AUTH_TOKEN_FILE": str(self.operator_token_file),
             "AUDIT_LOG_LEVEL": "info",
             **self._tls_env("AUDIT_", "audit", client_auth=False),
+            **({} if labels_dir is None else {"AUDIT_LABELS_DIR": str(labels_dir)}),
             **({} if lab_images_dir is None else {"AUDIT_LAB_IMAGES_DIR": str(lab_images_dir)}),
             **({} if lab_labels_dir is None else {"AUDIT_LAB_LABELS_DIR": str(lab_labels_dir)}),
         }

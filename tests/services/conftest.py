@@ -76,6 +76,7 @@ def site_settings(cohort: Cohort, tmp_path: Path) -> Callable[..., SiteSettings]
             "scope_tokens": {"audit": AUDIT_TOKEN},
             "seed": SITE_SEED,
             "device": "cpu",
+            "transcript": {"enabled": True, "fsync": False},
         }
         return SiteSettings(**(values | overrides))
 
@@ -108,6 +109,13 @@ def site(start_app, site_settings) -> TestClient:
 def sites(start_app, site_settings) -> dict[str, TestClient]:
     """All four site services, started."""
     return {m: start_app(create_site_app(site_settings(m))) for m in SITES}
+
+
+@pytest.fixture
+def recording_sites(start_app, site_settings) -> dict[str, TestClient]:
+    """All four site services, started, each recording every train step of its own traffic (its own audits)."""
+    transcript = {"enabled": True, "every": 1, "fsync": False}
+    return {m: start_app(create_site_app(site_settings(m, transcript=transcript))) for m in SITES}
 
 
 @pytest.fixture
