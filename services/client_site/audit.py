@@ -51,7 +51,7 @@ class SiteAuditor:
         self._kept: dict[str, list[Path]] = {}
         self._ring: dict[str, list[Path]] = {}
         transcript = settings.transcript_settings()
-        self.identity = settings.identity()
+        self.identity = runtime.protection.identity
         self.recorder = (TranscriptRecorder(transcript, force_every=settings.policy.leakage.every,
                                             party=site_party(settings.site_id), signer=self.identity)
                          if transcript.enabled else None)

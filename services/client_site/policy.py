@@ -14,6 +14,8 @@ naming the rule (``detail.rule``):
   what it sent (its own white-box attack with its own weights, scored against its own originals) before the next
   activations leave; over a threshold it refuses every forward of the run (rule ``leakage``, the figure in
   ``detail``; :mod:`services.client_site.leakage_gate`);
+- ``min_secure_sum_sites``: the fewest sites of a secure sum this site joins (default 3; see
+  :mod:`splitunet.secure_sum`);
 - the **evaluation budget**: samples encoded by ``phase=eval`` forwards (no gradient comes back, so they are pure
   queries of the encoder), per case per run (``eval_per_case_per_run``) and per case per UTC day across runs
   (``eval_per_case_per_day``). Each crop/slice of a case counts once; the defaults leave room for a 2D
@@ -92,6 +94,7 @@ class SitePolicy(BaseModel):
     eval_per_case_per_run: int = Field(default=20_000, ge=0)
     eval_per_case_per_day: int = Field(default=50_000, ge=0)
     leakage: LeakagePolicy = Field(default_factory=LeakagePolicy)
+    min_secure_sum_sites: int = Field(default=3, ge=2, le=16)
 
     @model_validator(mode="after")
     def _check(self) -> SitePolicy:

@@ -426,8 +426,7 @@ class SiteRuntime:
         return self.protection.secure_sum_offer(run_id, self._run(run_id).setup)
 
     def secure_sum_establish(self, run_id: str, peers: SecureSumPeers) -> SecureSumAck:
-        self._run(run_id)
-        return self.protection.secure_sum_establish(run_id, peers)
+        return self.protection.secure_sum_establish(run_id, peers, self._run(run_id).setup)
 
     def _batch(self, request: ForwardRequest, run: SiteRun) -> torch.Tensor:
         """Stack the samples' crops: ``B, C_site, *size`` float32 on the run's device."""

@@ -51,6 +51,9 @@ class SiteSettings(ServiceSettings):
         identity_key_file: the site's Ed25519 identity key (64 hex characters, a mounted secret): it signs the site's
             transcript heads and secure-sum key offers; its public key (``GET /v1/info``) is what peers and auditors
             pin. Default: ``state_dir/identity/ed25519.key``, created on first start.
+        peer_keys: the identity keys of the sites this site accepts as secure-sum peers (``SITE_PEER_KEYS``: a
+            YAML/JSON file ``keys: {t1: <64 hex>, ...}``, pinned out of band like the registry; read at each key
+            agreement). Without it the site refuses secure sum: it could not tell a peer's key from the relay's.
         transcript: the site's own record of what it sent and received (``SITE_TRANSCRIPT__EVERY=10``, ...; on by
             default: the site's audits and the reconcile with the aggregator's record read it); a relative
             ``dir`` is under ``state_dir``.
@@ -105,6 +108,7 @@ class SiteSettings(ServiceSettings):
     audit_max_snapshots: int = Field(default=64, ge=1)
     audit_grids: bool = False
     identity_key_file: Path | None = None
+    peer_keys: Path | None = None
     transcript: SiteTranscriptSettings = Field(default_factory=lambda: SiteTranscriptSettings())
 
     def identity(self) -> IdentityKey:
@@ -112,6 +116,18 @@ class SiteSettings(ServiceSettings):
         if self.identity_key_file is not None:
             return IdentityKey.load(self.identity_key_file)
         return IdentityKey.load_or_create(self.state_dir / "identity" / "ed25519.key")
+
+    def pinned_peers(self) -> dict[str, str]:
+        """The pinned peer keys, read now (403 when none are configured: secure sum needs them)."""
+        from splitunet.errors import PolicyError
+        from splitunet.signing import load_pinned_keys
+
+        if self.peer_keys is None:
+            raise PolicyError(
+                f"site {self.site_id} has no pinned peer keys (SITE_PEER_KEYS): it refuses secure sum, since it "
+                "could not tell its peers' keys from keys the relay substituted",
+                detail={"rule": "secure_sum_unpinned"})
+        return load_pinned_keys(self.peer_keys)
 
     def transcript_settings(self) -> TranscriptSettings:
         """The transcript settings with ``dir`` resolved (a relative one is under ``state_dir``)."""

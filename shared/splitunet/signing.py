@@ -83,6 +83,22 @@ def public_key(value: str | Path) -> str:
     return text
 
 
+def load_pinned_keys(path: Path | str, *, setting: str = "SITE_PEER_KEYS") -> dict[str, str]:
+    """Pinned public keys from a YAML/JSON file: ``{"keys": {name: hex}}`` (or the mapping alone)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"{setting}: cannot read {str(path)!r}: {exc}") from None
+    doc = doc.get("keys", doc) if isinstance(doc, dict) else doc
+    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
+        raise ConfigurationError(f"{setting}: {str(path)!r} must map names to public keys "
+                                 "(keys: {t1: <64 hex>, ...})")
+    return {name: public_key(value) for name, value in doc.items()}
+
+
 def verify(public_hex: str, message: bytes, signature_hex: str) -> bool:
     """Whether ``signature_hex`` is ``public_hex``'s signature of ``message``."""
     try:
