@@ -94,7 +94,8 @@ def test_dev_overlay_trains_and_audits_as_configured(dev_cluster: LocalCluster) 
     assert status["state"] == "succeeded", f"{status.get('error')}\n{cluster.log_tail('aggregator')}"
     assert status["step"] == 3
 
-    # the audit reads the transcript from the aggregator's volume and asks site t1 (AUDIT_SITES) for its weights
+    # the central audit reads the transcript from the aggregator's volume and asks site t1 (AUDIT_SITES) to
+    # audit its own record: only the figures come back
     audit_spec = {"steps": [3], "attacks": ["whitebox"], "budgets": {"whitebox_iterations": 50}}
     with httpx.Client(base_url=cluster.url("audit"), headers=headers, timeout=60) as client:
         created = client.post("/v1/audits", json={"run_id": job_id, "sites": ["t1"], "spec": audit_spec})
