@@ -32,7 +32,7 @@ SPEC = {
 
 
 @pytest.fixture
-def records(start_app, aggregator_settings, recording_sites, tmp_path) -> dict[str, Path]:
+def records(start_app, aggregator_settings, recording_sites, identities, tmp_path) -> dict[str, Path]:
     """A 4-step run recorded by both parties (every step), heads signed at each checkpoint."""
     settings = aggregator_settings(transcript={"enabled": True, "dir": tmp_path / "transcripts", "every": 1,
                                                "fsync": False})
@@ -42,7 +42,7 @@ def records(start_app, aggregator_settings, recording_sites, tmp_path) -> dict[s
     assert status["state"] == "succeeded", status
     return {"site": tmp_path / "site-t1-state" / "transcripts" / "both",
             "aggregator": tmp_path / "transcripts" / "both",
-            "site_key": tmp_path / "site-t1-state" / "identity" / "ed25519.key",
+            "site_key": identities["t1"],  # SITE_IDENTITY_KEY_FILE of the test sites
             "aggregator_key": tmp_path / "aggregator-state" / "identity" / "ed25519.key"}
 
 
