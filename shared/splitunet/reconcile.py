@@ -9,9 +9,11 @@ its own Ed25519 key (:mod:`splitunet.signing`). :func:`reconcile`:
 2. pairs the frames both parties should hold: the aggregator's frames of that site, in order, keeping those the
    site's recording policy also records, against the site's frames the aggregator's policy also records (the
    policies are part of each chain's anchored run description);
-3. compares them pair by pair (step, phase, direction: ``activations`` or ``gradients``, frame SHA-256) and names
-   the first disagreement: an edited frame (digests differ), a dropped frame (the sequences slip), a reordered
-   frame (the same frames in another order).
+3. compares them pair by pair, each direction on its own (``activations`` site -> aggregator, ``gradients``
+   back; within a direction both parties record in the same order, while the interleaving of the two directions
+   depends on timing, e.g. under the delayed schedule), by step, phase and frame SHA-256, and names the first
+   disagreement (the lowest step): an edited frame (digests differ), a dropped frame (the sequences slip), a
+   reordered frame (the same frames in another order).
 
 A party that rewrites its own record consistently (a new chain, re-signed with its own key) passes step 1; the
 other party's record still disagrees with it at step 3. Who lied is not decided by two records alone; the report
@@ -33,14 +35,16 @@ Frame = tuple[int, str, str, str]
 
 @dataclass(frozen=True)
 class ReconcileReport:
-    """The outcome: ``ok``, or the first disagreement (``index`` among the paired frames, ``party`` whose record
-    failed its own verification when that is the cause, both sides' frames) and a sentence saying it."""
+    """The outcome: ``ok``, or the first disagreement (``direction`` and ``index`` among that direction's paired
+    frames, or ``party`` whose record failed its own verification when that is the cause, both sides' frames) and
+    a sentence saying it."""
 
     ok: bool
     site: str
     frames: int
     reason: str = ""
     index: int | None = None
+    direction: str | None = None
     party: str | None = None
     site_frame: Frame | None = None
     aggregator_frame: Frame | None = None
@@ -91,17 +95,29 @@ def reconcile(site_run: Path | str, aggregator_run: Path | str, *, site_public_k
             return ReconcileReport(ok=False, site=site, frames=0, party=party, index=report.first_bad,
                                    reason=f"the {party} record fails its own verification at record "
                                           f"{report.first_bad}: {report.reason}")
-    ours = [f for r, f in site_frames if _wanted(agg_policy, r.step, r.phase)]
-    theirs = [f for r, f in agg_frames if r.site == site and _wanted(site_policy, r.step, r.phase)]
-    for index in range(max(len(ours), len(theirs))):
-        a = ours[index] if index < len(ours) else None
-        b = theirs[index] if index < len(theirs) else None
-        if a == b:
-            continue
-        return ReconcileReport(ok=False, site=site, frames=index, index=index, site_frame=a, aggregator_frame=b,
-                               reason=_disagreement(index, a, b, ours, theirs))
-    return ReconcileReport(ok=True, site=site, frames=len(ours),
-                           reason=f"{len(ours)} frames of site {site} agree in both records")
+    first: ReconcileReport | None = None
+    total = 0
+    for direction in ("activations", "gradients"):
+        ours = [f for r, f in site_frames if f[2] == direction and _wanted(agg_policy, r.step, r.phase)]
+        theirs = [f for r, f in agg_frames
+                  if f[2] == direction and r.site == site and _wanted(site_policy, r.step, r.phase)]
+        total += len(ours)
+        for index in range(max(len(ours), len(theirs))):
+            a = ours[index] if index < len(ours) else None
+            b = theirs[index] if index < len(theirs) else None
+            if a == b:
+                continue
+            step = min(f[0] for f in (a, b) if f is not None)
+            if first is None or step < min(f[0] for f in (first.site_frame, first.aggregator_frame) if f):
+                first = ReconcileReport(ok=False, site=site, frames=index, index=index, direction=direction,
+                                        site_frame=a, aggregator_frame=b,
+                                        reason=_disagreement(f"{direction} frame {index}", a, b, ours[index:],
+                                                             theirs[index:]))
+            break
+    if first is not None:
+        return first
+    return ReconcileReport(ok=True, site=site, frames=total,
+                           reason=f"{total} frames of site {site} agree in both records")
 
 
 def _show(frame: Frame | None) -> str:
@@ -111,16 +127,18 @@ def _show(frame: Frame | None) -> str:
     return f"{phase} step {step} {direction} (sha256 {digest[:12]})"
 
 
-def _disagreement(index: int, a: Frame | None, b: Frame | None, ours: list[Frame], theirs: list[Frame]) -> str:
-    where = f"frame {index}: the site's record has {_show(a)}, the aggregator's {_show(b)}"
+def _disagreement(label: str, a: Frame | None, b: Frame | None, ours: list[Frame], theirs: list[Frame]) -> str:
+    """Why the records differ from here on (``ours``/``theirs``: the site's and the aggregator's frames from the
+    first disagreement)."""
+    where = f"{label}: the site's record has {_show(a)}, the aggregator's {_show(b)}"
     if a is None or b is None:
         return f"{where}: one record ends early (frames dropped from its end)"
     if a[:3] == b[:3]:
         return f"{where}: same step and direction, different bytes (a frame was edited)"
-    if sorted(ours[index:]) == sorted(theirs[index:]):
+    if sorted(ours) == sorted(theirs):
         return f"{where}: the same frames in another order (frames were reordered)"
-    if a in theirs[index + 1:]:
+    if a in theirs[1:]:
         return f"{where}: the site's record lacks {_show(b)} (a frame was dropped from it)"
-    if b in ours[index + 1:]:
+    if b in ours[1:]:
         return f"{where}: the aggregator's record lacks {_show(a)} (a frame was dropped from it)"
     return f"{where}: the records diverge"

@@ -106,8 +106,9 @@ def test_a_party_that_rewrites_its_own_record_is_caught_and_named(records, tmp_p
             items[index] = (items[index][0], _edited(items[index][1]))
         elif cheat == "drop":
             del items[index]
-        else:  # swap with the next frame of the same site
-            after = next(i for i in range(index + 1, len(items)) if items[i][0].site == "t1")
+        else:  # swap with the site's next activations (step 4)
+            after = next(i for i in range(index + 1, len(items))
+                         if items[i][0].site == "t1" and items[i][0].flow == items[index][0].flow)
             items[index], items[after] = items[after], items[index]
         return items
 
@@ -118,9 +119,10 @@ def test_a_party_that_rewrites_its_own_record_is_caught_and_named(records, tmp_p
     report = reconcile(*pair, site_public_key=site_key, aggregator_public_key=agg_key)
     assert not report.ok and report.index is not None, report
     assert words in report.reason, report.reason
-    assert report.index == 4, report  # frames 0-3 (steps 1-2) agree; step 3's activations are named
+    # activations of steps 1-2 agree; step 3's are named (index 2 of the activation frames)
+    assert report.direction == "activations" and report.index == 2, report
     result = CliRunner().invoke(cli, ["audit", "reconcile", *map(str, pair)])
-    assert result.exit_code == 1 and "frame 4" in result.output, result.output
+    assert result.exit_code == 1 and "activations frame 2" in result.output, result.output
 
 
 def test_a_naive_edit_fails_the_partys_own_verification_and_is_named(records, tmp_path) -> None:
@@ -137,3 +139,17 @@ def test_a_naive_edit_fails_the_partys_own_verification_and_is_named(records, tm
     report = reconcile(copy, records["aggregator"])
     assert not report.ok and report.party == "site:t1" and report.index == record.seq, report
     assert "fails its own verification" in report.reason
+
+
+def test_honest_records_of_a_delayed_schedule_agree(start_app, aggregator_settings, recording_sites, tmp_path):
+    """Under the delayed schedule the next forward overlaps the last backward: the two directions interleave
+    differently in the two records, and they still agree (each direction is compared on its own)."""
+    settings = aggregator_settings(transcript={"enabled": True, "dir": tmp_path / "transcripts", "every": 1,
+                                               "fsync": False})
+    app = create_aggregator_app(settings, aligner=identity_aligner,
+                                transport_factory=lambda peer: recording_sites[peer.name]._transport)
+    spec = SPEC | {"run_id": "delayed", "step_schedule": "delayed"}
+    status = run_job(start_app(app), spec, headers={"Authorization": f"Bearer {AGG_TOKEN}"})
+    assert status["state"] == "succeeded", status
+    report = reconcile(tmp_path / "site-t1-state" / "transcripts" / "delayed", tmp_path / "transcripts" / "delayed")
+    assert report.ok and report.frames == 8, report
