@@ -12,6 +12,7 @@ from splitunet.data.layout import OnBadCase
 from splitunet.registry import SiteRegistry
 from splitunet.service.device import DeviceChoice
 from splitunet.service.settings import ServiceSettings
+from splitunet.signing import IdentityKey
 from splitunet.transcript import TranscriptSettings
 from splitunet.wire import DEFAULT_MAX_BYTES
 
@@ -38,7 +39,9 @@ class AggregatorSettings(ServiceSettings):
         site_retry_max_s: longest pause between two probes of an unreachable site (the backoff doubles up to it).
         max_recoveries: roll-backs to a common checkpoint one job may do before it fails.
         transcript: the traffic transcript (``AGG_TRANSCRIPT__ENABLED``, ``__DIR``, ``__EVERY``, ...).
-        privacy_gate: the gate audit every n steps (``AGG_PRIVACY_GATE__EVERY``, ``__MAX_SSIM``, ...).
+        identity_key_file: the aggregator's Ed25519 identity key (64 hex characters): it signs its transcript's
+            chain heads. Default: ``state_dir/identity/ed25519.key``, created on first start.
+        privacy_gate: the label-leakage gate every n steps (``AGG_PRIVACY_GATE__EVERY``, ``__MAX_LABEL_DICE``).
     """
 
     model_config = SettingsConfigDict(env_prefix="AGG_")
@@ -62,6 +65,13 @@ class AggregatorSettings(ServiceSettings):
     max_recoveries: int = Field(default=100, ge=0)
     transcript: TranscriptSettings = Field(default_factory=TranscriptSettings)
     privacy_gate: PrivacyGateSettings = Field(default_factory=PrivacyGateSettings)
+    identity_key_file: Path | None = None
+
+    def identity(self) -> IdentityKey:
+        """The aggregator's identity key (created in the state folder on first use when no file is configured)."""
+        if self.identity_key_file is not None:
+            return IdentityKey.load(self.identity_key_file)
+        return IdentityKey.load_or_create(self.state_dir / "identity" / "ed25519.key")
 
     @model_validator(mode="after")
     def _check_sites(self) -> AggregatorSettings:
@@ -83,9 +93,6 @@ class AggregatorSettings(ServiceSettings):
     def _gate_needs_transcript(self) -> AggregatorSettings:
         if self.privacy_gate.every and not self.transcript.enabled:
             raise ValueError("privacy_gate.every needs the transcript: set AGG_TRANSCRIPT__ENABLED=true")
-        if self.privacy_gate.every and self.privacy_gate.audit_token_file is None:
-            raise ValueError("privacy_gate.every needs the sites' audit credential: set "
-                             "AGG_PRIVACY_GATE__AUDIT_TOKEN_FILE")
         return self
 
     @field_validator("data_dir")

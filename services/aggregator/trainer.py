@@ -302,7 +302,12 @@ class TrainingJob:
                 self._train_from(start_step)
                 return
             except PeerError as exc:
-                start_step = self._recover(exc)  # every party is back at a checkpointed step: replay from there
+                refusal = self._leakage_refusal(exc)
+                if refusal is None:
+                    start_step = self._recover(exc)  # every party is back at a checkpointed step: replay from there
+                    continue
+                self._pause(refusal)  # a site's own leakage gate stopped releasing: wait for an operator
+                start_step = self._recover()
 
     def _train_from(self, start_step: int) -> None:
         assert self.config is not None and self.aggregator is not None
@@ -411,17 +416,42 @@ class TrainingJob:
         raise DataError(f"job {self.job_id}: no checkpointed step that every party can restore",
                         detail={"errors": self.status().checkpoint_errors})
 
+    def _leakage_refusal(self, exc: PeerError) -> dict | None:
+        """A site's refusal by its own leakage gate (403 ``policy_violation``), with the decision it shows in its
+        ``GET /v1/info`` (the refusal's body is never echoed); ``None`` for any other failure."""
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        if detail.get("status") != 403 or detail.get("code") != "policy_violation":
+            return None
+        name = str(detail.get("peer", "")).removeprefix("site ")
+        if name not in self.clients:
+            return None
+        try:
+            gate = self.clients[name].info().leakage_gate or {}
+        except PeerError:
+            return None
+        stopped = (gate.get("stopped") or {}).get(self.job_id)
+        if not isinstance(stopped, dict):
+            return None
+        message = (f"site {name} stopped releasing: its own {stopped.get('attack')} attack on step "
+                   f"{stopped.get('step')} reached {stopped.get('figure')} {stopped.get('value')} > "
+                   f"{stopped.get('threshold')}")
+        return {**stopped, "passed": False, "site": name, "party": f"site:{name}", "message": message}
+
+    def _pause(self, decision: dict) -> None:
+        """Pause with ``decision`` in the status until resumed (or stopped)."""
+        self._update(privacy_gate=decision, state=JobState.PAUSED_BY_PRIVACY_GATE)
+        logger.warning("job %s paused: %s", self.job_id, decision["message"])
+        self.pause.wait(self._stop, on_stop=self._check_stop)
+        self._update(state=JobState.RUNNING)
+        logger.info("job %s resumed after a pause of the privacy gate", self.job_id)
+
     def _gate(self, step: int) -> None:
         """Run the privacy gate audit of ``step``; on failure pause until resumed (or stopped)."""
         assert self.privacy_gate is not None
         decision = self.privacy_gate.check(step)
         self._update(privacy_gate=decision)
         if not decision["passed"]:
-            logger.warning("job %s paused by the privacy gate: %s", self.job_id, decision["message"])
-            self._update(state=JobState.PAUSED_BY_PRIVACY_GATE)
-            self.pause.wait(self._stop, on_stop=self._check_stop)
-            self._update(state=JobState.RUNNING)
-            logger.info("job %s resumed after the privacy gate", self.job_id)
+            self._pause(decision)
 
     def plan(self, step: int) -> list[Sample]:
         """The samples of one step: random training cases, foreground-weighted crops or slices (only slices inside

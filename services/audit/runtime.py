@@ -1,20 +1,16 @@
 """The audit service's runtime: audits run one at a time in a background thread; status, results and reports.
 
-Modes: *federated* (default) — white-box weights and scores come from the sites' audit endpoints (the request
-names sites of the audit's own registry, ``AUDIT_SITES``, which holds their URLs and audit credentials), no image
-moves; *lab* — the service reads the cohort configured
-in ``AUDIT_LAB_IMAGES_DIR`` (phantom, tests) and draws reconstruction grids.
+Modes: *federated* (default) — each site the request names (from the audit's own registry, ``AUDIT_SITES``: their
+URLs and this audit's credential at each, one per site) audits its own record on its own premises and publishes
+figures; the aggregator's label-leakage audit runs here with its labels; no weight or image moves. *lab* — one
+operator holds everything (phantom, tests): the service reads the cohort in ``AUDIT_LAB_IMAGES_DIR`` and draws
+reconstruction grids.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -23,11 +19,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.audit.settings import AuditSettings
+from splitunet.attacks.base import AttackKind
 from splitunet.auditing.cohorts import LabCohort
+from splitunet.auditing.queue import AuditQueue, AuditState, AuditStatus, Progress
 from splitunet.auditing.report import render_html
 from splitunet.auditing.runner import AuditArtifacts, AuditResult, AuditRunner, AuditSpec
-from splitunet.auditing.sources import LabScorer, SiteAuditClient
-from splitunet.errors import ConfigurationError, NotFoundError, SplitUNetError
+from splitunet.auditing.sources import AggregatorLabels, LabScorer, NoScorer, SiteFindingsClient, SnapshotDirSource
+from splitunet.errors import ConfigurationError, NotFoundError
 from splitunet.federation import SiteName
 from splitunet.schemas import RUN_ID_PATTERN
 from splitunet.transcript import Transcript
@@ -41,9 +39,9 @@ class AuditMode(StrEnum):
 
 
 class AuditRequest(BaseModel):
-    """``POST /v1/audits``: the run (its transcript under ``AUDIT_TRANSCRIPTS_DIR``), the sites to ask for
-    weights and scores (names of the audit's registry ``AUDIT_SITES``, never URLs or credentials), and what to
-    attack (see :class:`~splitunet.auditing.runner.AuditSpec`)."""
+    """``POST /v1/audits``: the run (its transcript under ``AUDIT_TRANSCRIPTS_DIR``), the sites to ask for their
+    own findings (names of the audit's registry ``AUDIT_SITES``, never URLs or credentials), and what to attack
+    (see :class:`~splitunet.auditing.runner.AuditSpec`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -53,43 +51,31 @@ class AuditRequest(BaseModel):
     spec: dict = Field(default_factory=dict, description="AuditSpec fields except transcript")
 
 
-class AuditState(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-class AuditStatus(BaseModel):
-    audit_id: str
-    run_id: str
-    state: AuditState
-    progress: float = 0.0
-    message: str = ""
-    result: AuditResult | None = None
-    error: dict | None = None
-    seconds: float | None = None  # wall seconds the audit ran (set when it ends; queueing not counted)
-
-
 class AuditManager:
+    """The central audit: federated audits assembled from the parties' findings, or lab audits in one place.
+
+    - *federated*: each named site audits its own record on its own premises and publishes figures
+      (:class:`~splitunet.auditing.sources.SiteFindingsClient`); the aggregator's label-leakage audit runs here,
+      beside the aggregator, on its transcript with its labels (``AUDIT_LABELS_DIR``); the findings are assembled
+      into one report, each finding's party named in ``AuditStatus.parties``.
+    - *lab* (phantom, tests: one operator holds everything): every attack here, on the lab cohort, with the sites'
+      snapshot folders (``AUDIT_LAB_SNAPSHOTS``) for the white-box attack.
+    """
+
     def __init__(self, settings: AuditSettings, *, transport_factory=None) -> None:
         self.settings = settings
         self._transport_factory = transport_factory
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
-        self._audits: OrderedDict[str, AuditStatus] = OrderedDict()
-        self._artifacts: dict[str, AuditArtifacts] = {}
-        self._lock = threading.Lock()
+        self.queue = AuditQueue(settings.max_audits)
 
     def create(self, request: AuditRequest) -> AuditStatus:
         """Admit an audit and run it in the background; its status says when it is done."""
         status, spec = self._admit(request)
-        self._pool.submit(self._run, status.audit_id, request, spec)
-        return status
+        return self.queue.submit(status, lambda progress: self._work(status.audit_id, request, spec, progress))
 
     def run_now(self, request: AuditRequest) -> AuditStatus:
         """Run one audit in this thread and return its final status (``splitunet audit once``, the Job form)."""
         status, spec = self._admit(request)
-        self._run(status.audit_id, request, spec)
+        self.queue.run(status.audit_id, lambda progress: self._work(status.audit_id, request, spec, progress))
         return self.status(status.audit_id)
 
     def newest_run(self) -> str:
@@ -122,76 +108,81 @@ class AuditManager:
             raise ConfigurationError(
                 "federated mode needs the sites to ask: names of the audit's site registry (AUDIT_SITES)"
             )
-        if request.sites:
+        if request.sites and request.mode == AuditMode.FEDERATED:
             self.settings.registry().resolve(request.sites)  # unknown names: 403 now, not a failed audit
         try:
-            # a federated audit attacks the sites it names (the ones it holds a credential for) unless the spec
-            # narrows them further
+            # an audit attacks the sites it names unless the spec narrows them further
             named = {"sites": list(request.sites)} if request.sites and "sites" not in request.spec else {}
             spec = AuditSpec.model_validate({**request.spec, **named, "transcript": transcript})
         except ValueError as exc:
             raise ConfigurationError(f"bad audit spec: {exc}") from None
-        audit_id = f"audit-{uuid.uuid4().hex[:12]}"
-        status = AuditStatus(audit_id=audit_id, run_id=request.run_id, state=AuditState.PENDING)
-        with self._lock:
-            self._audits[audit_id] = status
-            while len(self._audits) > self.settings.max_audits:
-                old, _ = self._audits.popitem(last=False)
-                self._artifacts.pop(old, None)
-        return status, spec
+        return self.queue.admit(request.run_id), spec
 
-    def _update(self, audit_id: str, **changes) -> None:
-        with self._lock:
-            self._audits[audit_id] = self._audits[audit_id].model_copy(update=changes)
+    def _work(self, audit_id: str, request: AuditRequest, spec: AuditSpec,
+              progress: Progress) -> tuple[AuditResult, AuditArtifacts | None]:
+        if request.mode == AuditMode.LAB:
+            lab = LabCohort(self.settings.lab_images_dir, self.settings.lab_labels_dir)
+            snapshots = SnapshotDirSource(self.settings.lab_snapshots) if self.settings.lab_snapshots else None
+            result, artifacts = AuditRunner(LabScorer(lab), weights=snapshots, lab=lab).run(spec, progress)
+            self.queue.update(audit_id, parties=[{"party": "lab", "findings": len(result.findings),
+                                                  "records": result.records}])
+            return result, artifacts
+        result, parties = self._federated(request, spec, progress)
+        self.queue.update(audit_id, parties=parties)
+        return result, None
 
-    def _run(self, audit_id: str, request: AuditRequest, spec: AuditSpec) -> None:
-        self._update(audit_id, state=AuditState.RUNNING)
-        started = time.perf_counter()
-        client = (
-            SiteAuditClient(self.settings.registry().resolve(request.sites), timeout_s=self.settings.site_timeout_s,
-                            transport_factory=self._transport_factory, verify=self.settings.site_verify())
-            if request.sites else None
-        )
+    def _federated(self, request: AuditRequest, spec: AuditSpec, progress: Progress) -> tuple[AuditResult, list]:
+        """Each site's own audit (figures), the aggregator's label audit here, assembled."""
+        sites = list(spec.sites or request.sites)
+        image_attacks = [a for a in spec.attacks if a != AttackKind.LABEL_LEAKAGE]
+        client = SiteFindingsClient(self.settings.registry().resolve(sites), timeout_s=self.settings.site_timeout_s,
+                                    transport_factory=self._transport_factory, verify=self.settings.site_verify())
+        findings, dcor, segmenters, parties = [], {}, [], []
         try:
-            lab = None
-            if request.mode == AuditMode.LAB:
-                lab = LabCohort(self.settings.lab_images_dir, self.settings.lab_labels_dir)
-            scorer = LabScorer(lab) if lab is not None else client
-            runner = AuditRunner(scorer, weights=client, lab=lab)
-            result, artifacts = runner.run(
-                spec, progress=lambda f, m: self._update(audit_id, progress=round(f, 3), message=m))
-            with self._lock:
-                self._artifacts[audit_id] = artifacts
-            self._update(audit_id, state=AuditState.SUCCEEDED, result=result, progress=1.0,
-                         message=result.gate.message(), seconds=round(time.perf_counter() - started, 3))
-        except SplitUNetError as exc:
-            logger.error("audit %s failed: %s", audit_id, exc.message)
-            self._update(audit_id, state=AuditState.FAILED, error=exc.to_body())
-        except Exception as exc:  # noqa: BLE001 - the audit thread reports, never dies silently
-            logger.exception("audit %s failed", audit_id)
-            self._update(audit_id, state=AuditState.FAILED,
-                         error={"code": "internal", "message": f"{type(exc).__name__}: {exc}", "detail": None})
+            if image_attacks:
+                body = {"steps": spec.steps, "phase": spec.phase, "attacks": [a.value for a in image_attacks],
+                        "max_samples": spec.max_samples, "budgets": spec.budgets.model_dump(mode="json"),
+                        "gate": spec.gate.model_dump(mode="json")}
+                started = {site: client.start(site, request.run_id, body) for site in sites}
+                for done, (site, site_audit) in enumerate(started.items()):
+                    progress(done / (len(sites) + 1), f"site {site}'s own audit")
+                    status = client.wait(site, request.run_id, site_audit)
+                    found = AuditResult.model_validate(status["result"])
+                    findings += [f for f in found.findings if f.site == site]  # a site speaks for itself only
+                    dcor |= {k: v for k, v in found.dcor.items() if k == site}
+                    segmenters += found.segmenters
+                    parties.append({"party": f"site:{site}", "audit_id": site_audit, "records": found.records,
+                                    "findings": len(found.findings), "gate": found.gate.model_dump(mode="json"),
+                                    "seconds": status.get("seconds")})
         finally:
-            if client is not None:
-                client.close()
+            client.close()
+        records = 0
+        if AttackKind.LABEL_LEAKAGE in spec.attacks:
+            progress(len(sites) / (len(sites) + 1), "the aggregator's label audit")
+            labels = self.settings.labels_dir or self.settings.lab_labels_dir or self.settings.lab_images_dir
+            if labels is None:
+                parties.append({"party": "aggregator", "skipped": "no AUDIT_LABELS_DIR: label leakage not audited"})
+            else:
+                label_spec = spec.model_copy(update={"attacks": [AttackKind.LABEL_LEAKAGE]})
+                found, _ = AuditRunner(NoScorer(), lab=AggregatorLabels(labels)).run(label_spec)
+                findings += found.findings
+                records = found.records
+                parties.append({"party": "aggregator", "records": found.records, "findings": len(found.findings)})
+        result = AuditResult(run_id=request.run_id, records=records, findings=findings, dcor=dcor,
+                             segmenters=segmenters, gate=spec.gate.evaluate(findings))
+        return result, parties
 
     def status(self, audit_id: str) -> AuditStatus:
-        with self._lock:
-            status = self._audits.get(audit_id)
-        if status is None:
-            raise NotFoundError(f"no audit {audit_id!r}")
-        return status
+        return self.queue.status(audit_id)
 
     def report(self, audit_id: str) -> str:
         status = self.status(audit_id)
         if status.result is None:
             raise NotFoundError(f"audit {audit_id} has no report yet (state {status.state.value})")
-        with self._lock:
-            artifacts = self._artifacts.get(audit_id)
-        return render_html(status.result, artifacts)
+        return render_html(status.result, self.queue.kept(audit_id), parties=status.parties)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.queue.close()
 
 
 @contextmanager
@@ -204,3 +195,6 @@ def audit_runtime(settings: AuditSettings, **options) -> Iterator[AuditManager]:
         yield manager
     finally:
         manager.close()
+
+
+__all__ = ["AuditManager", "AuditMode", "AuditRequest", "AuditState", "AuditStatus", "audit_runtime"]

@@ -23,13 +23,17 @@ class AuditSettings(ServiceSettings):
     Args:
         transcripts_dir: the aggregator's transcript folder (``AGG_TRANSCRIPT__DIR``, mounted read-only); an audit
             names a run inside it, never a path.
+        labels_dir: the aggregator's segmentations (``AGG_DATA_DIR``, mounted read-only: this service runs beside
+            the aggregator), for the aggregator's own label-leakage audit of the gradients it sent.
         lab_images_dir, lab_labels_dir: lab mode only (phantom, tests): the cohort read directly.
+        lab_snapshots: lab mode only: ``{site: SITE_STATE_DIR}`` (JSON), the sites' encoder snapshots for the
+            white-box attack (one operator holds everything in a lab).
         public_cases: size of the public auxiliary phantom cohort (prior, learned attack, baselines).
         max_audits: finished audits kept in memory (oldest dropped).
         torch_threads: intra-op threads (``0``: torch's default).
         site_timeout_s: read timeout of calls to the sites' audit endpoints.
-        sites: the audit's site registry (``AUDIT_SITES``, YAML/JSON: name, URL and the audit's token file of every
-            site an audit may name; see :mod:`splitunet.registry`). None: lab audits only.
+        sites: the audit's site registry (``AUDIT_SITES``, YAML/JSON: name, URL and this audit's token file at every
+            site an audit may name, one token per site; see :mod:`splitunet.registry`). None: lab audits only.
         site_ca_file: CA bundle to verify HTTPS sites; site_client_cert_file, site_client_key_file: the audit's
             client certificate for mutual TLS to the sites.
     """
@@ -40,6 +44,8 @@ class AuditSettings(ServiceSettings):
     transcripts_dir: Path
     lab_images_dir: Path | None = None
     lab_labels_dir: Path | None = None
+    labels_dir: Path | None = None
+    lab_snapshots: dict[str, Path] = Field(default_factory=dict)
     public_cases: int = Field(default=16, ge=2)
     max_audits: int = Field(default=32, ge=1)
     torch_threads: int = Field(default=0, ge=0)

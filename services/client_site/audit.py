@@ -1,40 +1,39 @@
-"""The site's side of an audit: the encoder weights it held at a step, and scoring reconstructions in place.
+"""The site's side of auditing: its own record of what it sent, the weights it used, and its own audits.
 
+Nothing here answers a caller with the site's weights or with a function of its images against tensors the caller
+supplies: the routes that did (``GET /v1/runs/{run}/audit/encoder``, ``POST /v1/score``) were removed
+(docs/threat-model.md). Instead the site audits itself:
+
+- **Transcript.** Every recorded forward's activation bundle (flow ``sent``) and backward's gradient bundle
+  (flow ``received``), exactly as they crossed the wire, in the aggregator's format and hash chain
+  (:mod:`splitunet.transcript`, party ``site:<name>``), under ``<SITE_STATE_DIR>/<SITE_TRANSCRIPT__DIR>``.
 - **Snapshots.** Before each forward the site keeps the weights that forward uses (safetensors, no pickle, no
   optimizer state): every train step in a ring of the last ``audit_keep_last``, every ``audit_snapshot_every``-th
   train step and the first evaluation forward of a step up to ``audit_max_snapshots`` per run (oldest dropped).
-  An audit (white-box inversion, the upper bound) asks for them with the ``audit`` credential.
-- **Scoring.** ``POST /v1/score`` takes a wire bundle of reconstructions (one or more tensors
-  ``B, C_site, *spatial``, e.g. ``reconstruction`` and ``prior``) whose metadata annotation ``x.samples`` lists the
-  recorded samples (JSON); the site cuts its own originals for those samples and returns only numbers (brain
-  SSIM, PSNR, NMSE per sample and modality). No image leaves the site. The bundle may also carry the audit's
-  frozen whole-tumour segmenters (tensors ``segmenter/<modality>/<key>``, annotation ``x.segmenter =
-  "wt-unet/1"``, :mod:`splitunet.auditing.segmenter`): the site rebuilds that fixed architecture, checks every
-  weight's name and shape (422 naming the problem), segments its original and each reconstruction and returns
-  ``semantic``, the Dice of the two masks (``null`` without a segmenter or when it finds no tumour in the
-  original).
+  They never leave the site: its own white-box attack reads them.
+- **Audits.** ``POST /v1/runs/{run}/audits`` (the site's ``audit`` credential) queues a site-local audit
+  (:mod:`splitunet.auditing.site_local`) of the site's record; ``GET /v1/runs/{run}/audits/{id}`` returns its
+  status and figures. Those figures are all that leaves.
+- **Gate.** The site's own leakage thresholds, checked by its own audit before the next activations leave
+  (:mod:`services.client_site.leakage_gate`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-from pydantic import BaseModel, ValidationError
 from safetensors.torch import save_file
 
-from splitunet.auditing.segmenter import WTSegmenter, from_wire_tensors, semantic_score, split_wire_tensors
-from splitunet.data.loader import load_images
-from splitunet.data.sampling import Sample, extract
-from splitunet.errors import CaseNotFoundError, NotFoundError, WireFormatError
-from splitunet.leakage import brain_nmse, brain_psnr, brain_ssim
-from splitunet.schemas import Phase
-from splitunet.wire import BundleKind, decode_bundle
+from services.client_site.leakage_gate import LeakageGate
+from splitunet.auditing.queue import AuditQueue, AuditStatus
+from splitunet.auditing.site_local import SiteAuditRequest, SiteLocalAudit
+from splitunet.schemas import ForwardRequest, Phase, RunSetup
+from splitunet.transcript import TranscriptRecorder, site_party
+from splitunet.wire import frame_sha256
 
 if TYPE_CHECKING:
     from services.client_site.runtime import SiteRun, SiteRuntime
@@ -42,35 +41,53 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class SampleScore(BaseModel):
-    index: int
-    case_id: str
-    modality: str
-    ssim: float | None
-    psnr: float | None
-    nmse: float | None
-    semantic: float | None = None
-
-
-class ScoreResponse(BaseModel):
-    """``POST /v1/score``: per reconstruction tensor, one score per sample and modality."""
-
-    run_id: str
-    step: int
-    site: str
-    scores: dict[str, list[SampleScore]]
-
-
 class SiteAuditor:
-    """Keeps encoder snapshots and scores reconstructions for one site runtime."""
+    """Keeps the site's transcript and encoder snapshots, and runs its own audits, for one site runtime."""
 
     def __init__(self, runtime: SiteRuntime) -> None:
         self.runtime = runtime
-        self.settings = runtime.settings
+        self.settings = settings = runtime.settings
         self._lock = threading.Lock()
         self._kept: dict[str, list[Path]] = {}
         self._ring: dict[str, list[Path]] = {}
+        transcript = settings.transcript_settings()
+        self.identity = runtime.protection.identity
+        self.recorder = (TranscriptRecorder(transcript, force_every=settings.policy.leakage.every,
+                                            party=site_party(settings.site_id), signer=self.identity)
+                         if transcript.enabled else None)
+        self.local = SiteLocalAudit(settings.site_id, settings.data_dir, settings.state_dir, transcript.dir,
+                                    key=transcript.key(), keep_grids=settings.audit_grids)
+        self.queue = AuditQueue(name=f"site-{settings.site_id}-audit")
+        self.gate = LeakageGate(settings.policy.leakage, self.local, settings.site_id, settings.state_dir,
+                                runtime._metrics)
 
+    # ------------------------------------------------------------------ the site's own record
+    def record_setup(self, setup: RunSetup) -> None:
+        if self.recorder is not None:
+            self.recorder.start(run_id=setup.run_id, meta={"model": setup.model.model_dump(mode="json"),
+                                                           "site": self.settings.site_id})
+
+    def record_forward(self, run_id: str, request: ForwardRequest, data: bytes) -> None:
+        """The activation bundle this site is about to send for ``request``."""
+        if self.recorder is None:
+            return
+        phase = request.phase.value
+        self.recorder.plan(run_id=run_id, step=request.step, phase=phase, samples=request.samples)
+        self.recorder.record(run_id=run_id, step=request.step, site=self.settings.site_id, flow="sent",
+                             phase=phase, data=data, sha256=frame_sha256(data))
+        self.gate.recorded(run_id, request)
+
+    def record_backward(self, run_id: str, step: int, body: bytes) -> None:
+        """The gradient bundle this site received and applied for ``step``."""
+        if self.recorder is not None:
+            self.recorder.record(run_id=run_id, step=step, site=self.settings.site_id, flow="received",
+                                 phase=Phase.TRAIN.value, data=body, sha256=frame_sha256(body))
+
+    def record_checkpoint(self, run_id: str, step: int) -> None:
+        if self.recorder is not None:
+            self.recorder.checkpoint(run_id=run_id, step=step)
+
+    # ------------------------------------------------------------------ snapshots (never served)
     def snapshot_path(self, run_id: str, step: int, phase: Phase) -> Path:
         return self.settings.state_dir / run_id / "audit" / f"encoder-{phase.value}-{step:08d}.safetensors"
 
@@ -82,7 +99,8 @@ class SiteAuditor:
         path = self.snapshot_path(run_id, step, phase)
         if path.is_file():
             return
-        keep = phase == Phase.EVAL or step % every == 0
+        keep = phase == Phase.EVAL or step % every == 0 or bool(
+            self.settings.policy.leakage.every and step % self.settings.policy.leakage.every == 0)
         with run.step.lock:
             state = {k: v.detach().cpu().contiguous().clone() for k, v in run.step.encoder.state_dict().items()}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,68 +120,19 @@ class SiteAuditor:
                 while len(ring) > self.settings.audit_keep_last:
                     ring.pop(0).unlink(missing_ok=True)
 
-    def encoder_weights(self, run_id: str, step: int, phase: Phase) -> bytes:
-        """The safetensors bytes of the snapshot the forward of ``(step, phase)`` used."""
-        self.runtime._run(run_id)  # 404 for an unknown run
-        path = self.snapshot_path(run_id, step, phase)
-        if not path.is_file():
-            raise NotFoundError(
-                f"site {self.settings.site_id} kept no encoder snapshot of run {run_id!r} at {phase.value} step "
-                f"{step}; it keeps every SITE_AUDIT_SNAPSHOT_EVERY-th step, evaluation steps and the last "
-                "SITE_AUDIT_KEEP_LAST steps",
-                detail={"step": step, "phase": phase.value},
-            )
-        return path.read_bytes()
+    # ------------------------------------------------------------------ the site's own audits
+    def start_audit(self, run_id: str, request: SiteAuditRequest) -> AuditStatus:
+        """Queue an audit of this site's record of ``run_id`` (404 for a run it never recorded)."""
+        self.runtime._run(run_id)
+        self.local.transcript(run_id)
+        status = self.queue.admit(run_id)
+        # the reconstructions stay in this process only while the audit runs: the queue keeps the figures
+        return self.queue.submit(status, lambda progress: (self.local.run(run_id, request, progress)[0], None))
 
-    def score(self, body: bytes) -> ScoreResponse:
-        """Compare reconstructions with this site's own originals; return numbers only. Runs on the site's compute
-        thread (:class:`~splitunet.service.compute.ComputeThread`)."""
-        return self.runtime.compute.call(self._score, body)
+    def audit_status(self, run_id: str, audit_id: str) -> AuditStatus:
+        return self.queue.status(audit_id, run_id)
 
-    def _score(self, body: bytes) -> ScoreResponse:
-        bundle = decode_bundle(body, max_bytes=self.settings.max_bundle_bytes)
-        meta = bundle.meta
-        if meta.site != self.settings.site_id or meta.kind != BundleKind.ACTIVATIONS:
-            raise WireFormatError(f"a score request must be an activations bundle for site "
-                                  f"{self.settings.site_id!r}; got site {meta.site!r}, kind {meta.kind}")
-        try:
-            samples = [Sample.model_validate(s) for s in json.loads(meta.extra.get("samples", "null") or "null")]
-        except (ValueError, TypeError, ValidationError) as exc:
-            raise WireFormatError(f"the bundle's x.samples annotation must be a JSON list of samples: {exc}") from None
-        modalities = self.settings.modalities
-        expected = (len(samples), len(modalities), *samples[0].output_size) if samples else None
-        images, weights = split_wire_tensors(bundle.tensors)
-        if not images:
-            raise WireFormatError("a score request needs at least one reconstruction tensor besides segmenter weights")
-        for name, t in images.items():
-            if expected is None or tuple(t.shape) != expected:
-                raise WireFormatError(f"tensor {name!r} has shape {tuple(t.shape)}; expected {expected} "
-                                      "(one reconstruction per sample in x.samples, this site's modalities)")
-        assert expected is not None
-        segmenters = from_wire_tensors(weights, architecture=meta.extra.get("segmenter"), modalities=modalities,
-                                       spatial_dims=len(expected) - 2)
-        originals = []
-        for s in samples:
-            case = self.runtime.cases.get(s.case_id)
-            if case is None:
-                raise CaseNotFoundError(f"site {self.settings.site_id} has no case {s.case_id!r}")
-            originals.append(extract(load_images(case, modalities, cache=self.runtime.cache).array, s))
-        scores: dict[str, list[SampleScore]] = {}
-        for name, t in images.items():
-            recon = t.numpy()
-            scores[name] = [
-                _score(i, s.case_id, m, recon[i, c], originals[i][c], segmenters.get(m))
-                for i, s in enumerate(samples) for c, m in enumerate(modalities)
-            ]
-        logger.info("site %s scored %d reconstructions of run %s step %d (segmenters: %s)", self.settings.site_id,
-                    len(samples) * len(images), meta.run_id, meta.step, sorted(segmenters) or "none")
-        return ScoreResponse(run_id=meta.run_id, step=meta.step, site=self.settings.site_id, scores=scores)
-
-
-def _score(index: int, case_id: str, modality: str, recon: np.ndarray, original: np.ndarray,
-           segmenter: WTSegmenter | None) -> SampleScore:
-    if not (original != 0).any():  # no brain in this crop: nothing to compare (JSON has no NaN)
-        return SampleScore(index=index, case_id=case_id, modality=modality, ssim=None, psnr=None, nmse=None)
-    return SampleScore(index=index, case_id=case_id, modality=modality, ssim=brain_ssim(recon, original),
-                       psnr=brain_psnr(recon, original), nmse=brain_nmse(recon, original),
-                       semantic=semantic_score(segmenter, recon, original))
+    def close(self) -> None:
+        self.queue.close()
+        if self.recorder is not None:
+            self.recorder.close()

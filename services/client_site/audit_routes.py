@@ -1,5 +1,8 @@
-"""Audit-only site endpoints, on their own router so that only the ``audit`` credential may call them.
+"""The site's own audits, on their own router so that only the site's ``audit`` credential may call them.
 
+No route here returns the site's weights, an image, a reconstruction, or any function of the site's images
+against tensors the caller supplies: the caller names a run the site recorded and the attacks' budgets, the site
+attacks its own record on its own premises (:mod:`splitunet.auditing.site_local`) and publishes only figures.
 Each route parses, calls one :class:`~services.client_site.audit.SiteAuditor` method and returns.
 """
 
@@ -7,31 +10,29 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path
 
-from services.client_site.audit import ScoreResponse
 from services.client_site.runtime import SiteRuntime
-from splitunet.schemas import RUN_ID_PATTERN, STEP_LIMIT, Phase
-from splitunet.service.deps import BundleBody, runtime_dep
-from splitunet.service.gate import body_limit
+from splitunet.auditing.queue import AuditStatus
+from splitunet.auditing.site_local import SiteAuditRequest
+from splitunet.schemas import RUN_ID_PATTERN
+from splitunet.service.deps import runtime_dep
 from splitunet.service.scopes import Scope, requires_scope
 
 SiteRuntimeDep = runtime_dep(SiteRuntime)
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
+AuditId = Annotated[str, Path(pattern=r"^audit-[0-9a-f]{12}$")]
 
 router = APIRouter(prefix="/v1", tags=["site-audit"], dependencies=[requires_scope(Scope.AUDIT)])
 
 
-@router.get("/runs/{run_id}/audit/encoder", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}})
-def encoder_weights(
-    runtime: SiteRuntimeDep, run_id: RunId, step: Annotated[int, Query(ge=0, lt=STEP_LIMIT)],
-    phase: Annotated[Phase, Query()] = Phase.TRAIN,
-) -> Response:
-    """The encoder weights (safetensors) this site used for the forward of ``step`` in ``phase``."""
-    return Response(runtime.audit.encoder_weights(run_id, step, phase), media_type="application/octet-stream")
+@router.post("/runs/{run_id}/audits", status_code=202)
+def start_audit(runtime: SiteRuntimeDep, run_id: RunId, request: SiteAuditRequest) -> AuditStatus:
+    """Queue the site's own audit of its record of ``run_id``; poll its status for the figures."""
+    return runtime.audit.start_audit(run_id, request)
 
 
-@router.post("/score", dependencies=[body_limit(lambda s: s.max_bundle_bytes)])
-def score(runtime: SiteRuntimeDep, body: BundleBody) -> ScoreResponse:
-    return runtime.audit.score(body)
+@router.get("/runs/{run_id}/audits/{audit_id}")
+def audit_status(runtime: SiteRuntimeDep, run_id: RunId, audit_id: AuditId) -> AuditStatus:
+    """The status of one of the site's own audits: progress, then its figures (never an image or a tensor)."""
+    return runtime.audit.audit_status(run_id, audit_id)

@@ -10,6 +10,12 @@ naming the rule (``detail.rule``):
 - ``max_width``: the widest encoder level accepted (channels), and ``allowed_spatial_dims``;
 - ``lr_min`` / ``lr_max``: bounds of the encoder's learning rate (a huge rate can turn training into probing);
 - ``max_batch``: samples in one forward;
+- ``leakage``: the site's own leakage gate (:class:`LeakagePolicy`): every ``every``-th train step the site audits
+  what it sent (its own white-box attack with its own weights, scored against its own originals) before the next
+  activations leave; over a threshold it refuses every forward of the run (rule ``leakage``, the figure in
+  ``detail``; :mod:`services.client_site.leakage_gate`);
+- ``min_secure_sum_sites``: the fewest sites of a secure sum this site joins (default 3; see
+  :mod:`splitunet.secure_sum`);
 - the **evaluation budget**: samples encoded by ``phase=eval`` forwards (no gradient comes back, so they are pure
   queries of the encoder), per case per run (``eval_per_case_per_run``) and per case per UTC day across runs
   (``eval_per_case_per_day``). Each crop/slice of a case counts once; the defaults leave room for a 2D
@@ -32,6 +38,47 @@ from splitunet.errors import PolicyError
 from splitunet.schemas import MAX_BATCH, OptimizerOptions
 
 
+class LeakagePolicy(BaseModel):
+    """The site's leakage thresholds and how often its own audit checks them (``SITE_POLICY__LEAKAGE__EVERY=10``,
+    ``SITE_POLICY__LEAKAGE__MAX_SSIM=0.6``, ...).
+
+    Args:
+        every: audit every n-th train step before the next forward leaves (0: no gate).
+        max_ssim: the best attack's brain SSIM (both images on [0, 1]) above which the site stops releasing.
+        max_delta_ssim: the same over the prior image: SSIM(x^, x) - SSIM(prior, x).
+        max_semantic: the semantic leakage (Dice of a frozen WT segmenter on the reconstruction vs the original).
+        attacks: the gate's attacks (default the white-box inversion: the upper bound, with the site's own weights).
+        whitebox_iterations: the white-box budget, an audit's by default (a weaker gate passes what an audit flags).
+        max_samples: samples of the recorded batch attacked.
+        segmenter_steps: training of the WT segmenter (only with ``max_semantic``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    every: int = Field(default=0, ge=0)
+    max_ssim: float | None = Field(default=None, ge=-1, le=1)
+    max_delta_ssim: float | None = Field(default=None, ge=-2, le=2)
+    max_semantic: float | None = Field(default=None, ge=0, le=1)
+    attacks: tuple[str, ...] = ("whitebox",)
+    whitebox_iterations: int = Field(default=1000, ge=1)
+    max_samples: int = Field(default=2, ge=1, le=32)
+    segmenter_steps: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> LeakagePolicy:
+        thresholds = (self.max_ssim, self.max_delta_ssim, self.max_semantic)
+        if self.every and all(t is None for t in thresholds):
+            raise ValueError(f"policy.leakage.every={self.every} but no threshold: set max_ssim, max_delta_ssim or "
+                             "max_semantic (SITE_POLICY__LEAKAGE__MAX_SSIM=...), or every=0 for no gate")
+        if not self.every and any(t is not None for t in thresholds):
+            raise ValueError("policy.leakage has thresholds but every=0: the gate would never check them; set "
+                             "SITE_POLICY__LEAKAGE__EVERY to the steps between two checks")
+        allowed = {"whitebox", "unsplit", "learned"}
+        if not self.attacks or not set(self.attacks) <= allowed:
+            raise ValueError(f"policy.leakage.attacks must be among {sorted(allowed)}, got {list(self.attacks)}")
+        return self
+
+
 class SitePolicy(BaseModel):
     """A site's rules (see the module docstring); the defaults accept what the project's defaults need."""
 
@@ -46,6 +93,8 @@ class SitePolicy(BaseModel):
     max_batch: int = Field(default=MAX_BATCH, ge=1, le=MAX_BATCH)
     eval_per_case_per_run: int = Field(default=20_000, ge=0)
     eval_per_case_per_day: int = Field(default=50_000, ge=0)
+    leakage: LeakagePolicy = Field(default_factory=LeakagePolicy)
+    min_secure_sum_sites: int = Field(default=3, ge=2, le=16)
 
     @model_validator(mode="after")
     def _check(self) -> SitePolicy:

@@ -20,7 +20,14 @@ from splitunet.defenses import SiteDefenses, build_site_defenses
 from splitunet.errors import ConfigurationError, NotFoundError, PolicyError
 from splitunet.filters import FilterChain
 from splitunet.schemas import ForwardRequest, Phase, RunSetup
-from splitunet.secure_sum import SecureSumAck, SecureSumOffer, SecureSumPeers, SiteMasker, request_nonce
+from splitunet.secure_sum import (
+    PeerPolicy,
+    SecureSumAck,
+    SecureSumOffer,
+    SecureSumPeers,
+    SiteMasker,
+    request_nonce,
+)
 from splitunet.service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ class SiteProtection:
             else build_site_defenses(settings.defenses, state_dir=settings.state_dir)
         )
         self._maskers: dict[str, SiteMasker] = {}
+        self.identity = settings.identity()
         self._lock = threading.Lock()
         self._gauge = None
         if metrics is not None:
@@ -132,16 +140,20 @@ class SiteProtection:
         with self._lock:
             masker = self._maskers.get(run_id)
             if masker is None:
-                masker = self._maskers[run_id] = SiteMasker(self.settings.site_id, run_id)
+                masker = self._maskers[run_id] = SiteMasker(self.settings.site_id, run_id, self.identity)
         return masker.offer()
 
-    def secure_sum_establish(self, run_id: str, peers: SecureSumPeers) -> SecureSumAck:
+    def secure_sum_establish(self, run_id: str, peers: SecureSumPeers, setup: RunSetup) -> SecureSumAck:
+        """Agree the pairwise keys of a run, after checking the relayed set: exactly the run's sites, at least the
+        policy's minimum, every peer's offer signed by its pinned identity key (:class:`PeerPolicy`)."""
         masker = self._maskers.get(run_id)
         if masker is None:
             raise NotFoundError(f"no secure-sum key for run {run_id!r}; GET /v1/runs/{run_id}/secure-sum first")
         if self.settings.site_id not in peers.order:
             raise ConfigurationError(f"the relayed key set has no site {self.settings.site_id!r} (this site)")
-        ack = masker.establish(peers)
+        policy = PeerPolicy(self.settings.pinned_peers(), [s.name for s in setup.model.sites],
+                            self.settings.policy.min_secure_sum_sites)
+        ack = masker.establish(peers, policy)
         marker = self._agreed(run_id)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()

@@ -177,6 +177,8 @@ class SiteRuntime:
             runs=runs,
             model_policy=None if self.settings.model is None else self.settings.model.model_dump(mode="json"),
             policy=self.settings.policy.model_dump(mode="json"),
+            leakage_gate=self.audit.gate.describe(),
+            identity_key=self.audit.identity.public_key,
         )
 
     def _run_info(self, run_id: str, run: SiteRun) -> RunInfo:
@@ -250,6 +252,7 @@ class SiteRuntime:
             run = self._build_run(setup, cohort=self._aligned)
             self.store.save_run(setup, run.fingerprint, run.created, cohort=run.cohort)
             self._runs[setup.run_id] = run
+            self.audit.record_setup(setup)
             logger.info("run %s: encoder %s with %d parameters", setup.run_id, run.fingerprint, run.parameters)
             return self._run_info(setup.run_id, run)
 
@@ -334,6 +337,7 @@ class SiteRuntime:
         for sample in request.samples:
             if sample.case_id not in run.cohort:
                 raise not_aligned(sample.case_id)
+        self.audit.gate.before_forward(run_id, request)  # the site's own leakage gate, before anything leaves
         if request.phase == Phase.EVAL:
             self.eval_budget.charge(run_id, [s.case_id for s in request.samples])
         else:
@@ -357,6 +361,7 @@ class SiteRuntime:
             compress=run.setup.wire.compress,
             max_bytes=self.settings.max_bundle_bytes,
         )
+        self.audit.record_forward(run_id, request, data)
         self._observe(request.phase.value, started, sent=len(data))
         return data
 
@@ -410,6 +415,7 @@ class SiteRuntime:
         grads = {k: v.to(self.device) for k, v in bundle.tensors.items()}
         set_lr(run.step.optimizer, run.setup.optimizer.lr_at(step))
         run.step.backward(grads, step=step, run_id=run_id)
+        self.audit.record_backward(run_id, step, body)
         run.last_applied, run.applied_digest = step, digest
         run.active = time.monotonic()
         self._observe("backward", started, received=len(body))
@@ -420,8 +426,7 @@ class SiteRuntime:
         return self.protection.secure_sum_offer(run_id, self._run(run_id).setup)
 
     def secure_sum_establish(self, run_id: str, peers: SecureSumPeers) -> SecureSumAck:
-        self._run(run_id)
-        return self.protection.secure_sum_establish(run_id, peers)
+        return self.protection.secure_sum_establish(run_id, peers, self._run(run_id).setup)
 
     def _batch(self, request: ForwardRequest, run: SiteRun) -> torch.Tensor:
         """Stack the samples' crops: ``B, C_site, *size`` float32 on the run's device."""
@@ -494,6 +499,7 @@ class SiteRuntime:
                     fingerprint=run.fingerprint,
                 )
             self.store.record_checkpoint(run_id, step, path, digest)
+            self.audit.record_checkpoint(run_id, step)
             run.checkpoint_step = step
         return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=digest)
 
@@ -540,6 +546,7 @@ def site_runtime(settings: SiteSettings, metrics: ServiceMetrics | None = None) 
     try:
         yield runtime
     finally:
+        runtime.audit.close()
         runtime.compute.close()
         runtime.cache.clear()
         runtime.store.close()

@@ -16,7 +16,15 @@ from splitunet.defenses.config import load_defense_list
 from splitunet.service.device import DeviceChoice
 from splitunet.service.scopes import Scope
 from splitunet.service.settings import ServiceSettings
+from splitunet.signing import IdentityKey
+from splitunet.transcript import TranscriptSettings
 from splitunet.wire import DEFAULT_MAX_BYTES
+
+
+class SiteTranscriptSettings(TranscriptSettings):
+    """The site's own transcript: on unless the site turns it off (its audits and its gate read it)."""
+
+    enabled: bool = True
 
 
 class SiteSettings(ServiceSettings):
@@ -35,9 +43,20 @@ class SiteSettings(ServiceSettings):
         max_bundle_bytes: largest gradient bundle accepted and activation bundle produced.
         max_batch_voxels: most voxels (samples x spatial size) one forward may ask for; bounds the memory a request
             can make the site allocate (default 32 Mi voxels, e.g. 4 patches of 128^3 or 256 slices of 240^2).
-        audit_snapshot_every: keep the encoder weights of every n-th train step for audits (0: keep none; see
-            :mod:`services.client_site.audit`); ``audit_keep_last``: also the last n train steps;
+        audit_snapshot_every: keep the encoder weights of every n-th train step for the site's own audits (0: keep
+            none; see :mod:`services.client_site.audit`); ``audit_keep_last``: also the last n train steps;
             ``audit_max_snapshots``: at most this many kept snapshots per run (oldest dropped).
+        audit_grids: the site's own audits draw their reconstruction grids into ``state_dir/audit-grids`` (for the
+            site's own eyes; lab mode collects them; nothing serves them).
+        identity_key_file: the site's Ed25519 identity key (64 hex characters, a mounted secret): it signs the site's
+            transcript heads and secure-sum key offers; its public key (``GET /v1/info``) is what peers and auditors
+            pin. Default: ``state_dir/identity/ed25519.key``, created on first start.
+        peer_keys: the identity keys of the sites this site accepts as secure-sum peers (``SITE_PEER_KEYS``: a
+            YAML/JSON file ``keys: {t1: <64 hex>, ...}``, pinned out of band like the registry; read at each key
+            agreement). Without it the site refuses secure sum: it could not tell a peer's key from the relay's.
+        transcript: the site's own record of what it sent and received (``SITE_TRANSCRIPT__EVERY=10``, ...; on by
+            default: the site's audits and the reconcile with the aggregator's record read it); a relative
+            ``dir`` is under ``state_dir``.
         defenses: this site's defenses, applied in order to every forward (``SITE_DEFENSES``: a JSON list or the
             path of a YAML/JSON file; see :mod:`splitunet.defenses.config`).
         seed: ``SITE_SEED``: build encoders from this seed (reproducible tests and studies). Default: from the
@@ -87,6 +106,33 @@ class SiteSettings(ServiceSettings):
     audit_snapshot_every: int = Field(default=10, ge=0)
     audit_keep_last: int = Field(default=4, ge=1)
     audit_max_snapshots: int = Field(default=64, ge=1)
+    audit_grids: bool = False
+    identity_key_file: Path | None = None
+    peer_keys: Path | None = None
+    transcript: SiteTranscriptSettings = Field(default_factory=lambda: SiteTranscriptSettings())
+
+    def identity(self) -> IdentityKey:
+        """The site's identity key (created in the state folder on first use when no file is configured)."""
+        if self.identity_key_file is not None:
+            return IdentityKey.load(self.identity_key_file)
+        return IdentityKey.load_or_create(self.state_dir / "identity" / "ed25519.key")
+
+    def pinned_peers(self) -> dict[str, str]:
+        """The pinned peer keys, read now (403 when none are configured: secure sum needs them)."""
+        from splitunet.errors import PolicyError
+        from splitunet.signing import load_pinned_keys
+
+        if self.peer_keys is None:
+            raise PolicyError(
+                f"site {self.site_id} has no pinned peer keys (SITE_PEER_KEYS): it refuses secure sum, since it "
+                "could not tell its peers' keys from keys the relay substituted",
+                detail={"rule": "secure_sum_unpinned"})
+        return load_pinned_keys(self.peer_keys)
+
+    def transcript_settings(self) -> TranscriptSettings:
+        """The transcript settings with ``dir`` resolved (a relative one is under ``state_dir``)."""
+        folder = self.transcript.dir if self.transcript.dir.is_absolute() else self.state_dir / self.transcript.dir
+        return self.transcript.model_copy(update={"dir": folder})
 
     @field_validator("modalities", mode="before")
     @classmethod

@@ -321,6 +321,20 @@ def _run_study(configs: list[Any], federation: Any, options: DemoOptions, sites:
     return [done[c.name] for c in configs]
 
 
+def site_grids(state_root: Path, run_id: str, sites: Sequence[str], figures_dir: Path) -> dict[str, str]:
+    """Lab mode: the reconstruction grid each site's own audit drew of ``run_id`` (in its state folder,
+    ``SITE_AUDIT_GRIDS``), copied to ``figures_dir/recon-<run_id>-<site>.png``; ``{site: path}``."""
+    out = {}
+    for site in sites:
+        drawn = sorted((state_root / f"site-{site}" / "audit-grids" / run_id).glob("*.png"))
+        if drawn:
+            figures_dir.mkdir(parents=True, exist_ok=True)
+            path = figures_dir / f"recon-{run_id}-{site}.png"
+            shutil.copyfile(drawn[-1], path)
+            out[site] = str(path)
+    return out
+
+
 def run_demo(
     options: DemoOptions,
     *,
@@ -382,13 +396,16 @@ def run_demo(
     with LocalFederation(workdir, torch_threads=site_threads) as federation:
         sites = []
         for m in MODALITIES:  # each site its own token; the aggregator's registry (AGG_SITES) lists them
+            # lab: each site's own audit draws its reconstructions into its state folder, where the demo's
+            # operator (who holds every party here) picks them up for the report
             federation.start_site(m, [m], partition.site_dir(m), defenses=options.site_defenses,
-                                  device=options.device)
+                                  device=options.device, env={"SITE_AUDIT_GRIDS": "true"})
             sites.append(m)
         aggregator = federation.start_aggregator(partition.aggregator_dir, device=options.device,
                                                  torch_threads=aggregator_threads)
-        # lab mode: the demo's cohort is on this machine, the audit scores against it and draws reconstructions
-        audit = federation.start_audit(lab_images_dir=source)
+        # the central audit assembles the parties' findings: each site audits its own record, the aggregator's
+        # label audit reads the aggregator's labels
+        audit = federation.start_audit(labels_dir=partition.aggregator_dir)
         federation.wait_ready(timeout_s=180)
         timing["startup_s"] = time.perf_counter() - t0
 
@@ -443,6 +460,7 @@ def run_demo(
                     try:
                         found = finish_audit(auditor, audit_id, run_id, workdir / "audits", workdir / "figures",
                                              progress)
+                        found["grids"] |= site_grids(workdir / "state", run_id, sites, workdir / "figures")
                         add_audit(row, found, modalities, found["seconds"] or time.perf_counter() - submitted)
                     except (RuntimeError, TimeoutError, OSError) as exc:
                         logger.error("audit of %s failed: %s", run_id, exc)

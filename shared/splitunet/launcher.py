@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from splitunet.signing import IdentityKey
+
 logger = logging.getLogger(__name__)
 
 
@@ -106,6 +108,7 @@ class LocalFederation:
         self.operator_token = secrets.token_urlsafe(24)
         self.operator_token_file = self._secret(self.secrets_dir / "operator-token", self.operator_token)
         self.site_tokens: dict[str, str] = {}
+        self._identity_keys: dict[str, str] = {}
         self._site_urls: dict[str, str] = {}
         self._ca = None
         self._operator_cert = None
@@ -199,6 +202,13 @@ class LocalFederation:
         token_file = self._secret(self.secrets_dir / f"site-{name}-token", token)
         # the audit service's own credential at this site (scope ``audit``), listed in the audit's registry
         audit_file = self._secret(self.secrets_dir / f"site-{name}-audit-token", secrets.token_urlsafe(24))
+        # the site's identity key (it signs its transcript heads and secure-sum offers) and the pinned public keys
+        # of every site started so far (SITE_PEER_KEYS, read at each key agreement)
+        identity = IdentityKey.generate()
+        identity_file = self._secret(self.secrets_dir / f"site-{name}-identity.key", identity.seed_hex())
+        self._identity_keys[name] = identity.public_key
+        peer_keys = self.secrets_dir / "peer-keys.json"
+        peer_keys.write_text(json.dumps({"keys": self._identity_keys}, indent=2))
         site_env = {
             "SITE_SITE_ID": name,
             "SITE_MODALITIES": ",".join(modalities),
@@ -206,6 +216,8 @@ class LocalFederation:
             "SITE_STATE_DIR": str(self.workdir / "state" / f"site-{name}"),
             "SITE_AUTH_TOKEN_FILE": str(token_file),
             "SITE_SCOPE_TOKEN_FILES__AUDIT": str(audit_file),
+            "SITE_IDENTITY_KEY_FILE": str(identity_file),
+            "SITE_PEER_KEYS": str(peer_keys),
             "SITE_DEVICE": device,
             "SITE_LOG_LEVEL": "warning",
             **self._tls_env("SITE_", f"site-{name}", client_auth=True),
@@ -274,11 +286,12 @@ class LocalFederation:
         return self._start(proc.name, "site", env, port=proc.port)
 
     def start_audit(
-        self, *, lab_images_dir: Path | None = None, lab_labels_dir: Path | None = None,
-        env: Mapping[str, str] | None = None,
+        self, *, labels_dir: Path | None = None, lab_images_dir: Path | None = None,
+        lab_labels_dir: Path | None = None, env: Mapping[str, str] | None = None,
     ) -> ServiceProcess:
-        """Start the audit service on the aggregator's transcripts with its own registry of the sites started so
-        far (each site's audit token, scope ``audit``); the operator token calls its API. ``lab_images_dir`` (and
+        """Start the central audit service on the aggregator's transcripts with its own registry of the sites
+        started so far (its own token at each site, scope ``audit``: one per site); the operator token calls its
+        API. ``labels_dir``: the aggregator's segmentations, for its label-leakage audit. ``lab_images_dir`` (and
         ``lab_labels_dir``) enable lab mode (phantom: the audit reads the cohort and draws reconstructions)."""
         if not self._site_urls:
             raise RuntimeError("start the sites first: the audit's registry (AUDIT_SITES) lists them")
@@ -295,6 +308,7 @@ class LocalFederation:
             "AUDIT_AUTH_TOKEN_FILE": str(self.operator_token_file),
             "AUDIT_LOG_LEVEL": "info",
             **self._tls_env("AUDIT_", "audit", client_auth=False),
+            **({} if labels_dir is None else {"AUDIT_LABELS_DIR": str(labels_dir)}),
             **({} if lab_images_dir is None else {"AUDIT_LAB_IMAGES_DIR": str(lab_images_dir)}),
             **({} if lab_labels_dir is None else {"AUDIT_LAB_LABELS_DIR": str(lab_labels_dir)}),
         }

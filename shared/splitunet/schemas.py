@@ -179,6 +179,10 @@ class SiteInfo(BaseModel):
     runs: dict[str, RunInfo]
     model_policy: dict[str, Any] | None = None
     policy: dict[str, Any] | None = Field(default=None, description="the site's policy (services.client_site.policy)")
+    leakage_gate: dict[str, Any] | None = Field(
+        default=None, description="the site's own leakage gate: last decision and stops per run (figures only)")
+    identity_key: str | None = Field(default=None, description="the site's Ed25519 public key (hex): it signs the "
+                                     "site's transcript heads and secure-sum offers; pin it out of band")
 
 
 class AlignedCases(BaseModel):

@@ -16,7 +16,16 @@ Fixed point: ``enc(x) = round(clip(x, -R, R) * s)`` with ``s = (2**(bits-1) - K)
 values fits the signed range and wraps exactly modulo ``2**bits``. ``bits = 24`` keeps every masked value an
 integer below ``2**24``, which fp32 (the required activation wire dtype) carries exactly; the resolution is
 ``1 / s`` (for K = 4, R = 64: 7.6e-6 per site). Values beyond ``+-R`` are clipped (counted in the stats).
-The threat model (honest-but-curious aggregator, drop-outs, a malicious relay) is in ``docs/threat-model.md``.
+
+Against a malicious relay (the aggregator relays the keys): each site signs its offer
+``(run, site, X25519 key)`` with its Ed25519 identity key (:mod:`splitunet.signing`), which its peers pin in their
+configuration (``SITE_PEER_KEYS``, like the registry). Before deriving any seed a site checks (:class:`PeerPolicy`)
+that the relayed set is exactly the run's sites, has at least the policy's minimum (default 3: with two sites the
+sum and one's own features give away the other's), and that every peer's offer is signed by that peer's pinned
+key; otherwise it refuses (403 ``policy_violation``, the rule named). A key the relay substituted, a sybil peer
+(an unpinned name) and a short peer set are refused. A site that drops out: the job rolls back to its last
+checkpoint and the keys are agreed again (:mod:`services.aggregator.trainer`), never a silent downgrade.
+The threat model is in ``docs/threat-model.md``.
 """
 
 from __future__ import annotations
@@ -35,7 +44,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel, ConfigDict, Field
 
-from splitunet.errors import ConfigurationError, ProtocolError
+from splitunet.errors import ConfigurationError, PolicyError, ProtocolError
+from splitunet.signing import IdentityKey, verify
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +63,13 @@ class SecureSumOptions(BaseModel):
 
 
 class SecureSumOffer(BaseModel):
-    """A site's public key for one run."""
+    """A site's public key for one run, signed with its identity key (see :func:`offer_message`)."""
 
     site: str
     run_id: str
     public_key: str = Field(pattern=r"^[0-9a-f]{64}$", description="X25519 public key, hex")
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$",
+                                  description="Ed25519 signature of the offer by the site's identity key, hex")
 
 
 class SecureSumPeers(BaseModel):
@@ -68,6 +80,8 @@ class SecureSumPeers(BaseModel):
     keys: dict[str, str] = Field(min_length=2, max_length=16)
     order: list[str] = Field(min_length=2, max_length=16)
     options: SecureSumOptions = Field(default_factory=SecureSumOptions)
+    signatures: dict[str, str] = Field(default_factory=dict, max_length=16,
+                                       description="each site's signature of its offer, relayed unchanged")
 
 
 class SecureSumAck(BaseModel):
@@ -75,6 +89,51 @@ class SecureSumAck(BaseModel):
     run_id: str
     peers: int
     keys_sha256: str = Field(description="digest of the key set this site used (compare across sites)")
+
+
+def offer_message(run_id: str, site: str, public_key: str) -> bytes:
+    """What a site signs when it offers its X25519 key for a run."""
+    return f"splitunet-secure-sum-offer/1|{run_id}|{site}|{public_key}".encode()
+
+
+class PeerPolicy:
+    """What a site checks of a relayed key set before deriving any seed (see the module docstring).
+
+    Args:
+        pinned: ``{site: Ed25519 public key hex}`` of the peers this site knows (its configuration).
+        run_sites: the sites of the run (its model configuration).
+        min_sites: the fewest sites a secure sum may have.
+    """
+
+    def __init__(self, pinned: Mapping[str, str], run_sites: Sequence[str], min_sites: int = 3) -> None:
+        if min_sites < 2:
+            raise ValueError(f"min_sites must be >= 2, got {min_sites}")
+        self.pinned, self.run_sites, self.min_sites = dict(pinned), list(run_sites), min_sites
+
+    def check(self, site: str, run_id: str, peers: SecureSumPeers) -> None:
+        order = list(peers.order)
+        if sorted(order) != sorted(self.run_sites):
+            _refuse("secure_sum_peers", f"the relayed peer set {sorted(order)} is not the run's sites "
+                    f"{sorted(self.run_sites)}", peers=sorted(order), run_sites=sorted(self.run_sites))
+        if len(order) < self.min_sites:
+            _refuse("secure_sum_min_sites", f"a secure sum of {len(order)} sites is below this site's minimum "
+                    f"{self.min_sites} (with fewer, the sum and one's own features reveal the others')",
+                    minimum=self.min_sites, got=len(order))
+        for other in order:
+            if other == site:
+                continue
+            pinned = self.pinned.get(other)
+            if pinned is None:
+                _refuse("secure_sum_unpinned", f"site {other!r} has no identity key pinned at this site "
+                        "(SITE_PEER_KEYS): an unknown peer is refused", site=other)
+            signature = peers.signatures.get(other)
+            if signature is None or not verify(pinned, offer_message(run_id, other, peers.keys[other]), signature):
+                _refuse("secure_sum_signature", f"the key offer of site {other!r} is not signed by its pinned "
+                        "identity key: the relayed key was substituted or forged", site=other)
+
+
+def _refuse(rule: str, message: str, **detail: object) -> None:
+    raise PolicyError(f"secure sum: {message}", detail={"rule": rule, **detail})
 
 
 def keys_digest(keys: Mapping[str, str]) -> str:
@@ -101,9 +160,10 @@ def _prg(seed: bytes, nonce: bytes, name: str, count: int, bits: int) -> np.ndar
 class SiteMasker:
     """A site's side of secure sum for one run: its key pair, the pairwise seeds, and the masking."""
 
-    def __init__(self, site: str, run_id: str) -> None:
+    def __init__(self, site: str, run_id: str, identity: IdentityKey | None = None) -> None:
         self.site = site
         self.run_id = run_id
+        self.identity = identity
         self._private = X25519PrivateKey.generate()
         self.public_key = self._private.public_key().public_bytes_raw().hex()
         self._seeds: dict[str, tuple[int, bytes]] = {}  # peer -> (sign, seed)
@@ -118,12 +178,17 @@ class SiteMasker:
         return self.options is not None
 
     def offer(self) -> SecureSumOffer:
-        return SecureSumOffer(site=self.site, run_id=self.run_id, public_key=self.public_key)
+        signature = None if self.identity is None else self.identity.sign(
+            offer_message(self.run_id, self.site, self.public_key))
+        return SecureSumOffer(site=self.site, run_id=self.run_id, public_key=self.public_key, signature=signature)
 
-    def establish(self, peers: SecureSumPeers) -> SecureSumAck:
-        """Derive the pairwise seeds from the relayed public keys (this site's own key must be among them)."""
+    def establish(self, peers: SecureSumPeers, policy: PeerPolicy | None = None) -> SecureSumAck:
+        """Derive the pairwise seeds from the relayed public keys (this site's own key must be among them), after
+        ``policy`` accepted the peer set and every peer's signature (a service always passes one)."""
         if set(peers.order) != set(peers.keys) or len(set(peers.order)) != len(peers.order):
             raise ConfigurationError("secure sum: 'order' must list exactly the sites of 'keys', once each")
+        if policy is not None:
+            policy.check(self.site, self.run_id, peers)
         if peers.keys.get(self.site) != self.public_key:
             raise ConfigurationError(
                 f"secure sum: the relayed key of site {self.site!r} is not this site's key for run "
@@ -218,7 +283,8 @@ def establish(
     path = f"/v1/runs/{run_id}/secure-sum"
     offers = [SecureSumOffer.model_validate(o) for o in pool.map(lambda c: get_json(c, path), clients.values())]
     keys = {name: offer.public_key for name, offer in zip(clients, offers)}
-    peers = SecureSumPeers(keys=keys, order=list(clients), options=options)
+    signatures = {name: offer.signature for name, offer in zip(clients, offers) if offer.signature is not None}
+    peers = SecureSumPeers(keys=keys, order=list(clients), options=options, signatures=signatures)
     body = peers.model_dump(mode="json")
     acks = [SecureSumAck.model_validate(a) for a in pool.map(lambda c: post_json(c, path, body), clients.values())]
     digests = {a.keys_sha256 for a in acks}

@@ -3,9 +3,10 @@
 A :class:`StudyConfig` is what differs from the undefended job: the sites' ``SITE_DEFENSES`` (the sites are
 restarted with them: a site chooses its own protection), the job's gradient defenses, the cut level and skips,
 secure-sum fusion. For each configuration :func:`run_config` trains the job through the aggregator, reads its
-validation Dice, then asks the audit service (a real process, lab mode on the phantom: the audit reads the cohort
-to score and draw reconstructions) to replay every attack on the last recorded training step, and returns one
-row of ``report.json["study"]``. :func:`pick_best` chooses the best WT Dice among the configurations whose
+validation Dice, then asks the central audit service (a real process) for the parties' findings on the last
+recorded training step: each site replays the image attacks on its own record against its own originals, the
+aggregator the label attack with its own labels, the audit service assembles them; and returns one row of
+``report.json["study"]``. :func:`pick_best` chooses the best WT Dice among the configurations whose
 best-attack RDLV is <= 0 (no attack beats the prior image).
 """
 
@@ -145,16 +146,17 @@ def follow_job(client: Any, job_id: str, on_status: Callable[[dict[str, Any]], N
 def run_audit(client: Any, run_id: str, sites: list[str], budgets: dict[str, Any], out_dir: Path,
               figures_dir: Path, on_progress: Callable[[float, str], None] | None = None,
               timeout_s: float = 1800.0) -> dict[str, Any]:
-    """Audit ``run_id`` through the audit service (lab mode, every attack) and wait for it: :func:`start_audit`
-    then :func:`finish_audit`."""
+    """Audit ``run_id`` through the audit service (the parties' findings, every attack) and wait for it:
+    :func:`start_audit` then :func:`finish_audit`."""
     audit_id = start_audit(client, run_id, sites, budgets)
     return finish_audit(client, audit_id, run_id, out_dir, figures_dir, on_progress, timeout_s)
 
 
 def start_audit(client: Any, run_id: str, sites: list[str], budgets: dict[str, Any]) -> str:
-    """Ask the audit service to audit ``run_id`` (lab mode, every attack); its audit id. The service runs its
-    audits one at a time in the background, so the caller can train the next model meanwhile."""
-    body = {"run_id": run_id, "mode": "lab", "sites": sites,
+    """Ask the central audit service to audit ``run_id`` (every attack: each site's own audit of its record,
+    the aggregator's label audit, assembled); its audit id. The service runs its audits one at a time in the
+    background, so the caller can train the next model meanwhile."""
+    body = {"run_id": run_id, "mode": "federated", "sites": sites,
             "spec": {"attacks": list(ALL_ATTACKS), "max_samples": 2, "budgets": budgets}}
     return client.post_json("/v1/audits", body)["audit_id"]
 

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from splitunet.data.sampling import Sample
 from splitunet.errors import DataError, WireFormatError
 from splitunet.recorder import Flow
+from splitunet.signing import IdentityKey, verify
 from splitunet.wire import DEFAULT_MAX_BYTES, decode_bundle, frame_sha256, unpack_frame
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ CREATE TABLE IF NOT EXISTS records (
     nbytes INTEGER NOT NULL, frame_sha256 TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS heads (seq INTEGER NOT NULL, step INTEGER NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS signed_heads (
+    seq INTEGER NOT NULL, step INTEGER NOT NULL, hash TEXT NOT NULL, party TEXT NOT NULL, public_key TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
 """
 _FIELDS = ("seq", "step", "site", "flow", "phase", "samples", "tensors", "dtype", "offset", "nbytes", "frame_sha256")
 
@@ -94,6 +99,28 @@ class TranscriptSettings(BaseModel):
         return read_secret_file(self.hmac_key_file)[0].encode()
 
 
+#: The aggregator's transcripts name their party so; a site's is ``site:<name>``.
+AGGREGATOR_PARTY = "aggregator"
+
+
+def site_party(site: str) -> str:
+    return f"site:{site}"
+
+
+def check_party(party: str) -> str:
+    if party != AGGREGATOR_PARTY and not (party.startswith("site:") and len(party) > 5):
+        raise ValueError(f"a transcript's party is 'aggregator' or 'site:<name>', got {party!r}")
+    return party
+
+
+def activation_flows(run: Mapping[str, Any]) -> tuple[Flow, Flow]:
+    """``(flow of the activation frames, flow of the gradient frames)`` in a transcript whose run description is
+    ``run``: a site sent its activations and received gradients; the aggregator the reverse (a transcript written
+    before parties were recorded is the aggregator's)."""
+    party = str(run.get("party", AGGREGATOR_PARTY))
+    return (Flow.SENT, Flow.RECEIVED) if party.startswith("site:") else (Flow.RECEIVED, Flow.SENT)
+
+
 def _hash(key: bytes | None, *parts: str) -> str:
     message = "\n".join(parts).encode()
     if key is None:
@@ -111,6 +138,12 @@ def genesis_hash(run_id: str, meta_json: str, key: bytes | None = None) -> str:
 
 def row_hash(prev_hash: str, row: Mapping[str, Any], key: bytes | None = None) -> str:
     return _hash(key, prev_hash, _canonical({k: row[k] for k in _FIELDS}))
+
+
+def head_message(run_id: str, party: str, seq: int, step: int, digest: str) -> bytes:
+    """What a party signs at a chain head: the run, the party, and the chain hash after ``seq`` records."""
+    return _canonical({"format": FORMAT, "run_id": run_id, "party": party, "seq": seq, "step": step,
+                       "hash": digest}).encode()
 
 
 def run_description(spec: Any, config: Any) -> dict[str, Any]:
@@ -159,7 +192,9 @@ class TranscriptRecord:
 class _RunWriter:
     """The open transcript of one run (under the recorder's lock)."""
 
-    def __init__(self, root: Path, run_id: str, settings: TranscriptSettings, key: bytes | None) -> None:
+    def __init__(self, root: Path, run_id: str, settings: TranscriptSettings, key: bytes | None,
+                 signer: IdentityKey | None = None, party: str = AGGREGATOR_PARTY) -> None:
+        self.signer, self.party = signer, party
         self.root = root
         self.run_id = run_id
         self.settings = settings
@@ -221,8 +256,14 @@ class _RunWriter:
 
     def write_head(self, step: int) -> None:
         self.db.execute("INSERT INTO heads (seq, step, hash) VALUES (?, ?, ?)", (self.seq, step, self.hash))
-        _atomic_write(self.root / HEAD, _canonical({"format": FORMAT, "run_id": self.run_id, "seq": self.seq,
-                                                    "step": step, "hash": self.hash}))
+        head = {"format": FORMAT, "run_id": self.run_id, "seq": self.seq, "step": step, "hash": self.hash}
+        if self.signer is not None:
+            signature = self.signer.sign(head_message(self.run_id, self.party, self.seq, step, self.hash))
+            self.db.execute("INSERT INTO signed_heads (seq, step, hash, party, public_key, signature) VALUES "
+                            "(?, ?, ?, ?, ?, ?)", (self.seq, step, self.hash, self.party, self.signer.public_key,
+                                                   signature))
+            head |= {"party": self.party, "public_key": self.signer.public_key, "signature": signature}
+        _atomic_write(self.root / HEAD, _canonical(head))
 
     def close(self) -> None:
         self.frames.close()
@@ -235,13 +276,21 @@ class TranscriptRecorder:
     Args:
         settings: where and what to record.
         force_every: also record every train step ``s`` with ``s % force_every == 0`` (a privacy gate's steps).
+        party: whose record this is: ``aggregator`` or ``site:<name>``. Flows are the party's own: a site's
+            activations are ``sent``, the aggregator's ``received`` (see :func:`activation_flows`).
+        signer: the party's identity key: it signs every chain head written (:mod:`splitunet.signing`), so a third
+            party holding only the public key can check who recorded what (:func:`verify_transcript`).
     """
 
-    def __init__(self, settings: TranscriptSettings, *, force_every: int = 0) -> None:
+    def __init__(self, settings: TranscriptSettings, *, force_every: int = 0, party: str = AGGREGATOR_PARTY,
+                 signer: IdentityKey | None = None) -> None:
         if force_every < 0:
             raise ValueError(f"force_every must be >= 0 (0: none), got {force_every}")
+        check_party(party)
         self.settings = settings
         self.force_every = force_every
+        self.party = party
+        self.signer = signer
         self._key = settings.key()
         self._runs: dict[str, _RunWriter] = {}
         self._plans: dict[str, tuple[int, str, tuple[Sample, ...]]] = {}
@@ -252,7 +301,8 @@ class TranscriptRecorder:
 
     def _writer(self, run_id: str) -> _RunWriter:
         if run_id not in self._runs:
-            self._runs[run_id] = _RunWriter(self.run_dir(run_id), run_id, self.settings, self._key)
+            self._runs[run_id] = _RunWriter(self.run_dir(run_id), run_id, self.settings, self._key, self.signer,
+                                            self.party)
         return self._runs[run_id]
 
     def wanted(self, step: int, phase: str) -> bool:
@@ -262,8 +312,12 @@ class TranscriptRecorder:
         return step % self.settings.every == 0 or bool(self.force_every and step % self.force_every == 0)
 
     def start(self, *, run_id: str, meta: Mapping[str, Any]) -> None:
+        """Anchor the run's chain on its description plus who records and what (both sides of a reconcile read
+        the other's recording policy from here, inside the chain)."""
+        recording = {"every": self.settings.every, "force_every": self.force_every,
+                     "record_eval": self.settings.record_eval}
         with self._lock:
-            self._writer(run_id).start(meta)
+            self._writer(run_id).start({**meta, "party": self.party, "recording": recording})
 
     def plan(self, *, run_id: str, step: int, phase: str, samples: Sequence[Sample]) -> None:
         with self._lock:
@@ -348,10 +402,15 @@ class VerifyReport:
     reason: str = ""
     torn_tail_bytes: int = 0
     head_seq: int | None = None
+    signed_heads: int = 0
 
 
-def verify_transcript(run_dir: Path | str, *, key: bytes | None = None) -> VerifyReport:
-    """Recompute the hash chain, reread every frame and check the written head (see the module docstring)."""
+def verify_transcript(run_dir: Path | str, *, key: bytes | None = None, public_key: str | None = None) -> VerifyReport:
+    """Recompute the hash chain, reread every frame and check the written heads (see the module docstring).
+
+    Signed heads are checked too: each signature against its record's chain hash. With ``public_key`` (the
+    recording party's, pinned out of band) the transcript must carry at least one head signed by that key and no
+    head signed by another: a third party verifies who recorded what with the public key alone."""
     root = Path(run_dir)
     transcript = Transcript(root)
     try:
@@ -360,8 +419,23 @@ def verify_transcript(run_dir: Path | str, *, key: bytes | None = None) -> Verif
         rows = [dict(zip((*_FIELDS, "prev_hash", "hash"), r)) for r in db.execute(
             f"SELECT {', '.join(_FIELDS)}, prev_hash, hash FROM records ORDER BY rowid").fetchall()]
         heads = db.execute("SELECT seq, step, hash FROM heads ORDER BY rowid").fetchall()
+        signed = db.execute("SELECT seq, step, hash, party, public_key, signature FROM signed_heads "
+                            "ORDER BY rowid").fetchall() if _has_table(db, "signed_heads") else []
     finally:
         transcript.close()
+    run_id = meta.get("run_id", "")
+    for seq, step, digest, party, key_hex, signature in signed:
+        if not verify(key_hex, head_message(run_id, party, seq, step, digest), signature):
+            return VerifyReport(ok=False, records=len(rows), first_bad=seq, reason=(
+                f"the head signed at step {step} (record {seq}) does not carry a valid signature of {party}"))
+        if public_key is not None and key_hex != public_key:
+            return VerifyReport(ok=False, records=len(rows), first_bad=seq, reason=(
+                f"the head at step {step} (record {seq}) was signed by key {key_hex[:16]}..., not the pinned key "
+                f"{public_key[:16]}..."))
+        heads.append((seq, step, digest))
+    if public_key is not None and not signed:
+        return VerifyReport(ok=False, records=len(rows), reason="no signed chain head: the record cannot be "
+                            "attributed to the pinned key")
     head_file = root / HEAD
     if head_file.is_file():
         doc = json.loads(head_file.read_text())
@@ -414,4 +488,8 @@ def verify_transcript(run_dir: Path | str, *, key: bytes | None = None) -> Verif
     tail = frames_size - (rows[-1]["offset"] + rows[-1]["nbytes"] if rows else 0)
     return VerifyReport(ok=True, records=len(rows), torn_tail_bytes=max(tail, 0),
                         reason="torn tail (cut when the recorder reopens the run)" if tail > 0 else "",
-                        head_seq=heads[-1][0] if heads else None)
+                        head_seq=heads[-1][0] if heads else None, signed_heads=len(signed))
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None

@@ -78,7 +78,7 @@ def _certificate(name: str, ca: tuple[Any, Any] | None) -> tuple[bytes, bytes, t
 
 def fill_secrets(k8s: Path) -> None:
     """Write throwaway tokens and TLS files where each overlay's secret generators expect them."""
-    tokens = ["operator-token", "audit-token", *(f"site-{m}-token" for m in SITES)]
+    tokens = ["operator-token", *(f"site-{m}-token" for m in SITES), *(f"site-{m}-audit-token" for m in SITES)]
     for overlay in ("dev", "prod-gpu"):
         folder = k8s / "overlays" / overlay / "secrets"
         folder.mkdir(parents=True, exist_ok=True)

@@ -94,8 +94,9 @@ def test_dev_overlay_trains_and_audits_as_configured(dev_cluster: LocalCluster) 
     assert status["state"] == "succeeded", f"{status.get('error')}\n{cluster.log_tail('aggregator')}"
     assert status["step"] == 3
 
-    # the audit reads the transcript from the aggregator's volume and asks site t1 (AUDIT_SITES) for its weights
-    audit_spec = {"steps": [3], "attacks": ["whitebox"], "budgets": {"whitebox_iterations": 50}}
+    # the central audit reads the transcript from the aggregator's volume and asks site t1 (AUDIT_SITES) to
+    # audit its own record: only the figures come back
+    audit_spec = {"steps": [3], "attacks": ["whitebox", "label_leakage"], "budgets": {"whitebox_iterations": 50}}
     with httpx.Client(base_url=cluster.url("audit"), headers=headers, timeout=60) as client:
         created = client.post("/v1/audits", json={"run_id": job_id, "sites": ["t1"], "spec": audit_spec})
         assert created.status_code == 202, created.text
@@ -103,8 +104,10 @@ def test_dev_overlay_trains_and_audits_as_configured(dev_cluster: LocalCluster) 
         audit = _wait(client, f"/v1/audits/{audit_id}", ("succeeded", "failed"), cluster, "audit")
         assert audit["state"] == "succeeded", f"{audit.get('error')}\n{cluster.log_tail('audit')}"
         findings = audit["result"]["findings"]
-        assert [(f["site"], f["attack"]) for f in findings] == [("t1", "whitebox")]
+        # t1's own audit (figures) and the aggregator's label audit on its labels volume, assembled
+        assert [(f["site"], f["attack"]) for f in findings] == [("t1", "whitebox"), ("t1", "label_leakage")]
         assert findings[0]["ssim"] is not None
+        assert [p["party"] for p in audit["parties"]] == ["site:t1", "aggregator"], audit["parties"]
         report = client.get(f"/v1/audits/{audit_id}/report")
         assert report.status_code == 200 and "text/html" in report.headers["content-type"]
 
@@ -113,7 +116,8 @@ def test_dev_overlay_trains_and_audits_as_configured(dev_cluster: LocalCluster) 
     request = {"AUDIT_RUN_ID": job_id, "AUDIT_RUN_SITES": "t1", "AUDIT_RUN_SPEC": json.dumps(audit_spec)}
     once = json.loads(cluster.run_job("audit-once", configmaps={"audit-run": request}, timeout=420))
     assert once["state"] == "succeeded" and once["run_id"] == job_id, once
-    assert [(f["site"], f["attack"]) for f in once["result"]["findings"]] == [("t1", "whitebox")]
+    assert [(f["site"], f["attack"]) for f in once["result"]["findings"]] == [("t1", "whitebox"),
+                                                                          ("t1", "label_leakage")]
     written = cluster.claim("audit-reports") / job_id / once["audit_id"]
     assert json.loads((written / "result.json").read_text())["findings"] == once["result"]["findings"]
     assert "<html" in (written / "report.html").read_text().lower()

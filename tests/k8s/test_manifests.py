@@ -243,3 +243,31 @@ def test_hospitals_sites_run_the_defenses_component(rendered_overlays, overlay: 
         chain = TypeAdapter(tuple[SiteDefenseConfig, ...]).validate_python(
             yaml.safe_load(data[path[len(mount["mountPath"]) + 1:]]))
         assert chain, f"{workload['metadata']['name']}: an empty defense chain"
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod-gpu"])
+def test_no_single_audit_token_opens_every_site(rendered_overlays, overlay: str) -> None:
+    """Each site accepts its own audit credential only (its own-audit routes publish figures), the central audit
+    holds one per site and its registry presents each where it belongs."""
+    import base64
+
+    import yaml
+
+    rendered = rendered_overlays[overlay]
+    secrets = {r["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in r.get("data", {}).items()}
+               for r in rendered.of_kind("Secret")}
+    site_audit = {}
+    for name, data in secrets.items():
+        if name.startswith("site-credentials-") and "audit-token" in data:
+            site = name.removeprefix("site-credentials-").rsplit("-", 1)[0]
+            site_audit[site] = data["audit-token"]
+            assert data["audit-token"] != data["aggregator-token"], name
+    assert set(site_audit) == {"t1", "t1ce", "t2", "flair"}, site_audit
+    assert len(set(site_audit.values())) == len(site_audit), "two sites accept the same audit token"
+    (central,) = [d for n, d in secrets.items() if n.startswith("audit-credentials")]
+    assert {k for k in central if k.endswith("audit-token")} == {f"site-{m}-audit-token" for m in site_audit}
+    assert all(central[f"site-{m}-audit-token"] == token for m, token in site_audit.items())
+    (registry,) = [r for r in rendered.of_kind("ConfigMap") if r["metadata"]["name"].startswith("audit-sites")]
+    entries = yaml.safe_load(registry["data"]["sites.yaml"])["sites"]
+    assert {e["name"]: Path(e["token_file"]).name for e in entries} == {
+        m: f"site-{m}-audit-token" for m in site_audit}

@@ -8,6 +8,7 @@ ids): the PSI protocol is tested on its own.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -61,8 +62,21 @@ def cohort(tmp_path_factory: pytest.TempPathFactory, brats) -> Cohort:
     )
 
 
+@pytest.fixture(scope="session")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each site's Ed25519 identity key file, and under ``"peers"`` the file pinning all four public keys (what
+    every site's ``SITE_PEER_KEYS`` holds)."""
+    from splitunet.signing import IdentityKey
+
+    root = tmp_path_factory.mktemp("identities")
+    keys = {m: IdentityKey.load_or_create(root / f"{m}.key") for m in SITES}
+    peers = root / "peer-keys.json"
+    peers.write_text(json.dumps({"keys": {m: k.public_key for m, k in keys.items()}}))
+    return {**{m: root / f"{m}.key" for m in SITES}, "peers": peers}
+
+
 @pytest.fixture
-def site_settings(cohort: Cohort, tmp_path: Path) -> Callable[..., SiteSettings]:
+def site_settings(cohort: Cohort, tmp_path: Path, identities: dict[str, Path]) -> Callable[..., SiteSettings]:
     """``site_settings(name, **overrides)``: the settings of one site over the cohort (its own token, the audit
     token, and the reproducible ``SITE_SEED`` the equivalence tests need)."""
 
@@ -76,6 +90,9 @@ def site_settings(cohort: Cohort, tmp_path: Path) -> Callable[..., SiteSettings]
             "scope_tokens": {"audit": AUDIT_TOKEN},
             "seed": SITE_SEED,
             "device": "cpu",
+            "transcript": {"enabled": True, "fsync": False},
+            "identity_key_file": identities[name],
+            "peer_keys": identities["peers"],
         }
         return SiteSettings(**(values | overrides))
 
@@ -108,6 +125,13 @@ def site(start_app, site_settings) -> TestClient:
 def sites(start_app, site_settings) -> dict[str, TestClient]:
     """All four site services, started."""
     return {m: start_app(create_site_app(site_settings(m))) for m in SITES}
+
+
+@pytest.fixture
+def recording_sites(start_app, site_settings) -> dict[str, TestClient]:
+    """All four site services, started, each recording every train step of its own traffic (its own audits)."""
+    transcript = {"enabled": True, "every": 1, "fsync": False}
+    return {m: start_app(create_site_app(site_settings(m, transcript=transcript))) for m in SITES}
 
 
 @pytest.fixture

@@ -15,14 +15,23 @@ import numpy as np
 from splitunet.auditing.runner import AuditArtifacts, AuditResult
 
 
-def _png(fig) -> str:
+def _png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def _png(fig) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(fig)).decode()
 
 
 def grid_figure(arrays: dict[str, np.ndarray], title: str) -> str:
-    """Rows: samples; columns: original | prior | each attack (first modality, middle slice in 3D)."""
+    """:func:`grid_png` as a data URI."""
+    return "data:image/png;base64," + base64.b64encode(grid_png(arrays, title)).decode()
+
+
+def grid_png(arrays: dict[str, np.ndarray], title: str) -> bytes:
+    """Rows: samples; columns: original | prior | each attack (first modality, middle slice in 3D); PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +53,7 @@ def grid_figure(arrays: dict[str, np.ndarray], title: str) -> str:
             if r == 0:
                 ax.set_title(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    out = _png(fig)
+    out = _png_bytes(fig)
     plt.close(fig)
     return out
 
@@ -75,7 +84,20 @@ def curve_figure(result: AuditResult) -> str | None:
     return out
 
 
-def render_html(result: AuditResult, artifacts: AuditArtifacts | None, *, show_images: bool = True) -> str:
+def parties_html(parties: list[dict]) -> str:
+    """Who produced which findings (a federated audit assembles the parties' own audits)."""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(str(p.get('party')))}</td><td>{e(str(p.get('records', '')))}</td>"
+        f"<td>{e(str(p.get('findings', '')))}</td><td>{e(str(p.get('skipped', '')))}</td></tr>" for p in parties)
+    return ("<h2>Parties</h2><p>Each site audited its own record on its own premises (only these figures left "
+            "it); the aggregator audited the label leakage of the gradients it sent, with its own labels.</p>"
+            "<table border='1' cellspacing='0' cellpadding='3'><tr><th>party</th><th>records</th><th>findings</th>"
+            f"<th>note</th></tr>{rows}</table>")
+
+
+def render_html(result: AuditResult, artifacts: AuditArtifacts | None, *, show_images: bool = True,
+                parties: list[dict] | None = None) -> str:
     e = html.escape
     cols = ["site", "step", "attack", "ssim", "prior_ssim", "rdlv", "psnr", "nmse", "semantic", "prior_semantic",
             "reid_top1", "dice", "auc", "baseline_empty_dice", "baseline_blob_dice", "seconds"]
@@ -92,6 +114,8 @@ def render_html(result: AuditResult, artifacts: AuditArtifacts | None, *, show_i
         "<table border='1' cellspacing='0' cellpadding='3'><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
         + rows + "</table>",
     ]
+    if parties:
+        parts.append(parties_html(parties))
     if result.segmenters:
         parts.append("<p>semantic = Dice of a frozen whole-tumour segmenter's masks on the reconstruction vs on the "
                      "original (prior_semantic: on the prior); the segmenters, trained on the public phantom "

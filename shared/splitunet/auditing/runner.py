@@ -40,8 +40,7 @@ from splitunet.config import SplitUNetConfig
 from splitunet.data.phantom import check_shape
 from splitunet.errors import DataError, NotFoundError
 from splitunet.leakage import dice, distance_correlation, leak_auc, rdlv, reidentification_top1
-from splitunet.recorder import Flow
-from splitunet.transcript import Transcript, verify_transcript
+from splitunet.transcript import Transcript, activation_flows, verify_transcript
 from splitunet.wire import DEFAULT_MAX_BYTES, decode_bundle
 
 logger = logging.getLogger(__name__)
@@ -181,7 +180,9 @@ class AuditRunner:
             raise DataError("the transcript has no run description (model); was it written by this aggregator?")
         config = SplitUNetConfig.model_validate(transcript.run["model"])
         sites = spec.sites or [s.name for s in config.sites]
-        received = transcript.records(flow=Flow.RECEIVED, phase=spec.phase)
+        # whose record: the aggregator received the activations, a site sent them (and the reverse for gradients)
+        activation_flow, gradient_flow = activation_flows(transcript.run)
+        received = transcript.records(flow=activation_flow, phase=spec.phase)
         steps = spec.steps or ([max(r.step for r in received)] if received else [])
         findings: list[Finding] = []
         dcor: dict[str, float] = {}
@@ -194,7 +195,7 @@ class AuditRunner:
                 raise NotFoundError(f"the transcript has no {spec.phase} record of site {site!r} at step {step} "
                                     "with planned samples; GET the audit's steps from the transcript")
             rec = recs[0]
-            sent = transcript.records(step=step, site=site, flow=Flow.SENT, phase=spec.phase)
+            sent = transcript.records(step=step, site=site, flow=gradient_flow, phase=spec.phase)
             found, arrays, d = self._attack_batch(spec, config, transcript, rec, sent[0] if sent else None)
             findings += found
             artifacts.grids[(site, step)] = arrays

@@ -8,23 +8,18 @@ briefly and with fixed seeds, on the public auxiliary phantom cohort
 geometry (2D slice or 3D crop of the recorded samples' size), once per audit; a quarter of the public cases are
 held out and its validation Dice against their true WT masks is reported with the audit.
 
-Architecture ``wt-unet/1`` (fixed, so a site rebuilds it from the weights alone): MONAI ``UNet`` with one input
-channel (one modality, the sites' preprocessing), one output channel (WT logit), channels 8-16-32, strides 2-2,
-instance norm without affine parameters, PReLU. Every state tensor is float32 (no buffers), so the weights travel
-in a wire bundle. Inputs ``(H, W[, D])`` are zero-padded up to a multiple of 4 per axis and the mask is cropped
+Architecture ``wt-unet/1`` (fixed): MONAI ``UNet`` with one input channel (one modality, the sites'
+preprocessing), one output channel (WT logit), channels 8-16-32, strides 2-2, instance norm without affine
+parameters, PReLU. Inputs ``(H, W[, D])`` are zero-padded up to a multiple of 4 per axis and the mask is cropped
 back; a voxel is tumour where the logit is > 0.
 
-Federated scoring (the original never leaves its site): the audit adds the weights to the ``POST /v1/score``
-bundle as tensors ``segmenter/<modality>/<state key>`` with the annotation ``x.segmenter = "wt-unet/1"``
-(:func:`to_wire_tensors`); the site rebuilds the architecture and checks every name and shape
-(:func:`from_wire_tensors`, :class:`~splitunet.errors.DataError` - HTTP 422 - naming the problem) before
-loading them. The bundle itself is parsed by safetensors (no pickle).
+Where the originals are: each site's own audit trains and runs the segmenter on its own premises
+(:mod:`splitunet.auditing.site_local`); only the Dice leaves the site.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitunet.errors import DataError
 from splitunet.leakage import dice, semantic_leakage
 
 if TYPE_CHECKING:
@@ -41,10 +35,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The architecture identifier (``x.segmenter`` annotation of a score request).
+#: The architecture identifier.
 ARCHITECTURE = "wt-unet/1"
-#: Prefix of the segmenter tensors in a score bundle: ``segmenter/<modality>/<state key>``.
-WIRE_PREFIX = "segmenter/"
 _CHANNELS = (8, 16, 32)
 _STRIDES = (2, 2)
 _MULTIPLE = 4  # product of the strides
@@ -179,55 +171,3 @@ def semantic_score(segmenter: WTSegmenter | None, recon: np.ndarray, original: n
     if segmenter is None or not segmenter(original).any():
         return None
     return semantic_leakage(segmenter, recon, original)
-
-
-def to_wire_tensors(segmenters: Mapping[str, WTSegmenter]) -> dict[str, torch.Tensor]:
-    """``{segmenter/<modality>/<key>: tensor}`` for a score bundle (add ``x.segmenter``: :data:`ARCHITECTURE`)."""
-    return {f"{WIRE_PREFIX}{m}/{k}": v for m, s in segmenters.items() for k, v in s.state_dict().items()}
-
-
-def split_wire_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(images, segmenter tensors)`` of a decoded score bundle, by the :data:`WIRE_PREFIX`."""
-    images = {k: v for k, v in tensors.items() if not k.startswith(WIRE_PREFIX)}
-    return images, {k: v for k, v in tensors.items() if k.startswith(WIRE_PREFIX)}
-
-
-def from_wire_tensors(tensors: Mapping[str, torch.Tensor], *, architecture: str | None,
-                      modalities: Sequence[str], spatial_dims: int) -> dict[str, WTSegmenter]:
-    """Rebuild the segmenters of a score bundle for a site holding ``modalities``.
-
-    Raises :class:`~splitunet.errors.DataError` (HTTP 422) naming what is wrong: an unknown architecture, weights
-    for a modality the site does not hold, a missing or unexpected tensor, or a tensor of the wrong shape.
-    """
-    if not tensors and architecture is None:
-        return {}
-    if architecture != ARCHITECTURE:
-        raise DataError(f"the score request's segmenter architecture (x.segmenter) is {architecture!r}; this site "
-                        f"builds only {ARCHITECTURE!r}, whose weights come as tensors {WIRE_PREFIX}<modality>/<key>")
-    per_modality: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        modality, _, key = name.removeprefix(WIRE_PREFIX).partition("/")
-        if modality not in modalities or not key:
-            raise DataError(f"segmenter tensor {name!r} names modality {modality!r}; this site holds "
-                            f"{list(modalities)} (tensor names are {WIRE_PREFIX}<modality>/<state key>)")
-        per_modality.setdefault(modality, {})[key] = tensor
-    if not per_modality:
-        raise DataError(f"the score request announces a {ARCHITECTURE} segmenter but carries no {WIRE_PREFIX}* "
-                        "tensors; send its weights or drop the x.segmenter annotation")
-    out = {}
-    for modality, state in per_modality.items():
-        network = build_network(spatial_dims)
-        expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise DataError(f"the {modality} segmenter's weights do not fit {ARCHITECTURE} ({spatial_dims}D): "
-                            f"missing {missing[:5]}, unexpected {unexpected[:5]}",
-                            detail={"modality": modality, "missing": missing, "unexpected": unexpected})
-        for key, shape in expected.items():
-            if tuple(state[key].shape) != shape:
-                raise DataError(f"segmenter tensor {WIRE_PREFIX}{modality}/{key} has shape "
-                                f"{tuple(state[key].shape)}; {ARCHITECTURE} ({spatial_dims}D) expects {shape}",
-                                detail={"modality": modality, "tensor": key, "expected": list(shape)})
-        network.load_state_dict(state)
-        out[modality] = WTSegmenter(network, spatial_dims, modality=modality)
-    return out

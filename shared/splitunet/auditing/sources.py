@@ -1,33 +1,32 @@
-"""Where an audit gets the encoder weights (white-box) and how it scores reconstructions.
+"""Where an audit gets the encoder weights (white-box), how it scores reconstructions, and the sites' findings.
 
-- Federated mode: :class:`SiteAuditClient` asks each site for its weight snapshot
-  (``GET /v1/runs/{run}/audit/encoder``) and sends reconstructions to ``POST /v1/score``, which compares them with
-  the site's own originals and returns numbers only. Both calls need the site's ``audit`` credential. The audit's
-  frozen WT segmenters travel in the same bundle (``segmenter/<modality>/<key>`` tensors, annotation
-  ``x.segmenter``; see :mod:`splitunet.auditing.segmenter`), so the site computes semantic leakage in place.
-- Lab mode (phantom, tests): :class:`LabScorer` reads the cohort directly; :class:`SnapshotDirSource` reads the
-  sites' snapshot folders.
+- Where the data is (a site-local audit, :mod:`splitunet.auditing.site_local`): :class:`LabScorer` over the
+  site's own data folder and :class:`SnapshotDirSource` over the site's own state folder. Nothing leaves.
+- Federated mode (the central audit): :class:`SiteFindingsClient` asks each site to run that audit and collects
+  the figures it publishes. No site endpoint returns its weights or scores tensors a caller supplies: the
+  routes that did (``GET /v1/runs/{run}/audit/encoder``, ``POST /v1/score``) are gone (docs/threat-model.md).
+- Lab mode (phantom, tests: one operator holds everything): the same :class:`LabScorer` and
+  :class:`SnapshotDirSource` over every party's folders.
 """
 
 from __future__ import annotations
 
-import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load, load_file
+from safetensors.torch import load_file
 
 from splitunet.auditing.cohorts import LabCohort
-from splitunet.auditing.segmenter import ARCHITECTURE, WTSegmenter, semantic_score, to_wire_tensors
+from splitunet.auditing.segmenter import WTSegmenter, semantic_score
 from splitunet.data.sampling import Sample
-from splitunet.errors import NotFoundError
+from splitunet.errors import ConfigurationError, NotFoundError, PeerError
 from splitunet.federation import SitePeer
 from splitunet.leakage import brain_nmse, brain_psnr, brain_ssim
 from splitunet.service.client import PeerClient, PeerTimeouts
-from splitunet.wire import DEFAULT_MAX_BYTES, BundleKind, BundleMeta, WireDtype, encode_bundle
 
 #: Per reconstruction tensor name: one ``{"index", "case_id", "modality", "ssim", "psnr", "nmse", "semantic"}`` per
 #: sample and modality (``semantic`` is ``None`` without a segmenter of that modality or a tumour it finds).
@@ -76,6 +75,34 @@ class LabScorer:
                 for name, t in tensors.items()}
 
 
+class NoScorer:
+    """For audits that score no image (the aggregator's label-leakage audit holds no original)."""
+
+    def score(self, site: str, modalities: Sequence[str], run_id: str, step: int, samples: Sequence[Sample],
+              tensors: Mapping[str, torch.Tensor], *,
+              segmenters: Mapping[str, WTSegmenter] | None = None) -> Scores:
+        raise ConfigurationError("this audit holds no original image to score reconstructions against: image "
+                                 "attacks are each site's own audit")
+
+
+class AggregatorLabels(LabCohort):
+    """The aggregator's own segmentations for its label-leakage audit: tumour masks, never an image (``images``
+    returns ``None``, so the runner computes no image figure from them).
+
+    Args:
+        labels_dir: the aggregator's BraTS-layout folder of segmentations (``AGG_DATA_DIR``).
+    """
+
+    def __init__(self, labels_dir: Path | str) -> None:
+        super().__init__(labels_dir, labels_dir)
+
+    def images(self, samples: Sequence[Sample], modalities: Sequence[str]) -> None:  # type: ignore[override]
+        return None
+
+    def case_ids(self) -> list[str]:
+        return sorted(self._label_cases)
+
+
 class SnapshotDirSource:
     """Weights from the sites' state folders (lab mode): ``{site: <SITE_STATE_DIR>}``."""
 
@@ -95,17 +122,22 @@ class SnapshotDirSource:
 SITE_RETRIES = 8
 
 
-class SiteAuditClient:
-    """Federated mode: the sites' audit endpoints, one :class:`PeerClient` per site (audit credential); calls that
-    could not reach a site are retried for about 20 s (:data:`SITE_RETRIES`)."""
+class SiteFindingsClient:
+    """Federated mode: asks each site to audit its own traffic on its own premises and collects the figures it
+    publishes (``POST /v1/runs/{run}/audits``, then ``GET /v1/runs/{run}/audits/{id}``; the site's ``audit``
+    credential, one per site). No weight, image or reconstruction crosses: only the site's findings (brain SSIM,
+    PSNR, NMSE, RDLV, semantic leakage, dCor, re-identification rate, per attack and step).
+
+    Calls that could not reach a site are retried for about 20 s (:data:`SITE_RETRIES`).
+    """
 
     def __init__(self, peers: Sequence[SitePeer], *, timeout_s: float = 120.0, transport_factory=None,
-                 max_bytes: int = DEFAULT_MAX_BYTES, verify: object = True) -> None:
-        self.max_bytes = max_bytes
+                 verify: object = True, poll_s: float = 0.5, audit_timeout_s: float = 3600.0) -> None:
+        self.poll_s, self.audit_timeout_s = poll_s, audit_timeout_s
         self.clients = {
             p.name: PeerClient(p.url, name=f"site {p.name}", token=p.bearer(),
                                timeouts=PeerTimeouts(connect=10.0, read=timeout_s, write=timeout_s, pool=timeout_s),
-                               retries=SITE_RETRIES, max_response_bytes=max_bytes, verify=verify,
+                               retries=SITE_RETRIES, max_response_bytes=2**22, verify=verify,
                                transport=transport_factory(p) if transport_factory else None)
             for p in peers
         }
@@ -115,24 +147,28 @@ class SiteAuditClient:
             raise NotFoundError(f"the audit has no credential for site {site!r}; add it to the audit's sites")
         return self.clients[site]
 
-    def encoder_state(self, site: str, run_id: str, step: int, phase: str) -> dict[str, torch.Tensor]:
-        response = self._client(site).request("GET", f"/v1/runs/{run_id}/audit/encoder",
-                                              params={"step": step, "phase": phase},
-                                              accept="application/octet-stream")
-        return load(response.content)
+    def start(self, site: str, run_id: str, request: Mapping) -> str:
+        """Ask ``site`` to audit its record of ``run_id``; the site's audit id."""
+        return self._client(site).post_json(f"/v1/runs/{run_id}/audits", dict(request))["audit_id"]
 
-    def score(self, site: str, modalities: Sequence[str], run_id: str, step: int, samples: Sequence[Sample],
-              tensors: Mapping[str, torch.Tensor], *,
-              segmenters: Mapping[str, WTSegmenter] | None = None) -> Scores:
-        """The site's scores of ``tensors``; with ``segmenters`` their weights go along (semantic leakage)."""
-        extra = {"samples": json.dumps([s.model_dump(mode="json") for s in samples])}
-        if segmenters:
-            extra["segmenter"] = ARCHITECTURE
-        meta = BundleMeta(run_id=run_id, step=step, site=site, kind=BundleKind.ACTIVATIONS, extra=extra)
-        data = encode_bundle({**tensors, **to_wire_tensors(segmenters or {})}, meta=meta, dtype=WireDtype.FP32,
-                             max_bytes=self.max_bytes)
-        reply = self._client(site).post_bundle("/v1/score", data, idempotent=True)
-        return {name: list(rows) for name, rows in reply["scores"].items()}
+    def wait(self, site: str, run_id: str, audit_id: str, progress=None) -> dict:
+        """The site's final audit status (JSON); raises when it failed or did not finish in time."""
+        deadline = time.monotonic() + self.audit_timeout_s
+        while True:
+            status = self._client(site).get_json(f"/v1/runs/{run_id}/audits/{audit_id}")
+            if status["state"] not in ("pending", "running"):
+                break
+            if progress is not None:
+                progress(float(status.get("progress") or 0.0), status.get("message") or "")
+            if time.monotonic() > deadline:
+                raise PeerError(f"site {site}'s audit {audit_id} of run {run_id} did not finish in "
+                                f"{self.audit_timeout_s:.0f} s", detail={"site": site})
+            time.sleep(self.poll_s)
+        if status["state"] != "succeeded":
+            error = status.get("error") or {}
+            raise PeerError(f"site {site}'s own audit of run {run_id} failed: {error.get('message')}",
+                            detail={"site": site, "error": error})
+        return status
 
     def close(self) -> None:
         for c in self.clients.values():

@@ -1,5 +1,6 @@
-"""``splitunet audit verify RUN_DIR``, ``splitunet audit run RUN_DIR`` (a lab, no server) and ``splitunet audit
-once`` (one federated audit configured like the audit service: its Kubernetes Job form)."""
+"""``splitunet audit verify RUN_DIR``, ``splitunet audit reconcile SITE_RUN AGG_RUN`` (two parties' records, frame by
+frame), ``splitunet audit run RUN_DIR`` (a lab, no server) and ``splitunet audit once`` (one federated audit
+configured like the audit service: its Kubernetes Job form)."""
 
 from __future__ import annotations
 
@@ -25,21 +26,61 @@ def _key(key_file: Path | None) -> bytes | None:
 def verify_command(
     run_dir: Annotated[Path, typer.Argument(help="A run's transcript folder (<AGG_TRANSCRIPT__DIR>/<run_id>).")],
     key_file: Annotated[Path | None, typer.Option(help="The transcript's HMAC key file, if it has one.")] = None,
+    public_key: Annotated[str | None, typer.Option(
+        help="The recording party's Ed25519 public key (64 hex characters or a file): its heads must be signed "
+             "by it.")] = None,
 ) -> None:
-    """Recompute the hash chain, reread every frame, check the written heads; name the first bad record."""
-    from splitunet.errors import DataError
+    """Recompute the hash chain, reread every frame, check the written (and signed) heads; name the first bad
+    record."""
+    from splitunet.errors import SplitUNetError
+    from splitunet.signing import public_key as parse_key
     from splitunet.transcript import verify_transcript
 
     try:
-        report = verify_transcript(run_dir, key=_key(key_file))
-    except DataError as exc:
+        report = verify_transcript(run_dir, key=_key(key_file),
+                                   public_key=None if public_key is None else parse_key(public_key))
+    except SplitUNetError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
     if report.ok:
         extra = f" ({report.reason})" if report.reason else ""
-        typer.echo(f"OK: {report.records} records, chain intact{extra}")
+        signed = f", {report.signed_heads} signed heads" if report.signed_heads else ""
+        typer.echo(f"OK: {report.records} records, chain intact{signed}{extra}")
         return
     typer.echo(f"TAMPERED: first bad record {report.first_bad}: {report.reason}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("reconcile")
+def reconcile_command(
+    site_run: Annotated[Path, typer.Argument(help="The site's own transcript of the run "
+                                                  "(<SITE_STATE_DIR>/transcripts/<run_id>).")],
+    aggregator_run: Annotated[Path, typer.Argument(help="The aggregator's transcript of the run.")],
+    site_public_key: Annotated[str | None, typer.Option(help="The site's Ed25519 public key (hex or file).")] = None,
+    aggregator_public_key: Annotated[str | None, typer.Option(
+        help="The aggregator's Ed25519 public key (hex or file).")] = None,
+    site_key_file: Annotated[Path | None, typer.Option(help="The site transcript's HMAC key file.")] = None,
+    aggregator_key_file: Annotated[Path | None, typer.Option(help="The aggregator transcript's HMAC key file.")] = None,
+) -> None:
+    """Compare the two parties' records frame by frame (step, direction, digest); name the first disagreement.
+    Exit 0 when they agree, 1 when they disagree, 2 when they cannot be read."""
+    from splitunet.errors import SplitUNetError
+    from splitunet.reconcile import reconcile
+    from splitunet.signing import public_key as parse_key
+
+    try:
+        report = reconcile(
+            site_run, aggregator_run,
+            site_public_key=None if site_public_key is None else parse_key(site_public_key),
+            aggregator_public_key=None if aggregator_public_key is None else parse_key(aggregator_public_key),
+            site_hmac=_key(site_key_file), aggregator_hmac=_key(aggregator_key_file))
+    except SplitUNetError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    if report.ok:
+        typer.echo(f"OK: {report.reason}")
+        return
+    typer.echo(f"DISAGREE: {report.reason}", err=True)
     raise typer.Exit(1)
 
 

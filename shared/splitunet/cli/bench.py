@@ -19,6 +19,8 @@ def bench_command(
     quick: Annotated[bool, typer.Option(help="A tiny smoke configuration (seconds; the figures mean little).")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure to this JSON file.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda: where the services and the in-process steps run.")] = "cpu",
+    fsha: Annotated[bool, typer.Option(help="Only the FSHA row: a hijacking aggregator against the site's own "
+                                            "leakage gate, and honest runs for its false alarms.")] = False,
 ) -> None:
     """Measure P1 (wire efficiency), P2 (split overhead), P3 (bytes ratio), scaling with sites and ROI,
     throughput, peak RSS per service, phantom generation and white-box inversion time; print a table."""
@@ -35,6 +37,9 @@ def bench_command(
         raise typer.BadParameter(f"--device must be cpu or cuda (cuda:N), got {device!r}")
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING)
+    if fsha:
+        _fsha_row(quick, json_path, console)
+        return
     plan = BenchPlan.quick() if quick else BenchPlan.full()
     try:
         doc = run_bench(plan, dims=(dims,) if dims else (2, 3), device=device,
@@ -83,3 +88,26 @@ def bench_command(
     out.print(f"phantom {tuple(ph['shape'])}: {ph['seconds_per_case']:.2f} s per case; white-box inversion "
               f"{wb['size']}x{wb['size']}, {wb['iterations']} iterations: {wb['seconds']:.2f} s per slice")
     out.print(f"total {doc['total_s']:.0f} s" + (f"; JSON: {json_path}" if json_path else ""))
+
+
+def _fsha_row(quick: bool, json_path: Path | None, console) -> None:
+    """The FSHA bench row (:mod:`splitunet.bench.fsha`), printed and optionally written as JSON."""
+    from rich.console import Console
+
+    from splitunet.bench.fsha import FSHAPlan, run_fsha_bench
+
+    row = run_fsha_bench(FSHAPlan.quick() if quick else FSHAPlan(), progress=lambda msg: console.log(msg))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(row, indent=2))
+    out = Console()
+    plan = row["plan"]
+    out.print(f"FSHA vs the site's gate ({plan['attack']} attack, stop above SSIM {plan['max_ssim']}, every "
+              f"{plan['every']} steps, {plan['steps']} steps): steps to detection {row['steps_to_detection']}, gate "
+              f"SSIM at detection {row['gate_ssim_at_detection']}, attacker's SSIM then "
+              f"{row['attacker_ssim_at_detection']} (at its last check {row['attacker_ssim_last_check']}); false "
+              f"alarms {row['false_alarms']} of {row['honest_runs']} honest runs (their highest gate SSIM "
+              f"{row['honest_max_gate_ssim']}); {row['seconds']:.0f} s")
+    for check in row["fsha_checks"]:
+        out.print(f"  FSHA step {check['step']}: gate SSIM {check['gate_ssim']:.3f}, attacker SSIM "
+                  f"{check['attacker_ssim']:.3f}")
