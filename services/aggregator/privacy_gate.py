@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from splitunet.attacks.base import AttackKind
 from splitunet.auditing.gate import GateThreshold
-from splitunet.auditing.runner import AttackBudgets, AuditRunner, AuditSpec
+from splitunet.auditing.runner import MAX_WHITEBOX_ITERATIONS, AttackBudgets, AuditRunner, AuditSpec
 from splitunet.auditing.sources import SiteAuditClient
 from splitunet.errors import ConfigurationError, ConflictError
 from splitunet.federation import SitePeer
@@ -53,7 +53,7 @@ class PrivacyGateSettings(BaseModel):
     every: int = Field(default=0, ge=0)
     max_ssim: float | None = Field(default=None, ge=-1, le=1)
     max_rdlv: float | None = None
-    whitebox_iterations: int = Field(default=1000, ge=1)
+    whitebox_iterations: int = Field(default=1000, ge=1, le=MAX_WHITEBOX_ITERATIONS)
     max_samples: int = Field(default=2, ge=1, le=32)
     audit_token_file: Path | None = None
 

@@ -26,6 +26,12 @@ def get_audit(runtime: AuditDep, audit_id: AuditId) -> AuditStatus:
     return runtime.status(audit_id)
 
 
+@router.post("/audits/{audit_id}/cancel")
+def cancel_audit(runtime: AuditDep, audit_id: AuditId) -> AuditStatus:
+    """Cancel a pending or running audit (a running one stops between two attacked batches); 409 once it ended."""
+    return runtime.cancel(audit_id)
+
+
 @router.get("/audits/{audit_id}/report", response_class=HTMLResponse)
 def get_report(runtime: AuditDep, audit_id: AuditId) -> HTMLResponse:
     return HTMLResponse(runtime.report(audit_id))

@@ -27,9 +27,10 @@ from splitunet.auditing.cohorts import LabCohort
 from splitunet.auditing.report import render_html
 from splitunet.auditing.runner import AuditArtifacts, AuditResult, AuditRunner, AuditSpec
 from splitunet.auditing.sources import LabScorer, SiteAuditClient
-from splitunet.errors import ConfigurationError, NotFoundError, SplitUNetError
+from splitunet.errors import ConfigurationError, ConflictError, NotFoundError, SplitUNetError
 from splitunet.federation import SiteName
 from splitunet.schemas import RUN_ID_PATTERN
+from splitunet.service.errors import internal_error_body
 from splitunet.transcript import Transcript
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,14 @@ class AuditState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_AUDIT_STATES = (AuditState.SUCCEEDED, AuditState.FAILED, AuditState.CANCELLED)
+
+
+class AuditCancelled(Exception):
+    """Raised in the audit thread at its next progress point after ``POST /v1/audits/{id}/cancel``."""
 
 
 class AuditStatus(BaseModel):
@@ -78,6 +87,7 @@ class AuditManager:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
         self._audits: OrderedDict[str, AuditStatus] = OrderedDict()
         self._artifacts: dict[str, AuditArtifacts] = {}
+        self._cancel: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
     def create(self, request: AuditRequest) -> AuditStatus:
@@ -135,16 +145,45 @@ class AuditManager:
         status = AuditStatus(audit_id=audit_id, run_id=request.run_id, state=AuditState.PENDING)
         with self._lock:
             self._audits[audit_id] = status
+            self._cancel[audit_id] = threading.Event()
             while len(self._audits) > self.settings.max_audits:
                 old, _ = self._audits.popitem(last=False)
                 self._artifacts.pop(old, None)
+                self._cancel.pop(old, None)
         return status, spec
+
+    def cancel(self, audit_id: str) -> AuditStatus:
+        """``POST /v1/audits/{id}/cancel``: a pending audit never starts; a running one stops at its next progress
+        point (between two attacked batches) and ends ``cancelled``; 409 for an audit that already ended."""
+        status = self.status(audit_id)
+        if status.state in FINAL_AUDIT_STATES:
+            raise ConflictError(f"audit {audit_id} has already ended ({status.state.value}); nothing to cancel",
+                                detail={"state": status.state.value})
+        with self._lock:
+            event = self._cancel.get(audit_id)
+        if event is not None:
+            event.set()
+        logger.info("audit %s: cancel requested", audit_id)
+        return self.status(audit_id)
+
+    def _progress(self, audit_id: str, fraction: float, message: str) -> None:
+        with self._lock:
+            event = self._cancel.get(audit_id)
+        if event is not None and event.is_set():
+            raise AuditCancelled
+        self._update(audit_id, progress=round(fraction, 3), message=message)
 
     def _update(self, audit_id: str, **changes) -> None:
         with self._lock:
             self._audits[audit_id] = self._audits[audit_id].model_copy(update=changes)
 
     def _run(self, audit_id: str, request: AuditRequest, spec: AuditSpec) -> None:
+        with self._lock:
+            event = self._cancel.get(audit_id)
+        if event is None or event.is_set():  # cancelled while pending (or dropped from the table)
+            if event is not None:
+                self._update(audit_id, state=AuditState.CANCELLED, message="cancelled before it started")
+            return
         self._update(audit_id, state=AuditState.RUNNING)
         started = time.perf_counter()
         client = (
@@ -158,19 +197,21 @@ class AuditManager:
                 lab = LabCohort(self.settings.lab_images_dir, self.settings.lab_labels_dir)
             scorer = LabScorer(lab) if lab is not None else client
             runner = AuditRunner(scorer, weights=client, lab=lab)
-            result, artifacts = runner.run(
-                spec, progress=lambda f, m: self._update(audit_id, progress=round(f, 3), message=m))
+            result, artifacts = runner.run(spec, progress=lambda f, m: self._progress(audit_id, f, m))
             with self._lock:
                 self._artifacts[audit_id] = artifacts
             self._update(audit_id, state=AuditState.SUCCEEDED, result=result, progress=1.0,
                          message=result.gate.message(), seconds=round(time.perf_counter() - started, 3))
+        except AuditCancelled:
+            logger.info("audit %s cancelled", audit_id)
+            self._update(audit_id, state=AuditState.CANCELLED, message="cancelled by request",
+                         seconds=round(time.perf_counter() - started, 3))
         except SplitUNetError as exc:
             logger.error("audit %s failed: %s", audit_id, exc.message)
             self._update(audit_id, state=AuditState.FAILED, error=exc.to_body())
         except Exception as exc:  # noqa: BLE001 - the audit thread reports, never dies silently
             logger.exception("audit %s failed", audit_id)
-            self._update(audit_id, state=AuditState.FAILED,
-                         error={"code": "internal", "message": f"{type(exc).__name__}: {exc}", "detail": None})
+            self._update(audit_id, state=AuditState.FAILED, error=internal_error_body(exc))
         finally:
             if client is not None:
                 client.close()

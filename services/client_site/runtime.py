@@ -495,7 +495,7 @@ class SiteRuntime:
                 )
             self.store.record_checkpoint(run_id, step, path, digest)
             run.checkpoint_step = step
-        return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=digest)
+        return CheckpointInfo(run_id=run_id, step=step, path=path.name, sha256=digest)
 
     def restore(self, run_id: str, step: int) -> CheckpointInfo:
         """Load encoder + optimizer of a run from the checkpoint at ``step``, verified before anything is loaded.
@@ -518,9 +518,9 @@ class SiteRuntime:
             checkpoint = read_checkpoint(path, fingerprint=run.fingerprint, module=run.step.encoder)
             if checkpoint.meta.get("run_id") != run_id or checkpoint.step != step:
                 raise ConflictError(
-                    f"{path} holds run {checkpoint.meta.get('run_id')!r} step {checkpoint.step}, not run {run_id!r} "
-                    f"step {step}",
-                    detail={"path": str(path)},
+                    f"{path.name} holds run {checkpoint.meta.get('run_id')!r} step {checkpoint.step}, not run "
+                    f"{run_id!r} step {step}",
+                    detail={"path": path.name},
                 )
             with run.step.lock:
                 apply_checkpoint(checkpoint, run.step.encoder, run.step.optimizer)
@@ -528,7 +528,7 @@ class SiteRuntime:
             run.last_applied, run.applied_digest = step, None
             run.needs_restore, run.active = False, time.monotonic()
         logger.info("run %s restored to step %d at site %s", run_id, step, self.settings.site_id)
-        return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=checkpoint.sha256)
+        return CheckpointInfo(run_id=run_id, step=step, path=path.name, sha256=checkpoint.sha256)
 
 
 @contextmanager
