@@ -236,6 +236,16 @@ class TrainingJob:
             client.close()
         self.recorder.close()
 
+    def drop_resources(self) -> None:
+        """After :meth:`close`: drop the references to what the job no longer needs (its decoder and optimizer
+        state, site clients, thread pool, grids, recorder, privacy gate), so a released job keeps only its status."""
+        self.aggregator = None
+        self.clients = {}
+        self.grids = {}
+        self.recorder = NullRecorder()
+        self.privacy_gate = None
+        self._setup = None
+
     def prepare(self) -> None:
         """Query the sites, align the cases privately, split train/validation and set up every party."""
         t0 = time.perf_counter()

@@ -44,6 +44,7 @@ from splitunet.errors import (
     ProtocolError,
 )
 from splitunet.filters import FilterChain
+from splitunet.memory import check_bound, encoder_weight_bytes, site_forward_bytes
 from splitunet.networks.factory import make_optimizer, make_site_encoder
 from splitunet.networks.split_unet import SiteEncoder
 from splitunet.protocol import SiteStep
@@ -235,6 +236,8 @@ class SiteRuntime:
                 f"{list(self.settings.modalities)}"
             )
         self.settings.policy.check_setup(setup.model, setup.optimizer)
+        check_bound(encoder_weight_bytes(setup.model, me), self.settings.max_forward_bytes,
+                    setting="SITE_MAX_FORWARD_BYTES", what="the run's encoder (weights and optimizer state)")
         if self.settings.model is not None and self.settings.model != setup.model:
             raise ConflictError(
                 "this site only accepts its pinned model configuration (SITE_MODEL); the run asks for another",
@@ -438,6 +441,11 @@ class SiteRuntime:
             raise ConfigurationError(f"samples of size {list(first.output_size)} do not fit the run's model: {exc}",
                                      detail={"size": list(first.output_size)}) from None
         voxels = len(request.samples) * int(np.prod(first.output_size))
+        train = request.phase == Phase.TRAIN
+        needed = site_forward_bytes(model, voxels, train=train) + encoder_weight_bytes(model, self.settings.site_id)
+        check_bound(needed, self.settings.max_forward_bytes, setting="SITE_MAX_FORWARD_BYTES",
+                    what=f"a {request.phase.value} forward of {len(request.samples)} samples of "
+                         f"{list(first.output_size)}", voxels=voxels)
         if voxels > self.settings.max_batch_voxels:
             raise ConfigurationError(
                 f"the forward asks for {voxels} voxels ({len(request.samples)} samples of {list(first.output_size)}); "
