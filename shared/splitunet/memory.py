@@ -5,10 +5,12 @@ the activations of a part of the network scale with ``voxels x channels``, where
 level-weighted channel sum (:func:`encoder_channels`, :func:`decoder_channels`). The bytes per voxel-channel are
 measured (``python -m splitunet.bench.hostile`` checks the model against the services' peak RSS; docs/limits.md):
 
-- a site's encoder, evaluation (no graph): 12.0-12.1 B on CPU (2D and 3D, cut 0-3; the tensors of one
-  ``TwoConv``: conv, norm, activation), bounded here by :data:`EVAL_BYTES` = 16 B (with the bundle's encoding);
-- a site's encoder, training (the graph kept until the backward, then the gradients): 25.6-40.9 B, bounded by
-  :data:`TRAIN_BYTES` = 48 B;
+- a site's encoder, evaluation (no graph): 7.0-12.1 B on CPU for the encoder alone (2D and 3D, cut 0-3; the
+  tensors of one ``TwoConv``: conv, norm, activation), bounded here by :data:`EVAL_BYTES` = 32 B (the activation
+  bundle, its wire copy and the allocator's slack come on top);
+- a site's encoder, training: 25.6-40.9 B for the encoder's forward and backward alone, 73-80 B end to end in a
+  site process (``splitunet.bench.hostile``: the graph kept until the backward, the activation bundle sent, the
+  gradient bundle received and decoded, the allocator's slack), bounded by :data:`TRAIN_BYTES` = 96 B;
 - the aggregator's decoder step (fusion, the remaining encoder levels, the decoder, its backward): 13.0-21.3 B
   over :func:`decoder_channels` (2D and 3D, cut 0 and 2, 4 sites), bounded by :data:`AGG_STEP_BYTES` = 32 B;
 - the weights: :data:`PARAMETER_BYTES` = 16 B per parameter (fp32 weight, gradient and Adam's two moments),
@@ -24,10 +26,10 @@ from __future__ import annotations
 from splitunet.config import Fusion, SplitUNetConfig
 from splitunet.errors import ResourceLimitError
 
-#: Bytes per voxel-channel of an encoder forward without a graph (measured 12.0-12.1 B; margin for the bundle).
-EVAL_BYTES = 16
-#: Bytes per voxel-channel of a training forward + backward (measured 25.6-40.9 B).
-TRAIN_BYTES = 48
+#: Bytes per voxel-channel of an encoder forward without a graph (measured 7.0-12.1 B for the encoder alone).
+EVAL_BYTES = 32
+#: Bytes per voxel-channel of a training forward + backward (measured 73-80 B end to end in a site process).
+TRAIN_BYTES = 96
 #: Bytes per voxel-channel of the aggregator's step (measured 13.0-21.3 B).
 AGG_STEP_BYTES = 32
 #: Bytes per parameter: fp32 weight, gradient and Adam's two moments.
