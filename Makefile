@@ -1,10 +1,10 @@
-# Two commands for users: `make demo` and `make test`. Both create .venv on first use.
+# Two commands for users: `make demo` and `make test` (and `make docs`). Each creates .venv on first use.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench docs docs-serve clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -27,5 +27,12 @@ bench: $(STAMP)
 	$(BIN)/splitunet bench --json runs/bench.json $(ARGS)
 	$(BIN)/python -m splitunet.bench.defenses --part overhead
 
+# the documentation site into site/ (strict: a broken link or reference fails); the API reference is generated
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

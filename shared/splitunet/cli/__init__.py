@@ -9,8 +9,10 @@ from __future__ import annotations
 import typer
 
 from splitunet.cli import audit as _audit
+from splitunet.cli import audits as _audits
 from splitunet.cli import bench as _bench
 from splitunet.cli import demo as _demo
+from splitunet.cli import jobs as _jobs
 from splitunet.cli import partition as _partition
 from splitunet.cli import phantom as _phantom
 from splitunet.cli import plan as _plan
@@ -39,6 +41,8 @@ app.command("serve")(_serve.serve_command)
 app.command("probe")(_probe.probe_command)
 app.command("bench")(_bench.bench_command)
 app.add_typer(_audit.app, name="audit")
+app.add_typer(_jobs.app, name="jobs")
+app.add_typer(_audits.app, name="audits")
 
 
 def main() -> None:
