@@ -337,6 +337,7 @@ class SiteRuntime:
         for sample in request.samples:
             if sample.case_id not in run.cohort:
                 raise not_aligned(sample.case_id)
+        self._check_size(request, run)
         if request.phase == Phase.EVAL:
             self.eval_budget.charge(run_id, [s.case_id for s in request.samples])
         else:
@@ -426,8 +427,10 @@ class SiteRuntime:
         self._run(run_id)
         return self.protection.secure_sum_establish(run_id, peers)
 
-    def _batch(self, request: ForwardRequest, run: SiteRun) -> torch.Tensor:
-        """Stack the samples' crops: ``B, C_site, *size`` float32 on the run's device."""
+    def _check_size(self, request: ForwardRequest, run: SiteRun) -> None:
+        """Refuse a forward whose geometry does not fit the run's model, or whose size passes
+        ``SITE_MAX_FORWARD_BYTES`` (:mod:`splitunet.memory`) or ``SITE_MAX_BATCH_VOXELS``: before any budget is
+        charged or image loaded."""
         model = run.setup.model
         first = request.samples[0]  # the request's samples share one geometry (ForwardRequest checks it)
         if first.spatial_dims != model.spatial_dims:
@@ -453,7 +456,10 @@ class SiteRuntime:
                 "batches",
                 detail={"voxels": voxels, "limit": self.settings.max_batch_voxels},
             )
-        spec = model.site(self.settings.site_id)
+
+    def _batch(self, request: ForwardRequest, run: SiteRun) -> torch.Tensor:
+        """Stack the samples' crops: ``B, C_site, *size`` float32 on the run's device (after :meth:`_check_size`)."""
+        spec = run.setup.model.site(self.settings.site_id)
         arrays = []
         for sample in request.samples:
             case = self.cases.get(sample.case_id)

@@ -97,6 +97,11 @@ def test_a_forward_over_the_sites_memory_bound_is_413_before_any_work(start_app,
     body = big.json()
     assert body["code"] == "over_memory_bound" and "SITE_MAX_FORWARD_BYTES" in body["message"], body
     assert body["detail"]["limit"] == 2**21 and body["detail"]["bytes"] > 2**21
+    # an evaluation forward over the bound is refused before the site charges its evaluation budget
+    eval_big = client.post(f"/v1/runs/{RUN}/forward", json={"step": 2, "phase": "eval", "samples": samples * 3},
+                           headers=SITE_HEADERS)
+    security.refused("over_memory_bound", eval_big.status_code, expected=413)
+    assert not client.app.state.runtime.eval_budget._per_run.get(RUN)
 
 
 def test_an_encoder_over_the_sites_memory_bound_is_refused_at_setup(start_app, site_settings, security) -> None:
