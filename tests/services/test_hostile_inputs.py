@@ -17,6 +17,8 @@ from services.aggregator.app import create_app as create_aggregator_app
 from services.audit.app import create_app as create_audit_app
 from services.audit.settings import AuditSettings
 from services.client_site.app import create_app as create_site_app
+from splitunet.client import Federation
+from splitunet.errors import ConflictError
 from splitunet.schemas import RunSetup
 
 RUN = "run-h"
@@ -209,3 +211,12 @@ def test_an_audit_can_be_cancelled(start_app, tmp_path, monkeypatch, security) -
     again = audit.post(f"/v1/audits/{running}/cancel", headers=AUDIT_OPERATOR_HEADERS)
     security.refused("cancel_ended_audit", again.status_code, expected=409)
     assert set(again.json()) == {"code", "message", "detail"}
+    # the typed client: a cancelled audit is final for wait(), and cancelling it again is a ConflictError
+    token = tmp_path / "operator-token"
+    token.write_text(AUDIT_OPERATOR + "\n")
+    unused = httpx.MockTransport(lambda request: httpx.Response(404))
+    with Federation("http://agg.test", token_file=token, audit_url="http://testserver", transport=unused,
+                    audit_transport=audit._transport) as fed:
+        assert fed.audits.get(queued).wait(timeout_s=10).state == "cancelled"
+        with pytest.raises(ConflictError):
+            fed.audits.get(running).cancel()
