@@ -24,6 +24,8 @@ class SecurityLedger:
     fuzz_operations: int = 0
     server_errors: int = 0
     responses_observed: int = 0
+    #: ``(service, credential) -> [examples, operations, 5xx]`` of the fuzzing
+    fuzz_by: dict = field(default_factory=dict)
 
     def refused(self, kind: str, status: int, *, expected: int | tuple[int, ...] | None = None) -> None:
         """Record a hostile call answered with ``status``; assert it was refused (4xx, or ``expected``)."""
@@ -52,10 +54,15 @@ class SecurityLedger:
                 if status >= 500 and not (status == 503 and route == "/readyz"):
                     self.server_errors += int(sample.value)
 
-    def fuzzed(self, examples: int, operations: int, server_errors: int) -> None:
+    def fuzzed(self, examples: int, operations: int, server_errors: int, *, service: str = "?",
+               credential: str = "?") -> None:
         self.fuzz_examples += examples
         self.fuzz_operations += operations
         self.server_errors += server_errors
+        row = self.fuzz_by.setdefault((service, credential), [0, 0, 0])
+        row[0] += examples
+        row[1] += operations
+        row[2] += server_errors
 
 
 _KEY = pytest.StashKey[SecurityLedger]()
@@ -91,5 +98,8 @@ def ledger_summary(terminalreporter, config: pytest.Config) -> None:
     for kind, count in sorted(bad.items()):
         write(f"    {kind:<36} {count}")
     write(f"{'schemathesis examples run:':<40} {ledger.fuzz_examples} ({ledger.fuzz_operations} operations)")
+    for (service, credential), (examples, operations, errors) in sorted(ledger.fuzz_by.items()):
+        ops = f", {operations} operations" if operations else ""
+        write(f"    {service:<11} {credential:<24} {examples:>6} examples{ops}, {errors} 5xx")
     write(f"{'5xx responses seen:':<40} {ledger.server_errors} "
           f"(of {ledger.responses_observed} responses of in-process services, and the fuzzing)")

@@ -3,7 +3,8 @@
 One job at a time is a deliberate limit: the aggregator's decoder, its GPU/CPU and the sites' encoders serve one
 federation run; a second ``POST /v1/jobs`` while one runs gets 409. Finished jobs stay listed (status and
 metrics); only the most recent finished job keeps its model, threads and site clients (for ``/v1/infer``): when a
-job finishes, every older one releases them, so nothing grows with the number of jobs.
+job finishes, every older one releases them and drops its references to them (decoder, clients, pool, grids,
+recorder), so what a finished job keeps is its status.
 
 Jobs are recorded in ``state_dir/jobs.sqlite`` (:mod:`services.aggregator.store`): at start-up the manager lists
 the recorded jobs again and resumes each unfinished one from the latest step every party checkpointed;
@@ -28,9 +29,11 @@ from services.aggregator.settings import AggregatorSettings
 from services.aggregator.site_client import SiteClient
 from services.aggregator.store import JobStore, spec_document
 from services.aggregator.trainer import Aligner, TrainingJob
+from splitunet.config import SiteSpec
 from splitunet.data.loader import regions_to_labels, save_segmentation, write_segmentation
 from splitunet.errors import ConflictError, NotFoundError, SplitUNetError
 from splitunet.federation import FederationSpec, InferRequest, JobCreated, JobState, JobStatus
+from splitunet.memory import aggregator_step_bytes, check_bound
 from splitunet.recorder import Recorder
 
 logger = logging.getLogger(__name__)
@@ -93,7 +96,9 @@ class JobManager:
         self.release_finished()  # reloaded finished jobs have no model: they keep only their status
 
     def create(self, spec: FederationSpec) -> JobCreated:
-        """Start a job in the background; 409 while another one runs."""
+        """Start a job in the background; 409 while another one runs, 413 when its step would pass the memory
+        bound (``AGG_MAX_STEP_BYTES``; checked before anything is built)."""
+        self.check_memory(spec)
         with self._lock:
             running = [j for j in self._jobs.values() if not j.finished]
             if running:
@@ -110,6 +115,17 @@ class JobManager:
             self._start(job)
             logger.info("job %s started: %d sites, %d steps", job_id, len(spec.sites), spec.steps)
             return JobCreated(job_id=job_id, state=job.status().state)
+
+    def check_memory(self, spec: FederationSpec) -> None:
+        """Refuse a spec whose training step (``batch_size`` samples of ``roi``) or decoder would allocate more
+        than ``AGG_MAX_STEP_BYTES`` (:mod:`splitunet.memory`); the sites' modalities do not change the figure."""
+        placeholder = tuple(SiteSpec(name=f"s{i}", modalities=("t1",)) for i in range(len(spec.sites)))
+        config = spec.model.build(placeholder)
+        voxels = spec.batch_size * int(np.prod(spec.roi))
+        check_bound(aggregator_step_bytes(config, voxels), self.settings.max_step_bytes,
+                    setting="AGG_MAX_STEP_BYTES", voxels=voxels,
+                    what=f"a step of {spec.batch_size} samples of {list(spec.roi)} with features "
+                         f"{list(spec.model.features)}")
 
     def _job(self, job_id: str, spec: FederationSpec, **resume) -> TrainingJob:
         clients: dict[str, SiteClient] = {}
@@ -153,7 +169,7 @@ class JobManager:
         for job in done:
             job.release_site_runs()
             job.close()
-            job.aggregator = None  # the decoder and its optimizer state; status and metrics stay
+            job.drop_resources()  # the decoder, its optimizer state, site clients, pool; status and metrics stay
             logger.info("job %s: released its threads, site clients and model", job.job_id)
         return [j.job_id for j in done]
 

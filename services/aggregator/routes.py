@@ -10,6 +10,7 @@ from services.aggregator.runtime import AggregatorRuntime
 from splitunet.federation import AggregatorInfo, FederationSpec, InferRequest, JobCreated, JobStatus
 from splitunet.schemas import RUN_ID_PATTERN
 from splitunet.service.deps import runtime_dep
+from splitunet.service.links import links
 
 AggregatorDep = runtime_dep(AggregatorRuntime)
 JobId = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
@@ -22,7 +23,11 @@ def info(runtime: AggregatorDep) -> AggregatorInfo:
     return runtime.info()
 
 
-@router.post("/jobs", status_code=202)
+JOB_LINKS = links("job_id", ("get_job", "/v1/jobs/{job_id}", "get"), ("stop_job", "/v1/jobs/{job_id}/stop", "post"),
+                  ("resume_job", "/v1/jobs/{job_id}/resume", "post"))
+
+
+@router.post("/jobs", status_code=202, responses={202: {"description": "the job, started", "links": JOB_LINKS}})
 def create_job(runtime: AggregatorDep, spec: FederationSpec) -> JobCreated:
     return runtime.jobs.create(spec)
 

@@ -28,6 +28,10 @@ class AggregatorSettings(ServiceSettings):
         cache_cases: decoded label maps kept in memory.
         torch_threads: intra-op threads (``0``: torch's default).
         max_bundle_bytes: largest activation bundle accepted / gradient bundle produced.
+        max_step_bytes: the memory bound of one training step or validation batch, in bytes (default 8 GiB):
+            ``batch_size x roi`` voxels x the decoder's level-weighted channels x the measured bytes per
+            voxel-channel, plus the decoder's weights and Adam state (:mod:`splitunet.memory`); a job spec above it
+            is refused at ``POST /v1/jobs`` (413 ``over_memory_bound``). docs/limits.md.
         sites: the site registry file (``AGG_SITES``; YAML/JSON: name, URL, token file of every site a job may
             name; see :mod:`splitunet.registry`).
         site_ca_file: CA bundle to verify HTTPS site services (default: system CAs).
@@ -55,6 +59,7 @@ class AggregatorSettings(ServiceSettings):
     cache_cases: int = Field(default=256, ge=1)
     torch_threads: int = Field(default=0, ge=0)
     max_bundle_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0)
+    max_step_bytes: int = Field(default=8 * 2**30, ge=2**20)
     site_ca_file: Path | None = None
     site_client_cert_file: Path | None = None
     site_client_key_file: Path | None = None

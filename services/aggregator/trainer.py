@@ -59,6 +59,7 @@ from splitunet.protocol import AggregatorStep, expected_site_shapes
 from splitunet.recorder import Flow, NullRecorder, Recorder
 from splitunet.schemas import Phase, RunSetup, SamplingPlan, StepSchedule
 from splitunet.secure_sum import establish as establish_secure_sum
+from splitunet.service.errors import internal_error_body
 from splitunet.transcript import run_description
 from splitunet.wire import WireDtype
 
@@ -209,9 +210,9 @@ class TrainingJob:
             logger.error("job %s failed: %s", self.job_id, exc.message)
             self._update(state=JobState.FAILED, error=exc.to_body())
         except Exception as exc:  # noqa: BLE001 - the job thread must report, not die silently
+            # the detail (exception text, perhaps paths or a peer's words) goes to the log, never to the status
             logger.exception("job %s failed", self.job_id)
-            self._update(state=JobState.FAILED, error={"code": "internal", "message": f"{type(exc).__name__}: {exc}",
-                                                              "detail": None})
+            self._update(state=JobState.FAILED, error=internal_error_body(exc))
         finally:
             timing = dict(self.status().timing)
             timing["total_s"] = time.perf_counter() - started
@@ -234,6 +235,16 @@ class TrainingJob:
         for client in self.clients.values():
             client.close()
         self.recorder.close()
+
+    def drop_resources(self) -> None:
+        """After :meth:`close`: drop the references to what the job no longer needs (its decoder and optimizer
+        state, site clients, thread pool, grids, recorder, privacy gate), so a released job keeps only its status."""
+        self.aggregator = None
+        self.clients = {}
+        self.grids = {}
+        self.recorder = NullRecorder()
+        self.privacy_gate = None
+        self._setup = None
 
     def prepare(self) -> None:
         """Query the sites, align the cases privately, split train/validation and set up every party."""
@@ -570,7 +581,7 @@ class TrainingJob:
         with self.aggregator.lock:
             checkpoint = read_checkpoint(self.checkpoint_path(step), module=self.aggregator.decoder)
             if checkpoint.step != step or checkpoint.meta.get("job_id") != self.job_id:
-                raise ConflictError(f"{checkpoint.path} is not job {self.job_id}'s checkpoint of step {step}")
+                raise ConflictError(f"{checkpoint.path.name} is not job {self.job_id}'s checkpoint of step {step}")
             apply_checkpoint(checkpoint, self.aggregator.decoder, self.aggregator.optimizer)
         meta = checkpoint.meta
         self._rng.bit_generator.state = meta["rng"]

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.audit.settings import AuditSettings
 from splitunet.attacks.base import AttackKind
 from splitunet.auditing.cohorts import LabCohort
-from splitunet.auditing.queue import AuditQueue, AuditState, AuditStatus, Progress
+from splitunet.auditing.queue import FINAL_AUDIT_STATES, AuditQueue, AuditState, AuditStatus, Progress
 from splitunet.auditing.report import render_html
 from splitunet.auditing.runner import AuditArtifacts, AuditResult, AuditRunner, AuditSpec
 from splitunet.auditing.sources import AggregatorLabels, LabScorer, NoScorer, SiteFindingsClient, SnapshotDirSource
@@ -175,6 +175,10 @@ class AuditManager:
     def status(self, audit_id: str) -> AuditStatus:
         return self.queue.status(audit_id)
 
+    def cancel(self, audit_id: str) -> AuditStatus:
+        """``POST /v1/audits/{id}/cancel``: see :meth:`~splitunet.auditing.queue.AuditQueue.cancel`."""
+        return self.queue.cancel(audit_id)
+
     def report(self, audit_id: str) -> str:
         status = self.status(audit_id)
         if status.result is None:
@@ -197,4 +201,5 @@ def audit_runtime(settings: AuditSettings, **options) -> Iterator[AuditManager]:
         manager.close()
 
 
-__all__ = ["AuditManager", "AuditMode", "AuditRequest", "AuditState", "AuditStatus", "audit_runtime"]
+__all__ = ["FINAL_AUDIT_STATES", "AuditManager", "AuditMode", "AuditRequest", "AuditState", "AuditStatus",
+           "audit_runtime"]

@@ -16,6 +16,10 @@ naming the rule (``detail.rule``):
   ``detail``; :mod:`services.client_site.leakage_gate`);
 - ``min_secure_sum_sites``: the fewest sites of a secure sum this site joins (default 3; see
   :mod:`splitunet.secure_sum`);
+- ``activations`` / ``norms``: the MONAI activations and normalisations the site builds its encoder with (default:
+  the model's own ``LeakyReLU`` and ``ReLU``, instance norm), and ``max_negative_slope``: the largest
+  ``LeakyReLU`` slope (an activation close to the identity makes the encoder affine, so its activations invert
+  by least squares; slope 1 *is* the identity);
 - the **evaluation budget**: samples encoded by ``phase=eval`` forwards (no gradient comes back, so they are pure
   queries of the encoder), per case per run (``eval_per_case_per_run``) and per case per UTC day across runs
   (``eval_per_case_per_day``). Each crop/slice of a case counts once; the defaults leave room for a 2D
@@ -35,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from splitunet.config import SplitUNetConfig
 from splitunet.errors import PolicyError
+from splitunet.layer_specs import ACTIVATIONS, NORMS, layer_name
 from splitunet.schemas import MAX_BATCH, OptimizerOptions
 
 
@@ -95,9 +100,16 @@ class SitePolicy(BaseModel):
     eval_per_case_per_day: int = Field(default=50_000, ge=0)
     leakage: LeakagePolicy = Field(default_factory=LeakagePolicy)
     min_secure_sum_sites: int = Field(default=3, ge=2, le=16)
+    activations: tuple[str, ...] = ("leakyrelu", "relu")
+    max_negative_slope: float = Field(default=0.3, ge=0.0, lt=1.0)
+    norms: tuple[str, ...] = ("instance",)
 
     @model_validator(mode="after")
     def _check(self) -> SitePolicy:
+        for field, known in (("activations", ACTIVATIONS), ("norms", NORMS)):
+            unknown = sorted({n.lower() for n in getattr(self, field)} - set(known))
+            if unknown:
+                raise ValueError(f"policy {field}: {unknown} unknown; choose among {sorted(known)}")
         if self.lr_min > self.lr_max:
             raise ValueError(f"policy lr_min {self.lr_min} exceeds lr_max {self.lr_max}")
         if not set(self.allowed_spatial_dims) <= {2, 3}:
@@ -121,6 +133,18 @@ class SitePolicy(BaseModel):
         if sent_width > self.max_width:
             _refuse("max_width", f"encoder width {sent_width} exceeds this site's maximum {self.max_width}",
                     maximum=self.max_width, got=sent_width)
+        act, norm = layer_name(model.act), layer_name(model.norm)
+        if act not in {a.lower() for a in self.activations}:
+            _refuse("activations", f"activation {model.act[0]!r} is not accepted",
+                    allowed=list(self.activations), got=model.act[0])
+        slope = model.act[1].get("negative_slope", 0.01) if act == "leakyrelu" else 0.0
+        if slope > self.max_negative_slope:
+            _refuse("max_negative_slope", f"LeakyReLU slope {slope} exceeds this site's maximum "
+                    f"{self.max_negative_slope} (a slope near 1 makes the encoder affine and invertible)",
+                    maximum=self.max_negative_slope, got=slope)
+        if norm not in {n.lower() for n in self.norms}:
+            _refuse("norms", f"normalisation {model.norm[0]!r} is not accepted", allowed=list(self.norms),
+                    got=model.norm[0])
         if not self.lr_min <= optimizer.lr <= self.lr_max:
             _refuse("lr_bounds", f"learning rate {optimizer.lr} is outside [{self.lr_min}, {self.lr_max}]",
                     lr_min=self.lr_min, lr_max=self.lr_max, got=optimizer.lr)

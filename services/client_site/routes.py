@@ -30,6 +30,7 @@ from splitunet.secure_sum import SecureSumAck, SecureSumOffer, SecureSumPeers
 from splitunet.service.auth import principal
 from splitunet.service.deps import BundleBody, BundleResponse, runtime_dep
 from splitunet.service.gate import body_limit
+from splitunet.service.links import links
 from splitunet.wire import CONTENT_TYPE
 
 SiteRuntimeDep = runtime_dep(SiteRuntime)
@@ -63,7 +64,14 @@ def grids(runtime: SiteRuntimeDep, request: GridRequest) -> CaseGrids:
     return runtime.grids(request)
 
 
-@router.post("/runs")
+RUN_LINKS = links("run_id", ("release_run", "/v1/runs/{run_id}/release", "post"),
+                  ("forward", "/v1/runs/{run_id}/forward", "post"),
+                  ("checkpoint", "/v1/runs/{run_id}/checkpoint", "post"),
+                  ("restore", "/v1/runs/{run_id}/restore", "post"),
+                  ("secure_sum_offer", "/v1/runs/{run_id}/secure-sum", "get"))
+
+
+@router.post("/runs", responses={200: {"description": "the run's encoder at this site", "links": RUN_LINKS}})
 def setup_run(runtime: SiteRuntimeDep, setup: RunSetup) -> RunInfo:
     return runtime.setup_run(setup)
 

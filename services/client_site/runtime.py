@@ -44,6 +44,7 @@ from splitunet.errors import (
     ProtocolError,
 )
 from splitunet.filters import FilterChain
+from splitunet.memory import check_bound, encoder_weight_bytes, site_forward_bytes
 from splitunet.networks.factory import make_optimizer, make_site_encoder
 from splitunet.networks.split_unet import SiteEncoder
 from splitunet.protocol import SiteStep
@@ -237,6 +238,8 @@ class SiteRuntime:
                 f"{list(self.settings.modalities)}"
             )
         self.settings.policy.check_setup(setup.model, setup.optimizer)
+        check_bound(encoder_weight_bytes(setup.model, me), self.settings.max_forward_bytes,
+                    setting="SITE_MAX_FORWARD_BYTES", what="the run's encoder (weights and optimizer state)")
         if self.settings.model is not None and self.settings.model != setup.model:
             raise ConflictError(
                 "this site only accepts its pinned model configuration (SITE_MODEL); the run asks for another",
@@ -337,6 +340,7 @@ class SiteRuntime:
         for sample in request.samples:
             if sample.case_id not in run.cohort:
                 raise not_aligned(sample.case_id)
+        self._check_size(request, run)
         self.audit.gate.before_forward(run_id, request)  # the site's own leakage gate, before anything leaves
         if request.phase == Phase.EVAL:
             self.eval_budget.charge(run_id, [s.case_id for s in request.samples])
@@ -428,8 +432,10 @@ class SiteRuntime:
     def secure_sum_establish(self, run_id: str, peers: SecureSumPeers) -> SecureSumAck:
         return self.protection.secure_sum_establish(run_id, peers, self._run(run_id).setup)
 
-    def _batch(self, request: ForwardRequest, run: SiteRun) -> torch.Tensor:
-        """Stack the samples' crops: ``B, C_site, *size`` float32 on the run's device."""
+    def _check_size(self, request: ForwardRequest, run: SiteRun) -> None:
+        """Refuse a forward whose geometry does not fit the run's model, or whose size passes
+        ``SITE_MAX_FORWARD_BYTES`` (:mod:`splitunet.memory`) or ``SITE_MAX_BATCH_VOXELS``: before any budget is
+        charged or image loaded."""
         model = run.setup.model
         first = request.samples[0]  # the request's samples share one geometry (ForwardRequest checks it)
         if first.spatial_dims != model.spatial_dims:
@@ -443,6 +449,11 @@ class SiteRuntime:
             raise ConfigurationError(f"samples of size {list(first.output_size)} do not fit the run's model: {exc}",
                                      detail={"size": list(first.output_size)}) from None
         voxels = len(request.samples) * int(np.prod(first.output_size))
+        train = request.phase == Phase.TRAIN
+        needed = site_forward_bytes(model, voxels, train=train) + encoder_weight_bytes(model, self.settings.site_id)
+        check_bound(needed, self.settings.max_forward_bytes, setting="SITE_MAX_FORWARD_BYTES",
+                    what=f"a {request.phase.value} forward of {len(request.samples)} samples of "
+                         f"{list(first.output_size)}", voxels=voxels)
         if voxels > self.settings.max_batch_voxels:
             raise ConfigurationError(
                 f"the forward asks for {voxels} voxels ({len(request.samples)} samples of {list(first.output_size)}); "
@@ -450,7 +461,10 @@ class SiteRuntime:
                 "batches",
                 detail={"voxels": voxels, "limit": self.settings.max_batch_voxels},
             )
-        spec = model.site(self.settings.site_id)
+
+    def _batch(self, request: ForwardRequest, run: SiteRun) -> torch.Tensor:
+        """Stack the samples' crops: ``B, C_site, *size`` float32 on the run's device (after :meth:`_check_size`)."""
+        spec = run.setup.model.site(self.settings.site_id)
         arrays = []
         for sample in request.samples:
             case = self.cases.get(sample.case_id)
@@ -501,7 +515,7 @@ class SiteRuntime:
             self.store.record_checkpoint(run_id, step, path, digest)
             self.audit.record_checkpoint(run_id, step)
             run.checkpoint_step = step
-        return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=digest)
+        return CheckpointInfo(run_id=run_id, step=step, path=path.name, sha256=digest)
 
     def restore(self, run_id: str, step: int) -> CheckpointInfo:
         """Load encoder + optimizer of a run from the checkpoint at ``step``, verified before anything is loaded.
@@ -524,9 +538,9 @@ class SiteRuntime:
             checkpoint = read_checkpoint(path, fingerprint=run.fingerprint, module=run.step.encoder)
             if checkpoint.meta.get("run_id") != run_id or checkpoint.step != step:
                 raise ConflictError(
-                    f"{path} holds run {checkpoint.meta.get('run_id')!r} step {checkpoint.step}, not run {run_id!r} "
-                    f"step {step}",
-                    detail={"path": str(path)},
+                    f"{path.name} holds run {checkpoint.meta.get('run_id')!r} step {checkpoint.step}, not run "
+                    f"{run_id!r} step {step}",
+                    detail={"path": path.name},
                 )
             with run.step.lock:
                 apply_checkpoint(checkpoint, run.step.encoder, run.step.optimizer)
@@ -534,7 +548,7 @@ class SiteRuntime:
             run.last_applied, run.applied_digest = step, None
             run.needs_restore, run.active = False, time.monotonic()
         logger.info("run %s restored to step %d at site %s", run_id, step, self.settings.site_id)
-        return CheckpointInfo(run_id=run_id, step=step, path=str(path), sha256=checkpoint.sha256)
+        return CheckpointInfo(run_id=run_id, step=step, path=path.name, sha256=checkpoint.sha256)
 
 
 @contextmanager

@@ -41,8 +41,12 @@ class SiteSettings(ServiceSettings):
         cache_cases: decoded cases kept in memory.
         torch_threads: intra-op threads of this process (``0``: torch's default).
         max_bundle_bytes: largest gradient bundle accepted and activation bundle produced.
-        max_batch_voxels: most voxels (samples x spatial size) one forward may ask for; bounds the memory a request
-            can make the site allocate (default 32 Mi voxels, e.g. 4 patches of 128^3 or 256 slices of 240^2).
+        max_batch_voxels: most voxels (samples x spatial size) one forward may ask for (default 32 Mi voxels, e.g.
+            4 patches of 128^3 or 256 slices of 240^2).
+        max_forward_bytes: the memory bound of one forward, in bytes (default 4 GiB): voxels x the encoder's
+            level-weighted channels x the measured bytes per voxel-channel, plus the weights
+            (:mod:`splitunet.memory`); a forward, or a run's encoder, above it is refused (413 ``over_memory_bound``)
+            before anything is allocated. docs/limits.md.
         audit_snapshot_every: keep the encoder weights of every n-th train step for the site's own audits (0: keep
             none; see :mod:`services.client_site.audit`); ``audit_keep_last``: also the last n train steps;
             ``audit_max_snapshots``: at most this many kept snapshots per run (oldest dropped).
@@ -85,6 +89,7 @@ class SiteSettings(ServiceSettings):
     torch_threads: int = Field(default=0, ge=0)
     max_bundle_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0)
     max_batch_voxels: int = Field(default=32 * 2**20, gt=0)
+    max_forward_bytes: int = Field(default=4 * 2**30, ge=2**20)
     seed: int | None = Field(default=None, ge=0, lt=2**31)
     policy: SitePolicy = Field(default_factory=SitePolicy)
     run_idle_s: float = Field(default=600.0, gt=0)

@@ -144,8 +144,8 @@ def save_checkpoint(
 
 def _corrupt(path: Path, why: str) -> DataError:
     return DataError(
-        f"checkpoint {path} is unusable: {why}; use an earlier checkpoint or retrain from there",
-        detail={"path": str(path), "reason": why},
+        f"checkpoint {path.name} is unusable: {why}; use an earlier checkpoint or retrain from there",
+        detail={"path": path.name, "reason": why},
     )
 
 
@@ -163,7 +163,7 @@ def read_checkpoint(
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"no checkpoint at {path}", detail={"path": str(path)})
+        raise DataError(f"no checkpoint {path.name}", detail={"path": path.name})
     data = path.read_bytes()
     if not data:
         raise _corrupt(path, "the file is empty")
@@ -191,9 +191,9 @@ def read_checkpoint(
     want = fingerprint or (module_fingerprint(module) if module is not None else None)
     if want is not None and metadata.get("fingerprint") != want:
         raise ConflictError(
-            f"checkpoint {path} was written by another architecture (fingerprint {metadata.get('fingerprint')}, "
+            f"checkpoint {path.name} was written by another architecture (fingerprint {metadata.get('fingerprint')}, "
             f"this model is {want}); restore it into the model it was saved from",
-            detail={"path": str(path), "checkpoint": metadata.get("fingerprint"), "model": want},
+            detail={"path": path.name, "checkpoint": metadata.get("fingerprint"), "model": want},
         )
     checkpoint = VerifiedCheckpoint(path, tensors, meta, optim_doc, str(metadata.get("fingerprint")),
                                     hashlib.sha256(data).hexdigest())

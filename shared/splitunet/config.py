@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from splitunet.layer_specs import check_layer_spec
+
 #: BraTS modality names in the canonical order used everywhere in this project.
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 #: Output region channels, in MONAI's ``ConvertToMultiChannelBasedOnBratsClasses`` order.
@@ -103,7 +105,7 @@ class SplitUNetConfig(BaseModel):
             level indices. A skip that is not sent is removed from the decoder (its ``UpCat`` has no skip input).
         fusion: how the aggregator combines the sites' tensors (see :class:`Fusion`).
         out_channels: output logits (default 3: TC, WT, ET, each with a sigmoid).
-        act, norm: MONAI layer specs, as in ``BasicUNet``.
+        act, norm: MONAI layer specs, as in ``BasicUNet``, from the closed set of :mod:`splitunet.layer_specs`.
         dropout: dropout probability in every block.
         upsample: ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"`` (MONAI ``UpSample`` modes).
     """
@@ -171,6 +173,11 @@ class SplitUNetConfig(BaseModel):
             raise ValueError(f"fusion must be one of {allowed}, got {value!r}")
         return value
 
+    @field_validator("act", "norm", mode="before")
+    @classmethod
+    def _check_layers(cls, value: Any, info: Any) -> Any:
+        return check_layer_spec(info.field_name, value)
+
     @field_validator("out_channels")
     @classmethod
     def _check_out(cls, value: int) -> int:
@@ -202,6 +209,12 @@ class SplitUNetConfig(BaseModel):
                 )
             if len(set(self.skips)) != len(self.skips):
                 raise ValueError(f"skips must not repeat a level, got {list(self.skips)}")
+        if self.norm[0].lower() == "group":
+            groups = self.norm[1]["num_groups"]
+            bad = [f for f in self.features if f % groups]
+            if bad:
+                raise ValueError(f"norm group: num_groups {groups} must divide every level's channels; "
+                                 f"{bad} of features {list(self.features)} are not multiples of it")
         return self
 
     # ------------------------------------------------------------------ derived quantities

@@ -11,6 +11,7 @@ Exception tree::
     │   └── CaseNotFoundError      (404, "case_not_found")
     ├── WireFormatError            (400, "bad_bundle")          a tensor bundle fails decoding/validation
     │   └── BundleTooLargeError    (413, "bundle_too_large")
+    ├── ResourceLimitError         (413, "over_memory_bound")   a request whose work would pass a memory bound
     ├── ProtocolError              (409, "out_of_order")        e.g. a backward without its forward
     ├── AuthError                  (401, "unauthorized")
     ├── PolicyError                (403, "policy_violation")    refused by the serving party's own policy
@@ -63,6 +64,14 @@ class WireFormatError(SplitUNetError):
 
 class BundleTooLargeError(WireFormatError):
     code = "bundle_too_large"
+    status_code = 413
+
+
+class ResourceLimitError(SplitUNetError):
+    """A request whose work would allocate more than the service's memory bound (:mod:`splitunet.memory`);
+    refused before anything is allocated."""
+
+    code = "over_memory_bound"
     status_code = 413
 
 

@@ -164,7 +164,7 @@ class CheckpointRequest(BaseModel):
 class CheckpointInfo(BaseModel):
     run_id: str
     step: int
-    path: str
+    path: str = Field(description="the checkpoint file's name (a basename: replies never show server paths)")
     sha256: str
 
 

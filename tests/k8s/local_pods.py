@@ -4,7 +4,8 @@ For each container: its environment (ConfigMaps via ``envFrom``, then ``env``), 
 ConfigMaps written as files, its volumes mapped to local folders (a PersistentVolumeClaim is one folder shared by
 every pod that mounts it, as on one node), and three rewrites that a single machine forces:
 
-- a path under a ``mountPath`` becomes the same path under that volume's local folder;
+- a path under a ``mountPath`` becomes the same path under that volume's local folder (its ``subPath`` folder
+  when the mount names one);
 - ``*_HOST`` becomes ``127.0.0.1`` and ``*_PORT`` a free port (four sites cannot all listen on 8101 here);
 - a Service's cluster DNS name (``http://site-t1:8101``) in a value or a mounted file becomes its local
   ``http://127.0.0.1:<port>``.
@@ -111,6 +112,9 @@ class LocalCluster:
                 local.mkdir(parents=True, exist_ok=True)
             else:
                 raise AssertionError(f"{pod.name}: volume {vname} of an unsupported type")
+            if mount.get("subPath"):  # as the kubelet does: that folder of the volume, created if missing
+                local = local / mount["subPath"]
+                local.mkdir(parents=True, exist_ok=True)
             pod.mounts[path] = local
 
     def _claim(self, name: str) -> Path:

@@ -271,3 +271,22 @@ def test_no_single_audit_token_opens_every_site(rendered_overlays, overlay: str)
     entries = yaml.safe_load(registry["data"]["sites.yaml"])["sites"]
     assert {e["name"]: Path(e["token_file"]).name for e in entries} == {
         m: f"site-{m}-audit-token" for m in site_audit}
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod-gpu"])
+def test_the_audit_mounts_only_the_transcripts(rendered_overlays, overlay: str) -> None:
+    """The audit needs the recorded traffic, not the aggregator's decoder checkpoints or its job store: every mount
+    of the aggregator's state volume in an audit pod is the ``transcripts`` sub-path, read-only, and is where
+    ``AUDIT_TRANSCRIPTS_DIR`` points."""
+    rendered = rendered_overlays[overlay]
+    audits = [(w, t) for w, t in rendered.pod_templates() if w["metadata"]["name"] in ("audit", "audit-once")]
+    assert len(audits) == 2
+    for workload, template in audits:
+        claims = {v["name"] for v in template["spec"]["volumes"]
+                  if v.get("persistentVolumeClaim", {}).get("claimName") == "aggregator-state"}
+        mounts = [m for c in template["spec"]["containers"] for m in c.get("volumeMounts", []) if m["name"] in claims]
+        assert mounts, f"{workload['metadata']['name']}: no transcripts mount"
+        for mount in mounts:
+            assert mount.get("subPath") == "transcripts" and mount.get("readOnly") is True, mount
+    configmap = next(c for c in rendered.of_kind("ConfigMap") if "AUDIT_TRANSCRIPTS_DIR" in c.get("data", {}))
+    assert configmap["data"]["AUDIT_TRANSCRIPTS_DIR"] == "/transcripts"

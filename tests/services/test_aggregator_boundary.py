@@ -113,6 +113,7 @@ def test_finished_jobs_release_threads_clients_and_model(aggregator, sites, secu
     manager = aggregator.app.state.runtime.jobs
     job_a = manager.get("job-a")
     assert first["state"] == "succeeded" and job_a.aggregator is not None  # the latest keeps its model
+    clients_a = list(job_a.clients.values())
     second = run_job(aggregator, job_spec(run_id="job-b"))
     assert second["state"] == "succeeded"
     # job-b's thread releases the older jobs once it has published its final state: wait for that
@@ -121,7 +122,9 @@ def test_finished_jobs_release_threads_clients_and_model(aggregator, sites, secu
         assert time.monotonic() < deadline, "job-a was not released after job-b finished"
         time.sleep(0.05)
     assert job_a.aggregator is None and job_a.pool._shutdown
-    assert all(c.peer._client.is_closed for c in job_a.clients.values())
+    assert clients_a and all(c.peer._client.is_closed for c in clients_a)
+    # and dropped: a released job keeps its status, not its clients, grids, recorder or gate
+    assert job_a.clients == {} and job_a.grids == {} and job_a.privacy_gate is None
     assert "job-a" not in manager._threads
     # and the sites were told: job-a's run may make room for a new one at once, job-b's (the latest) may not
     for site in sites.values():

@@ -260,7 +260,9 @@ def test_corrupt_checkpoint_is_a_typed_error(start_app, site_settings, damage, s
     client = started(start_app, site_settings)
     aligned_run(client)
     saved = client.post(f"/v1/runs/{RUN}/checkpoint", json={"step": 0}, headers=SITE_HEADERS)
-    path = saved.json()["path"]
+    name = saved.json()["path"]
+    assert "/" not in name  # a basename: the reply never shows the site's own file system
+    path = client.app.state.settings.state_dir / RUN / name
     data = open(path, "rb").read()
     broken = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"\x00" * 64 + data[64:]}[damage]
     open(path, "wb").write(broken)

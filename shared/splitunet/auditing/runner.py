@@ -46,19 +46,26 @@ from splitunet.wire import DEFAULT_MAX_BYTES, decode_bundle
 logger = logging.getLogger(__name__)
 
 
+#: Caps of the attack budgets a request may ask for: one audit holds the audit service's only worker, so its
+#: compute is bounded (``POST /v1/audits/{id}/cancel`` stops one sooner); the defaults are far below.
+MAX_WHITEBOX_ITERATIONS = 20_000
+MAX_ATTACK_STEPS = 5_000
+
+
 class AttackBudgets(BaseModel):
-    """Iterations of each attack (the audit's compute budget)."""
+    """Iterations of each attack (the audit's compute budget), each capped (a request above a cap is a 422)."""
 
     model_config = ConfigDict(extra="forbid")
 
     # 200 Adam steps left trained encoders' inversions half-converged (brain SSIM 0.37-0.85 on the demo's
     # phantom); 1000 reached 0.80-0.99 at ~3 s a site
-    whitebox_iterations: int = Field(default=1000, ge=1)
-    unsplit_main_iters: int = Field(default=10, ge=1)
-    unsplit_inner_iters: int = Field(default=20, ge=1)
-    learned_steps: int = Field(default=300, ge=1)
-    public_cases: int = Field(default=16, ge=2)
-    segmenter_steps: int = Field(default=200, ge=0, description="WT segmenter training (0: no semantic leakage)")
+    whitebox_iterations: int = Field(default=1000, ge=1, le=MAX_WHITEBOX_ITERATIONS)
+    unsplit_main_iters: int = Field(default=10, ge=1, le=100)
+    unsplit_inner_iters: int = Field(default=20, ge=1, le=500)
+    learned_steps: int = Field(default=300, ge=1, le=MAX_ATTACK_STEPS)
+    public_cases: int = Field(default=16, ge=2, le=256)
+    segmenter_steps: int = Field(default=200, ge=0, le=MAX_ATTACK_STEPS,
+                                 description="WT segmenter training (0: no semantic leakage)")
 
 
 class AuditSpec(BaseModel):
@@ -78,8 +85,8 @@ class AuditSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     transcript: Path
-    sites: list[str] | None = None
-    steps: list[int] | None = None
+    sites: list[str] | None = Field(default=None, max_length=64)
+    steps: list[int] | None = Field(default=None, max_length=64)
     phase: str = Field(default="train", pattern="^(train|eval)$")
     attacks: list[AttackKind] = Field(default_factory=lambda: list(AttackKind))
     max_samples: int = Field(default=2, ge=1, le=32)

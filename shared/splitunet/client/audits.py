@@ -14,14 +14,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.audit.runtime import AuditMode, AuditRequest, AuditState, AuditStatus
+from services.audit.runtime import FINAL_AUDIT_STATES, AuditMode, AuditRequest, AuditStatus
 from splitunet.auditing.runner import AuditSpec, Finding
 from splitunet.client.http import ServiceClient
 from splitunet.client.jobs import validation_message
 from splitunet.errors import ConfigurationError, NotFoundError
 
 #: States after which an audit does nothing more.
-FINAL_STATES = frozenset({AuditState.SUCCEEDED, AuditState.FAILED})
+FINAL_STATES = frozenset(FINAL_AUDIT_STATES)  # succeeded, failed, cancelled
 
 
 def parse_request(
@@ -57,8 +57,8 @@ class Audit:
         self, progress: Callable[[AuditStatus], None] | None = None, *, poll_s: float = 1.0,
         timeout_s: float | None = None,
     ) -> AuditStatus:
-        """Poll until the audit succeeded or failed (``progress`` gets every status); ``TimeoutError`` after
-        ``timeout_s`` seconds. A failed audit is returned: its ``error`` says why."""
+        """Poll until the audit succeeded, failed or was cancelled (``progress`` gets every status);
+        ``TimeoutError`` after ``timeout_s`` seconds. A failed audit is returned: its ``error`` says why."""
         if poll_s <= 0:
             raise ValueError(f"poll_s must be positive, got {poll_s}")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -71,6 +71,11 @@ class Audit:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"audit {self.audit_id} is still {status.state.value} after {timeout_s} s")
             time.sleep(poll_s)
+
+    def cancel(self) -> AuditStatus:
+        """``POST /v1/audits/{id}/cancel``: a pending audit never starts, a running one stops between two attacked
+        batches (its state becomes ``cancelled``); :class:`ConflictError` (409) once it ended."""
+        return self._client.post_model(f"/v1/audits/{self.audit_id}/cancel", None, AuditStatus)
 
     def findings(self) -> list[Finding]:
         """The findings of a finished audit (one per site, step and attack); :class:`NotFoundError` while it has

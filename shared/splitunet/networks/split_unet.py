@@ -84,8 +84,11 @@ class SiteEncoder(nn.Module):
         return out
 
     def fingerprint(self) -> str:
-        """A short hash of the architecture (config + parameter names and shapes), not of the weights."""
-        return architecture_fingerprint(self, {"site": self.site.model_dump(mode="json")})
+        """A short hash of the architecture (site, activation, normalisation, parameter names and shapes), not of
+        the weights: two encoders that compute different functions of the same shapes (e.g. another activation)
+        have different fingerprints."""
+        layers = {"act": list(self.config.act), "norm": list(self.config.norm)}
+        return architecture_fingerprint(self, {"site": self.site.model_dump(mode="json"), **layers})
 
 
 class ServerDecoder(nn.Module):

@@ -4,7 +4,9 @@ Every route a service registers through :func:`splitunet.service.app.create_serv
 readiness and metrics) requires ``Authorization: Bearer <token>`` with a token of the scope the route declares
 (:mod:`splitunet.service.scopes`); :class:`~splitunet.service.gate.GateMiddleware` checks it before the body is
 read. Tokens are compared with :func:`hmac.compare_digest` against *every* accepted token of every scope, so
-timing reveals neither which token matched nor how much of it. Several tokens can be accepted at once, for
+timing reveals neither which token matched nor how much of it. A token accepted by two scopes at once (a token
+file changed at run time to hold another scope's token) is refused: the one-token-one-scope rule the settings check
+at start-up holds after every reload too. Several tokens can be accepted at once, for
 rotation; a token file is re-read when it changes (Kubernetes updates mounted Secrets in place), so a rotation
 needs no restart, and emptying or deleting the file revokes its tokens at the next request. Tokens never appear
 in logs, error bodies or status: only a short digest (the *principal*) identifies a caller.
@@ -170,6 +172,13 @@ class ScopedAuth:
         matched = [scope for scope, auth in self.auths.items() if auth.matches(given)]
         if not matched:
             raise AuthError("invalid bearer token")
+        if len(matched) > 1:
+            # One token, one scope: checked at start-up by the settings, and here again on every request, since a
+            # token file re-read at run time (a rotation) may now hold another scope's token. Fail closed.
+            logger.error("a presented token is configured for scopes %s at once (a token file changed at run time?);"
+                         " refused until each scope has its own token", sorted(s.value for s in matched))
+            raise AuthError("this token is configured for more than one credential scope; it is refused until the "
+                            "service's operator gives each scope its own token")
         if need is not None and need not in matched:
             raise InsufficientScopeError(
                 f"this endpoint needs a credential of scope {need.value!r}", detail={"required_scope": need.value}

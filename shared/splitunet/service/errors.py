@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitunet.errors import AuthError, SplitUNetError
+from splitunet.logsafe import escape_path
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +93,15 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         logger.log(
             level,
             "%s %s failed: %s: %s",
-            request.method,
-            request.url.path,
+            escape_path(request.method),
+            escape_path(request.url.path),
             exc.code,
             exc.message,
             exc_info=type(exc) is SplitUNetError,
         )
     else:
-        logger.info("%s %s rejected: %s (%s)", request.method, request.url.path, exc.code, exc.message)
+        logger.info("%s %s rejected: %s (%s)", escape_path(request.method), escape_path(request.url.path), exc.code,
+                    escape_path(exc.message))
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthError) else None
     return error_response(exc.status_code, exc.code, exc.message, exc.detail, headers)
 
@@ -114,7 +116,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
     message = f"invalid request: {where}: {first['msg']}" if where else f"invalid request: {first['msg']}"
-    logger.info("%s %s rejected: %s", request.method, request.url.path, message)
+    logger.info("%s %s rejected: %s", escape_path(request.method), escape_path(request.url.path), escape_path(message))
     return error_response(422, "invalid_request", message, errors)
 
 
@@ -129,6 +131,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, code, message, detail, dict(exc.headers) if exc.headers else None)
 
 
+def internal_error_body(exc: BaseException) -> dict[str, Any]:
+    """The error a background task (a job, an audit) reports for an unexpected exception: a stable generic message
+    and the exception's type name only; its text (paths, peers' words) belongs in the log, logged by the caller."""
+    return {"code": "internal", "message": "internal error; the service's log has the details",
+            "detail": {"type": type(exc).__name__}}
+
+
 def internal_error(method: str, path: str, exc: BaseException, request_id: str | None) -> JSONResponse:
     """Log an unexpected exception with its traceback; the 500 ``internal`` response hides everything else."""
     logger.error("unhandled error on %s %s (request id %s)", method, path, request_id, exc_info=exc)
@@ -137,7 +146,7 @@ def internal_error(method: str, path: str, exc: BaseException, request_id: str |
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # Normally the kit's ObservabilityMiddleware answers first; this covers apps without it.
-    return internal_error(request.method, request.url.path, exc, _request_id(request))
+    return internal_error(escape_path(request.method), escape_path(request.url.path), exc, _request_id(request))
 
 
 def _phrase(status: int) -> str:

@@ -4,7 +4,8 @@
 each HTTP request it
 
 1. refuses plain HTTP with 421 ``tls_required`` when the service is configured for TLS (a service must never
-   answer in clear what it was told to protect);
+   answer in clear what it was told to protect): it reads the transport (the ASGI ``tls`` extension that
+   :mod:`splitunet.service.server` sets), not ``scope["scheme"]``, which forwarded headers can rewrite;
 2. finds the route the path and method match in the table the app factory built from the routers it was given
    (:class:`GateRoute`: the route and the credential scope it declares with
    :func:`~splitunet.service.scopes.requires_scope`, or the router's default); routes declaring
@@ -113,7 +114,9 @@ class GateMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.settings.tls_enabled and scope.get("scheme") != "https":
+        # the transport's own TLS facts (the ASGI ``tls`` extension the kit's server protocol sets), never
+        # ``scope["scheme"]``, which a proxy-headers middleware rewrites from a client's X-Forwarded-Proto
+        if self.settings.tls_enabled and "tls" not in (scope.get("extensions") or {}):
             message = "this service serves HTTPS only; call it with https://"
             await error_response(421, "tls_required", message)(scope, receive, send)
             return

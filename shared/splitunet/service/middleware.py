@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -19,6 +18,7 @@ import uuid
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from splitunet.logsafe import escape_path
 from splitunet.service.errors import CodedHTTPException, error_response, internal_error
 from splitunet.service.metrics import UNMATCHED_ROUTE, ServiceMetrics
 
@@ -26,11 +26,6 @@ logger = logging.getLogger("splitunet.service.access")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-def escape_path(path: object) -> str:
-    """A request path as it may appear in a log line: control and non-ASCII characters escaped (no forged lines)."""
-    return json.dumps(str(path), ensure_ascii=True)[1:-1]
 
 
 class RequestTooLarge(CodedHTTPException):

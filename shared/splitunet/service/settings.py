@@ -109,6 +109,12 @@ class ServiceSettings(BaseSettings):
         tls_cert_file, tls_key_file: serve HTTPS with this certificate chain and key (both or neither).
         tls_ca_file: CA bundle used to verify client certificates.
         tls_client_auth: ``none`` | ``required`` (mutual TLS; needs ``tls_ca_file``).
+        trusted_proxies: addresses of reverse proxies whose ``X-Forwarded-For`` / ``X-Forwarded-Proto`` headers are
+            believed (uvicorn's ``forwarded_allow_ips``); empty (default): those headers are ignored, so the log
+            records the connecting peer and nothing a client writes turns plain HTTP into "HTTPS".
+        max_connections, header_timeout_s, body_idle_timeout_s, max_header_bytes: the server's bounds per
+            connection (:mod:`splitunet.service.server`): open connections, seconds for a request's headers, seconds
+            a body may stall, bytes of request line + headers.
     """
 
     #: The scope ``auth_token*`` configure (the party that calls this service's main API).
@@ -132,6 +138,25 @@ class ServiceSettings(BaseSettings):
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
     tls_client_auth: ClientAuth = ClientAuth.NONE
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=64)
+    max_connections: int = Field(default=128, ge=1, le=65536)
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    body_idle_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    max_header_bytes: int = Field(default=64 * 2**10, ge=1024, le=2**20)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _no_wildcard(cls, value: list[str]) -> list[str]:
+        if "*" in value:
+            raise ValueError("trusted_proxies: name the proxies' addresses; '*' would trust every client's headers")
+        return value
 
     @field_validator("auth_tokens", mode="before")
     @classmethod
@@ -201,13 +226,24 @@ class ServiceSettings(BaseSettings):
         return "https" if self.tls_enabled else "http"
 
     def uvicorn_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config``: bind address, logging and TLS."""
+        """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config``: bind address, logging, TLS, the bounded
+        HTTP protocol (:mod:`splitunet.service.server`) and the proxies trusted for forwarded headers (none by
+        default: uvicorn's own default trusts them from 127.0.0.1)."""
+        from splitunet.service.server import ConnectionLimits, bounded_protocol
+
+        limits = ConnectionLimits(max_connections=self.max_connections, header_timeout_s=self.header_timeout_s,
+                                  body_idle_timeout_s=self.body_idle_timeout_s, max_header_bytes=self.max_header_bytes)
         kwargs: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
             "log_level": self.log_level.value,
             "log_config": self.logging_config(),
+            "http": bounded_protocol(limits),
+            "proxy_headers": bool(self.trusted_proxies),
+            "server_header": False,
         }
+        if self.trusted_proxies:
+            kwargs["forwarded_allow_ips"] = list(self.trusted_proxies)
         if self.tls_enabled:
             kwargs |= {"ssl_certfile": str(self.tls_cert_file), "ssl_keyfile": str(self.tls_key_file)}
             if self.tls_ca_file is not None:
