@@ -103,7 +103,7 @@ class AuditJobSettings(AuditSettings):
 
     Args:
         run_id: the run to audit (``AUDIT_RUN_ID``); unset or empty: the run whose transcript was written last.
-        run_sites: the sites to ask for weights and scores (``AUDIT_RUN_SITES``, comma-separated names of
+        run_sites: the sites to ask for their own audits' figures (``AUDIT_RUN_SITES``, comma-separated names of
             ``AUDIT_SITES``); unset or empty: every site of the run that the registry holds.
         run_spec: what to attack (``AUDIT_RUN_SPEC``, JSON of :class:`~splitunet.auditing.runner.AuditSpec`
             fields, e.g. ``{"steps": [3], "attacks": ["whitebox"]}``); empty: the spec's defaults.

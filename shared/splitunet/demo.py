@@ -187,7 +187,7 @@ def study_plan(options: DemoOptions, plan: dict[str, Any]) -> dict[str, Any]:
                                   secure_sum=False))
     # a short run at a constant rate is far from converged (WT 0.72 at step 100, 0.82 at 120, TC 0.22 -> 0.62), so
     # the configurations' Dice would differ by training noise; 1e-2 with cosine decay over these 100 steps measured
-    # WT 0.91, TC 0.97 for the undefended configuration (the README's make demo run)
+    # WT 0.91, TC 0.97 for the undefended configuration (the make demo run of docs/results/demo.md)
     for optimizer in ("site_optimizer", "server_optimizer"):
         splan[optimizer] |= {"lr": STUDY_LR}
     return splan

@@ -70,6 +70,6 @@ def test_nopeek_lowers_dcor_on_held_out_slices() -> None:
         for step in range(1, 21):
             federation.train_step(*synthetic_batch(4, (32, 32), generator=g), step)
         measured[alpha] = held_out_dcor(federation, held_out)
-    # measured here (20 steps): see the README's NoPeek figures
+    # measured here (20 steps): see the NoPeek figures in docs/security/defenses.md
     print(measured)
     assert measured[0.5] < measured[0.0] - 0.15, measured

@@ -93,7 +93,7 @@ def test_demo_quick_trains_through_real_services(tmp_path, monkeypatch):
     dice = report["dice"]["split"]
     assert set(dice) == {"TC", "WT", "ET", "mean"}
     # the quality targets of the quick demo on held-out phantom cases (WT: the issue's; TC, ET: well below the
-    # measured 2D figures of the README, far above an untrained model's)
+    # measured 2D figures of docs/results/demo.md, far above an untrained model's)
     assert dice["WT"] >= 0.70 and dice["TC"] >= 0.60 and dice["ET"] >= 0.50, report["dice"]
     assert report["cases"]["validation"] >= 4 and len(report["per_case"]) == report["cases"]["validation"]
     assert all(0.0 <= c["hd95"]["WT"] <= 373.13 for c in report["per_case"]), report["per_case"]

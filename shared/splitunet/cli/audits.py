@@ -54,8 +54,8 @@ def _code(status: Any) -> ExitCode:
 def start_command(
     run_id: Annotated[str, typer.Argument(help="The recorded run to audit (a job's id).", show_default=False)],
     site: Annotated[list[str] | None, typer.Option("--site", help="A site of the audit's registry to ask for "
-                                                                  "weights and scores; repeatable.")] = None,
-    mode: Annotated[str, typer.Option(help="federated (the sites score) or lab (the service holds the cohort).")]
+                                                                  "its own audit's figures; repeatable.")] = None,
+    mode: Annotated[str, typer.Option(help="federated (sites audit themselves) or lab (the service holds all).")]
     = "federated",
     spec: Annotated[Path | None, typer.Option(help="AuditSpec fields (JSON or YAML file): steps, attacks, "
                                                    "max_samples, budgets, gate.", show_default=False)] = None,

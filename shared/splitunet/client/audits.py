@@ -106,7 +106,7 @@ class Audits:
         spec: Mapping[str, Any] | None = None,
     ) -> Audit:
         """``POST /v1/audits``: audit the recorded run ``run_id`` (a job's id) by replaying the attacks on its
-        transcript. ``sites``: names of the audit's site registry to ask for weights and scores (federated mode);
+        transcript. ``sites``: names of the audit's site registry to ask for their own audits' figures (federated mode);
         ``spec``: :class:`~splitunet.auditing.runner.AuditSpec` fields (steps, attacks, budgets, gate...)."""
         request = parse_request(run_id, sites=sites, mode=mode, spec=spec)
         status: AuditStatus = self._client.post_model("/v1/audits", request.model_dump(mode="json"), AuditStatus)

@@ -11,9 +11,9 @@ would cut different voxels), and the brain extent is the union of the sites' ext
   (:func:`brain_slices`, used by both paths), and
 - segments a case that has no label file (``/v1/infer``): the output grid comes from the sites' headers.
 
-What it reveals to the aggregator (README, *What the sites' grids reveal*): per aligned case, the scan's grid (for BraTS
-the same 240x240x155 1 mm grid for every case) and two integers, the brain's lowest and highest axial slice, i.e.
-its cranio-caudal coverage in voxels. No intensity, no in-plane extent.
+What it reveals to the aggregator (docs/concepts.md, *What the sites' grids reveal*): per aligned case, the scan's
+grid (for BraTS the same 240x240x155 1 mm grid for every case) and two integers, the brain's lowest and highest axial
+slice, i.e. its cranio-caudal coverage in voxels. No intensity, no in-plane extent.
 """
 
 from __future__ import annotations

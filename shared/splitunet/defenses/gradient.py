@@ -9,8 +9,8 @@ noise of the gradients is :class:`~splitunet.defenses.dp.DPGaussian` with the sa
   overall size is kept, the ranking of samples by norm is gone.
 - ``smooth``: each gradient map is smoothed over its spatial axes by MONAI's ``GaussianFilter`` with ``sigma``
   voxels (of that tensor's grid), blurring the tumour outline. Measured against the audit's label-leakage
-  attack it does not protect: it denoises the gradient map and the recovered mask gets *better* (README, Audit);
-  combine it with ``dp`` or gradient noise, which do reduce the leak.
+  attack it does not protect: it denoises the gradient map and the recovered mask gets *better*
+  (docs/results/attacks.md); combine it with ``dp`` or gradient noise, which do reduce the leak.
 """
 
 from __future__ import annotations
