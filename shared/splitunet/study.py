@@ -90,6 +90,19 @@ SECURE_SUM = StudyConfig("secure-sum", secure_sum=True)
 #: The full study's DP noise multipliers (clip C = 20).
 DP_MULTIPLIERS = (0.01, 0.5)
 _NOPEEK = {"name": "nopeek", "alpha": 1.0, "patch": 4, "points": 128}
+#: Most training releases of one patient in a study configuration (its steps: at most one release per step).
+STUDY_RELEASES = 100
+#: Label DP at epsilon 8 against all four sites pooling their gradients (q = 1, replace-one), the noise calibrated
+#: for STUDY_RELEASES releases to each site; clip 1e-3 is below every per-patient gradient norm (all clipped):
+#: under Adam only the signal-to-noise ratio z matters (splitunet.defenses.label_dp).
+LABEL_DP = StudyConfig("label-dp-e8", gradient_defenses=(
+    {"name": "label_dp", "epsilon": 8.0, "clip": 1e-3, "releases": STUDY_RELEASES, "sites": 4},))
+#: The site's encoder trained with DP-SGD at cut 2 without skips (32 x 16 x 16 features per sample), plus DP on
+#: what is sent; z = 28 (activations) and 100 (encoder updates) keep the four sites composed at epsilon <= 7.5
+#: (q = 1, replace-one) even if a patient were in every one of STUDY_RELEASES batches (measured figure in the row).
+ENCODER_DPSGD = StudyConfig("dpsgd-cut2-e8", site_defenses=(
+    {"name": "dpsgd", "clip": 1.0, "noise_multiplier": 100.0},
+    {"name": "dp", "clip": 20.0, "noise_multiplier": 28.0}), cut_level=2, skips="none")
 
 
 def study_configs(level: StudyLevel | str) -> list[StudyConfig]:
@@ -113,6 +126,8 @@ def study_configs(level: StudyLevel | str) -> list[StudyConfig]:
         StudyConfig("cut2-noskips", cut_level=2, skips="none"),
         SECURE_SUM,
         StudyConfig("int4", ({"name": "quantize", "mode": "int4"},)),
+        LABEL_DP,
+        ENCODER_DPSGD,
     ]
 
 
@@ -191,7 +206,9 @@ def finish_audit(client: Any, audit_id: str, run_id: str, out_dir: Path, figures
 
 
 def find_epsilon(defenses: Any) -> float | None:
-    """The largest ``epsilon`` any defense reported in a job status's ``defenses`` (None without DP)."""
+    """The largest ``epsilon`` key any defense reported in a job status's ``defenses`` (None without DP): the
+    subsampled, add/remove figure, which does not hold against the aggregator (rows use
+    :func:`splitunet.defenses.epsilon.job_epsilons`)."""
     found: list[float] = []
 
     def walk(node: Any) -> None:
@@ -221,6 +238,7 @@ class StudyRow:
     dcor: dict[str, float] = field(default_factory=dict)
     bytes_per_step: float | None = None
     epsilon: float | None = None
+    privacy: list[dict[str, Any]] = field(default_factory=list)  # splitunet.defenses.epsilon.job_epsilons
     train_s: float | None = None
     audit_s: float | None = None
     losses: list[float] = field(default_factory=list)
@@ -241,6 +259,7 @@ class StudyRow:
             "fusion": c.fusion, "secure_sum": c.secure_sum, "dice": self.dice, "hd95_mm": self.hd95,
             "leakage": self.leakage, "label_leakage": self.label_leakage, "dcor": self.dcor,
             "best_attack": best, "bytes_per_step": self.bytes_per_step, "epsilon": self.epsilon,
+            **epsilon_columns(self.privacy), "privacy": self.privacy,
             "train_s": self.train_s, "audit_s": self.audit_s, "losses": self.losses, "grids": self.grids,
             "audit_report": self.audit_report, "error": self.error,
         }
@@ -248,12 +267,28 @@ class StudyRow:
 
 def row_from_runs(config: StudyConfig, status: dict[str, Any], train_s: float) -> StudyRow:
     """The training half of a row from the job's final status."""
+    from splitunet.defenses.epsilon import job_epsilons
+
     validation = status.get("validation") or {}
     steps = max(int(status.get("step") or 0), 1)
+    privacy = job_epsilons(status.get("defenses"))
+    figures = [p["epsilon"] for p in privacy if p.get("epsilon") is not None]
     return StudyRow(config=config, dice=validation.get("dice"), hd95=validation.get("hd95"),
                     bytes_per_step=(int(status.get("bytes_sent", 0)) + int(status.get("bytes_received", 0))) / steps,
-                    epsilon=find_epsilon(status.get("defenses")), train_s=train_s,
+                    epsilon=max(figures) if figures else None, privacy=privacy, train_s=train_s,
                     losses=list(status.get("losses") or []))
+
+
+def epsilon_columns(privacy: list[dict[str, Any]]) -> dict[str, Any]:
+    """The study table's privacy columns of a row: the adversary's epsilon (``epsilon``, the row's), the party it
+    holds against, its adjacency and scope, every site composed, and the old subsampled figure (labelled)."""
+    if not privacy:
+        return {"epsilon_adversary": None, "epsilon_adjacency": None, "epsilon_scope": None,
+                "epsilon_all_sites": None, "epsilon_subsampled": None}
+    top = max(privacy, key=lambda p: p.get("epsilon") or 0.0)
+    return {"epsilon_adversary": top["adversary"], "epsilon_adjacency": top["adjacency"],
+            "epsilon_scope": top["scope"], "epsilon_all_sites": top.get("epsilon_all_sites"),
+            "epsilon_subsampled": top.get("epsilon_subsampled")}
 
 
 def add_audit(row: StudyRow, audit: dict[str, Any], modalities: dict[str, list[str]], audit_s: float) -> None:

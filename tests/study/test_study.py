@@ -58,7 +58,8 @@ def test_quick_study_reuses_the_main_plan_and_none_is_empty(tmp_path):
 def _row(name: str, wt: float, rdlvs: list[float]):
     row = row_from_runs(StudyConfig(name), {"validation": {"dice": {"TC": wt, "WT": wt, "ET": wt, "mean": wt}},
                                             "step": 10, "bytes_sent": 600, "bytes_received": 400,
-                                            "defenses": {"sites": {"t1": [{"name": "dp", "epsilon": 3.5}]}}}, 5.0)
+                                            "defenses": {"sites": {"t1": [{"name": "dp", "epsilon": 3.5,
+                                                                           "epsilon_aggregator": 40.0}]}}}, 5.0)
     findings = [{"site": "t1", "attack": a, "step": 10, "ssim": 0.5 + r / 4, "psnr": 20.0, "rdlv": r,
                  "prior_ssim": 0.5} for a, r in zip(("whitebox", "unsplit"), rdlvs, strict=True)]
     findings.append({"site": "t1", "attack": "label_leakage", "step": 10, "dice": 0.4, "auc": 0.7})
@@ -70,7 +71,8 @@ def _row(name: str, wt: float, rdlvs: list[float]):
 def test_rows_and_the_choice():
     rows = [_row("none", 0.9, [0.6, 0.2]), _row("a", 0.8, [-0.1, -0.3]), _row("b", 0.7, [0.0, -0.5]),
             _row("c", 0.85, [0.1, -0.9])]
-    assert rows[0].bytes_per_step == 100 and rows[0].epsilon == 3.5
+    assert rows[0].bytes_per_step == 100 and rows[0].epsilon == 40.0  # the aggregator's figure, not the subsampled
+    assert rows[0].as_json()["epsilon_subsampled"] == 3.5 and "aggregator" in rows[0].as_json()["epsilon_adversary"]
     assert rows[0].label_leakage == {"dice": 0.4, "auc": 0.7}
     assert rows[0].best_attack()["attack"] == "whitebox" and rows[0].best_attack()["rdlv"] == 0.6
     best = pick_best(rows)

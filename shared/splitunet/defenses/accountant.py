@@ -1,6 +1,6 @@
-"""Privacy accounting of the DP defense with Opacus's accountants (not hand-written).
+"""Privacy accounting of the DP defenses with Opacus's accountants (not hand-written).
 
-Two figures are kept:
+Three figures are kept:
 
 - **subsampled** epsilon: the Opacus accountant (RDP or PRV) over the training releases, each a Gaussian
   mechanism with noise multiplier ``z`` on a batch the aggregator's plan draws with sampling rate ``q``.
@@ -9,7 +9,15 @@ Two figures are kept:
   (``~B/N``) and per-patient clipping bounds a patient's contribution by ``C`` however often it is drawn.
   Amplification holds against a party that does not know which patients a batch holds.
 - **worst-patient** epsilon: the accountant with ``q = 1`` over the releases of the most released patient
-  (training and evaluation), which holds even against the aggregator, who plans the batches and knows them.
+  (training and evaluation), add/remove adjacency (sensitivity ``C``).
+- **aggregator** epsilon: the same under replace-one adjacency (one patient's data swapped for another's:
+  sensitivity ``2C``, so the accountant sees noise multiplier ``z / 2``). This is the figure against the
+  aggregator, who plans the batches (no amplification) and sees every release, evaluation included.
+
+Scope of every figure: **per release, given a fixed encoder**. It bounds what the noised releases reveal about a
+patient given the function that produced them; it does not bound what that function (an encoder trained on raw
+data, unless the site trains it with DP-SGD, :mod:`splitunet.defenses.dpsgd`) reveals. Several mechanisms that
+release the same patient compose in one accountant: :func:`per_patient_epsilon`.
 
 The state (Opacus history and release counts per patient) can be kept in a JSON file so a restart does not
 reset the budget.
@@ -24,7 +32,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from splitunet.defenses.config import AccountantKind
+from splitunet.defenses.config import AccountantKind, Adjacency
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +54,25 @@ def accountant_epsilon(kind: AccountantKind, history: Iterable[tuple[float, floa
     return float(accountant.get_epsilon(delta=delta))
 
 
+def sensitivity_factor(adjacency: Adjacency) -> float:
+    """L2 sensitivity of a release clipped to ``C``, in units of ``C``: 1 (add/remove) or 2 (replace-one)."""
+    return 2.0 if adjacency == Adjacency.REPLACE_ONE else 1.0
+
+
+def per_patient_epsilon(
+    kind: AccountantKind, mechanisms: Iterable[tuple[float, int]], delta: float, adjacency: Adjacency
+) -> float:
+    """Epsilon of one patient released by Gaussian mechanisms without subsampling (``q = 1``), composed in one
+    Opacus accountant.
+
+    ``mechanisms`` is ``[(noise_multiplier, releases), ...]``: ``releases`` times a release clipped to L2 norm
+    ``C`` with noise std ``noise_multiplier * C`` (each mechanism its own ``C``). Under replace-one adjacency the
+    sensitivity is ``2C``, which the accountant sees as the noise multiplier halved.
+    """
+    factor = sensitivity_factor(adjacency)
+    return accountant_epsilon(kind, [(z / factor, 1.0, n) for z, n in mechanisms], delta)
+
+
 class PrivacyLedger:
     """Releases of one DP defense and the epsilon they spent (thread-safe).
 
@@ -63,7 +90,7 @@ class PrivacyLedger:
         self.path = path
         self.history: list[tuple[float, float, int]] = []
         self.releases: Counter[str] = Counter()
-        self._per_count: dict[int, float] = {}
+        self._per_count: dict[tuple[int, Adjacency], float] = {}
         self._cached: tuple[tuple, float] | None = None  # (history, epsilon)
         self._lock = threading.Lock()
         if path is not None and path.is_file():
@@ -92,28 +119,39 @@ class PrivacyLedger:
                 self._cached = (key, accountant_epsilon(self.kind, self.history, self.delta))
             return self._cached[1]
 
-    def epsilon_for_count(self, releases: int) -> float:
-        """Epsilon of ``releases`` unsubsampled releases of one patient (cached per count)."""
-        if releases not in self._per_count:
-            self._per_count[releases] = accountant_epsilon(
-                self.kind, [(self.noise_multiplier, 1.0, releases)], self.delta
+    def epsilon_for_count(self, releases: int, adjacency: Adjacency = Adjacency.ADD_REMOVE) -> float:
+        """Epsilon of ``releases`` unsubsampled releases of one patient (cached per count and adjacency)."""
+        key = (releases, adjacency)
+        if key not in self._per_count:
+            self._per_count[key] = per_patient_epsilon(
+                self.kind, [(self.noise_multiplier, releases)], self.delta, adjacency
             )
-        return self._per_count[releases]
+        return self._per_count[key]
 
-    def worst_patient_epsilon(self) -> float:
+    def most_releases(self) -> int:
+        """Releases of the most released patient (training and evaluation)."""
         with self._lock:
-            most = max(self.releases.values(), default=0)
-        return self.epsilon_for_count(most)
+            return max(self.releases.values(), default=0)
 
-    def preview(self, q: float | None, patients: Iterable[str]) -> tuple[float, float]:
-        """``(subsampled, worst-patient)`` epsilon if a release of ``patients`` (training with rate ``q``, or
-        evaluation when ``q`` is None) happened now; nothing is recorded."""
+    def counts(self) -> Counter[str]:
+        """Releases per patient so far (a copy)."""
+        with self._lock:
+            return Counter(self.releases)
+
+    def worst_patient_epsilon(self, adjacency: Adjacency = Adjacency.ADD_REMOVE) -> float:
+        return self.epsilon_for_count(self.most_releases(), adjacency)
+
+    def preview(
+        self, q: float | None, patients: Iterable[str], adjacency: Adjacency = Adjacency.ADD_REMOVE
+    ) -> tuple[float, float]:
+        """``(subsampled, worst-patient under adjacency)`` epsilon if a release of ``patients`` (training with rate
+        ``q``, or evaluation when ``q`` is None) happened now; nothing is recorded."""
         with self._lock:
             history = self.history if q is None else self._with_step(q)
             counts = Counter(self.releases)
         counts.update(set(patients))
         return (accountant_epsilon(self.kind, history, self.delta),
-                self.epsilon_for_count(max(counts.values(), default=0)))
+                self.epsilon_for_count(max(counts.values(), default=0), adjacency))
 
     def record(self, q: float | None, patients: Iterable[str]) -> None:
         """Record one release (training with rate ``q``, or evaluation when ``q`` is None)."""

@@ -51,7 +51,8 @@ def _study_table(report: dict[str, Any]) -> str:
     best = (report.get("best") or {}).get("name")
     head = ("<tr><th>configuration</th><th>cut</th><th>skips</th><th>fusion</th><th>Dice WT</th><th>Dice mean</th>"
             "<th>best attack</th><th>its SSIM</th><th>its RDLV</th><th>label leak Dice</th><th>label AUC</th>"
-            "<th>ε</th><th>MiB/step</th><th>train s</th></tr>")
+            "<th>ε</th><th>ε against</th><th>adjacency</th><th>ε subsampled (honest aggregator)</th>"
+            "<th>MiB/step</th><th>train s</th></tr>")
     body = []
     for r in report.get("study") or []:
         b = r.get("best_attack") or {}
@@ -64,6 +65,9 @@ def _study_table(report: dict[str, Any]) -> str:
             f"<td>{_num(dice.get('WT'))}</td><td>{_num(dice.get('mean'))}</td><td>{html.escape(attack)}</td>"
             f"<td>{_num(b.get('ssim'))}</td><td>{_num(b.get('rdlv'), '+.3f')}</td><td>{_num(ll.get('dice'))}</td>"
             f"<td>{_num(ll.get('auc'))}</td><td>{_num(r.get('epsilon'), '.2f')}</td>"
+            f"<td>{html.escape(str(r.get('epsilon_adversary') or '–'))}</td>"
+            f"<td>{html.escape(str(r.get('epsilon_adjacency') or '–'))}</td>"
+            f"<td>{_num(r.get('epsilon_subsampled'), '.2f')}</td>"
             f"<td>{_num(None if r.get('bytes_per_step') is None else r['bytes_per_step'] / 2**20, '.2f')}</td>"
             f"<td>{_num(r.get('train_s'), '.0f')}</td></tr>")
     return "<table>" + head + "".join(body) + "</table>"
