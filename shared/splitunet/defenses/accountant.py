@@ -80,7 +80,8 @@ class PrivacyLedger:
         kind: the Opacus accountant.
         noise_multiplier: ``z`` of every release.
         delta: the target delta.
-        path: optional JSON file that keeps the ledger across restarts.
+        path: optional JSON file that keeps the ledger across restarts. A ledger reloaded with another ``z`` keeps
+            the earlier releases under their own ``z`` (``earlier``): a patient's epsilon composes both.
     """
 
     def __init__(self, kind: AccountantKind, noise_multiplier: float, delta: float, path: Path | None = None) -> None:
@@ -90,13 +91,20 @@ class PrivacyLedger:
         self.path = path
         self.history: list[tuple[float, float, int]] = []
         self.releases: Counter[str] = Counter()
-        self._per_count: dict[tuple[int, Adjacency], float] = {}
+        self.earlier: dict[float, Counter[str]] = {}  # releases made with another noise multiplier
+        self._per_profile: dict[tuple[tuple[tuple[float, int], ...], Adjacency], float] = {}
         self._cached: tuple[tuple, float] | None = None  # (history, epsilon)
         self._lock = threading.Lock()
         if path is not None and path.is_file():
             state = json.loads(path.read_text())
             self.history = [tuple(h) for h in state["history"]]
-            self.releases = Counter(state["releases"])
+            self.earlier = {float(z): Counter(c) for z, c in (state.get("earlier") or {}).items()}
+            stored_z = float(state.get("noise_multiplier", noise_multiplier))
+            if stored_z == noise_multiplier:
+                self.releases = Counter(state["releases"])
+            else:
+                self.earlier.setdefault(stored_z, Counter()).update(state["releases"])
+            self.releases.update(self.earlier.pop(noise_multiplier, Counter()))
             logger.info("privacy ledger %s: %d training steps so far", path, self.steps)
 
     @property
@@ -119,27 +127,51 @@ class PrivacyLedger:
                 self._cached = (key, accountant_epsilon(self.kind, self.history, self.delta))
             return self._cached[1]
 
+    def profile_epsilon(self, profile: tuple[tuple[float, int], ...],
+                        adjacency: Adjacency = Adjacency.ADD_REMOVE) -> float:
+        """Epsilon of one patient released ``n`` times with noise multiplier ``z`` for each ``(z, n)`` of
+        ``profile``, unsubsampled (cached)."""
+        key = (profile, adjacency)
+        if key not in self._per_profile:
+            self._per_profile[key] = per_patient_epsilon(self.kind, profile, self.delta, adjacency)
+        return self._per_profile[key]
+
     def epsilon_for_count(self, releases: int, adjacency: Adjacency = Adjacency.ADD_REMOVE) -> float:
-        """Epsilon of ``releases`` unsubsampled releases of one patient (cached per count and adjacency)."""
-        key = (releases, adjacency)
-        if key not in self._per_count:
-            self._per_count[key] = per_patient_epsilon(
-                self.kind, [(self.noise_multiplier, releases)], self.delta, adjacency
-            )
-        return self._per_count[key]
+        """Epsilon of ``releases`` unsubsampled releases of one patient at this ledger's ``z``."""
+        return self.profile_epsilon(((self.noise_multiplier, releases),), adjacency)
+
+    def profiles(self, extra: Iterable[str] = ()) -> dict[str, tuple[tuple[float, int], ...]]:
+        """Every patient's ``((z, releases), ...)`` (earlier noise multipliers first); ``extra`` patients count one
+        release more at this ledger's ``z`` (a preview)."""
+        with self._lock:
+            current = Counter(self.releases)
+            earlier = {z: Counter(c) for z, c in self.earlier.items()}
+        current.update(set(extra))
+        patients = set(current).union(*earlier.values())
+        return {p: tuple((z, c[p]) for z, c in sorted(earlier.items()) if c[p]) + ((self.noise_multiplier,
+                                                                                    current[p]),)
+                for p in patients}
 
     def most_releases(self) -> int:
-        """Releases of the most released patient (training and evaluation)."""
+        """Releases of the most released patient at this ledger's ``z`` (training and evaluation)."""
         with self._lock:
             return max(self.releases.values(), default=0)
 
     def counts(self) -> Counter[str]:
-        """Releases per patient so far (a copy)."""
+        """Releases per patient so far at this ledger's ``z`` (a copy)."""
         with self._lock:
             return Counter(self.releases)
 
+    def worst_profile(self, adjacency: Adjacency = Adjacency.ADD_REMOVE,
+                      extra: Iterable[str] = ()) -> tuple[tuple[tuple[float, int], ...], float]:
+        """The releases ``((z, n), ...)`` of the patient with the largest epsilon, and that epsilon."""
+        profiles = set(self.profiles(extra).values())
+        if not profiles:
+            return (), 0.0
+        return max(((p, self.profile_epsilon(p, adjacency)) for p in profiles), key=lambda item: item[1])
+
     def worst_patient_epsilon(self, adjacency: Adjacency = Adjacency.ADD_REMOVE) -> float:
-        return self.epsilon_for_count(self.most_releases(), adjacency)
+        return self.worst_profile(adjacency)[1]
 
     def preview(
         self, q: float | None, patients: Iterable[str], adjacency: Adjacency = Adjacency.ADD_REMOVE
@@ -148,10 +180,8 @@ class PrivacyLedger:
         ``q``, or evaluation when ``q`` is None) happened now; nothing is recorded."""
         with self._lock:
             history = self.history if q is None else self._with_step(q)
-            counts = Counter(self.releases)
-        counts.update(set(patients))
         return (accountant_epsilon(self.kind, history, self.delta),
-                self.epsilon_for_count(max(counts.values(), default=0), adjacency))
+                self.worst_profile(adjacency, extra=patients)[1])
 
     def record(self, q: float | None, patients: Iterable[str]) -> None:
         """Record one release (training with rate ``q``, or evaluation when ``q`` is None)."""
@@ -162,5 +192,7 @@ class PrivacyLedger:
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"history": self.history, "releases": dict(self.releases)}))
+                tmp.write_text(json.dumps({"history": self.history, "releases": dict(self.releases),
+                                           "noise_multiplier": self.noise_multiplier,
+                                           "earlier": {str(z): dict(c) for z, c in self.earlier.items()}}))
                 tmp.replace(self.path)

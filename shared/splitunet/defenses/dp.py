@@ -116,9 +116,10 @@ class DPGaussian:
                 "noise_std": self.noise_std, "delta": self.config.delta, "accountant": self.config.accountant.value,
                 "epsilon_budget": self.config.epsilon_budget, "budget_basis": self.config.budget_basis.value}
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, object]:
         s = self._stats.snapshot()
         seen = s.get("patients_seen", 0.0)
+        worst_profile, worst_epsilon = self.ledger.worst_profile(Adjacency.REPLACE_ONE)
         return {
             **s,
             "clip_rate": s.get("patients_clipped", 0.0) / seen if seen else 0.0,
@@ -126,8 +127,9 @@ class DPGaussian:
             "noise_multiplier": self.config.noise_multiplier,
             "epsilon": self.ledger.epsilon(),
             "epsilon_worst_patient": self.ledger.worst_patient_epsilon(),
-            "epsilon_aggregator": self.ledger.worst_patient_epsilon(Adjacency.REPLACE_ONE),
+            "epsilon_aggregator": worst_epsilon,
             "releases_most_released_patient": float(self.ledger.most_releases()),
+            "worst_patient_releases": [[z, n] for z, n in worst_profile],  # [[noise multiplier, releases], ...]
             "delta": self.config.delta,
             "steps": float(self.ledger.steps),
         }

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from splitunet.defenses.accountant import PrivacyLedger, per_patient_epsilon
+from splitunet.defenses.accountant import PrivacyLedger
 from splitunet.defenses.base import Stats
 from splitunet.defenses.config import Adjacency, DPSGDConfig
 
@@ -107,7 +107,6 @@ class EncoderDPSGD:
         self.ledger = PrivacyLedger(config.accountant, config.noise_multiplier, config.delta, ledger_path)
         self.releases: tuple[DPGaussian, ...] = ()
         self._stats = Stats(runs=0.0)
-        self._cache: dict[tuple[tuple[int, ...], int], float] = {}
 
     def compose_with(self, filters: Sequence[object]) -> None:
         """Compose with the activation DP among ``filters`` (the site's chain)."""
@@ -120,31 +119,32 @@ class EncoderDPSGD:
         self._stats.add(runs=1)
         return make_patient_dp_optimizer(optimizer, encoder, self.config, self.ledger)
 
-    def _patient_epsilon(self, releases: tuple[int, ...], updates: int) -> float:
-        key = (releases, updates)
-        if key not in self._cache:
-            mechanisms = [(f.config.noise_multiplier, n) for f, n in zip(self.releases, releases, strict=True)]
-            mechanisms.append((self.config.noise_multiplier, updates))
-            self._cache[key] = per_patient_epsilon(self.config.accountant, mechanisms, self.config.delta,
-                                                   Adjacency.REPLACE_ONE)
-        return self._cache[key]
+    def worst_profile(self) -> tuple[tuple[tuple[float, int], ...], float]:
+        """The releases and updates ``((z, n), ...)`` of the patient with the largest epsilon (``q = 1``,
+        replace-one; activation releases of every composed DP filter, then encoder updates), and that epsilon."""
+        ledgers = [*(f.ledger for f in self.releases), self.ledger]
+        profiles = [ledger.profiles() for ledger in ledgers]
+        patients = set().union(*profiles)
+        combined = {tuple(m for prof in profiles for m in prof.get(p, ())) for p in patients}
+        if not combined:
+            return (), 0.0
+        return max(((c, self.ledger.profile_epsilon(c, Adjacency.REPLACE_ONE)) for c in combined),
+                   key=lambda item: item[1])
 
     def epsilon_aggregator(self) -> float:
         """The largest epsilon of any patient over its releases and encoder updates (``q = 1``, replace-one)."""
-        updates = self.ledger.counts()
-        releases = [f.ledger.counts() for f in self.releases]
-        patients = set(updates).union(*releases)
-        profiles = {(tuple(r[p] for r in releases), updates[p]) for p in patients}
-        return max((self._patient_epsilon(r, u) for r, u in profiles), default=0.0)
+        return self.worst_profile()[1]
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "clip": self.config.clip, "noise_multiplier": self.config.noise_multiplier,
                 "delta": self.config.delta, "accountant": self.config.accountant.value,
                 "composed_with": [f.name for f in self.releases], "adjacency": Adjacency.REPLACE_ONE.value}
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, object]:
+        profile, epsilon = self.worst_profile()
         return {**self._stats.snapshot(), "steps": float(self.ledger.steps),
                 "noise_multiplier": self.config.noise_multiplier, "clip": self.config.clip,
                 "updates_most_updated_patient": float(self.ledger.most_releases()),
                 "epsilon_encoder_aggregator": self.ledger.worst_patient_epsilon(Adjacency.REPLACE_ONE),
-                "epsilon_aggregator": self.epsilon_aggregator(), "delta": self.config.delta}
+                "epsilon_aggregator": epsilon, "worst_patient_releases": [[z, n] for z, n in profile],
+                "delta": self.config.delta}

@@ -7,10 +7,11 @@ statistics of :mod:`splitunet.defenses.dp`, :mod:`~splitunet.defenses.dpsgd` and
 - **images** (site DP, with or without DP-SGD): against the aggregator, who plans the batches (``q = 1``) and
   sees every release, evaluation included; replace-one adjacency (sensitivity ``2C``). ``epsilon`` is the largest
   site's (one modality's); ``epsilon_all_sites`` composes every site's releases of a patient in one accountant (the
-  patient's whole record; every site sees the same batches, so each site's most released patient is the same
-  one). Without DP-SGD the scope is *per release, given a fixed encoder*: the encoder is trained on raw data and
-  is not covered. ``epsilon_subsampled`` is the old figure, labelled for what it is: subsampled, add/remove,
-  which holds only against an honest aggregator that does not know the batches.
+  patient's whole record), each site's worst patient taken as the same patient (an upper bound; every site sees
+  the same batches, so it is the same patient). Without DP-SGD the scope is *per release, given a fixed
+  encoder*: the encoder is trained on raw data and is not covered. ``epsilon_subsampled`` is the old figure,
+  labelled for what it is: subsampled, add/remove, which holds only against an honest aggregator that does not
+  know the batches.
 - **labels** (label DP or DP on the aggregator's gradients): against a site (it is told the batches: ``q = 1``),
   replace-one; ``epsilon_all_sites`` when every site pools its gradients. Scope: per release, given the decoder
   (trained on the raw labels, not covered).
@@ -48,10 +49,8 @@ def _image_epsilons(sites: Mapping[str, Any]) -> dict[str, Any] | None:
             per_site.append(max(figures))
         subsampled += [float(s["epsilon"]) for s in dps if "epsilon" in s]
         deltas += [float(s["delta"]) for s in (*dps, *sgds) if "delta" in s]
-        mechanisms += [(float(s["noise_multiplier"]), int(s["releases_most_released_patient"])) for s in dps
-                       if "noise_multiplier" in s and "releases_most_released_patient" in s]
-        mechanisms += [(float(s["noise_multiplier"]), int(s["updates_most_updated_patient"])) for s in sgds
-                       if "noise_multiplier" in s and "updates_most_updated_patient" in s]
+        worst = sgds or dps  # DP-SGD's worst patient already composes the site's releases and updates
+        mechanisms += [(float(z), int(n)) for s in worst for z, n in s.get("worst_patient_releases") or []]
         dpsgd = dpsgd or bool(sgds)
     if not per_site:
         return None
