@@ -5,8 +5,16 @@ restarted with them: a site chooses its own protection), the job's gradient defe
 secure-sum fusion. For each configuration :func:`run_config` trains the job through the aggregator, reads its
 validation Dice, then asks the audit service (a real process, lab mode on the phantom: the audit reads the cohort
 to score and draw reconstructions) to replay every attack on the last recorded training step, and returns one
-row of ``report.json["study"]``. :func:`pick_best` chooses the best WT Dice among the configurations whose
-best-attack RDLV is <= 0 (no attack beats the prior image).
+row of ``report.json["study"]``.
+
+The rule for "best" (:func:`pick_best`): among the configurations that trained and were audited, those whose
+*strongest* image attack does not beat the prior image qualify; an attack beats the prior when the 95 % Student-t
+interval of its ΔSSIM = SSIM(reconstruction) - SSIM(prior) (paired over the audited samples and modalities of
+one site) lies entirely above 0. The strongest attack of a row is its image finding with the highest interval
+lower bound (ties: the highest mean), over every site and image attack (white-box, UnSplit, learned, and on
+secure-sum runs the joint inversion of the decoded sum). Of the qualifying configurations the best WT Dice wins.
+Label leakage is not part of the rule (it protects another party's data, the aggregator's labels, against another
+adversary, a curious site); the choice states whether the label attack beats its baseline on the chosen one.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 StatusCallback = Callable[[str, dict[str, Any]], None]
 #: Image attacks (scored by SSIM/RDLV) and the label attack, as the audit names them.
-IMAGE_ATTACKS = ("whitebox", "unsplit", "learned")
+IMAGE_ATTACKS = ("whitebox", "unsplit", "learned", "secure_sum_joint")
 ALL_ATTACKS = (*IMAGE_ATTACKS, "label_leakage")
 
 
@@ -141,6 +149,10 @@ def audit_budgets(level: StudyLevel | str) -> dict[str, Any]:
             "learned_steps": 60, "public_cases": 4}
 
 
+#: Samples per site and step the image attacks reconstruct (ΔSSIM's interval is over them and the site's modalities).
+AUDIT_SAMPLES = 8
+
+
 def follow_job(client: Any, job_id: str, on_status: Callable[[dict[str, Any]], None] | None = None,
                poll_s: float = 0.5) -> dict[str, Any]:
     """Poll ``GET /v1/jobs/{id}`` until the job ends; its last status. ``RuntimeError`` unless it succeeded."""
@@ -170,7 +182,7 @@ def start_audit(client: Any, run_id: str, sites: list[str], budgets: dict[str, A
     """Ask the audit service to audit ``run_id`` (lab mode, every attack); its audit id. The service runs its
     audits one at a time in the background, so the caller can train the next model meanwhile."""
     body = {"run_id": run_id, "mode": "lab", "sites": sites,
-            "spec": {"attacks": list(ALL_ATTACKS), "max_samples": 2, "budgets": budgets}}
+            "spec": {"attacks": list(ALL_ATTACKS), "max_samples": AUDIT_SAMPLES, "budgets": budgets}}
     return client.post_json("/v1/audits", body)["audit_id"]
 
 
@@ -247,9 +259,10 @@ class StudyRow:
     error: str | None = None
 
     def best_attack(self) -> dict[str, Any] | None:
-        """The image attack finding with the highest RDLV (ties: SSIM) over every site."""
-        scored = [f for f in self.leakage if f.get("rdlv") is not None]
-        return max(scored, key=lambda f: (f["rdlv"], f["ssim"] or 0.0)) if scored else None
+        """The strongest image attack finding over every site: the highest ΔSSIM interval lower bound (ties: the
+        highest mean ΔSSIM); see the module docstring."""
+        scored = [f for f in self.leakage if f.get("delta_ssim") is not None]
+        return max(scored, key=lambda f: (_low(f), f["delta_ssim"])) if scored else None
 
     def as_json(self) -> dict[str, Any]:
         best = self.best_attack()
@@ -303,30 +316,67 @@ def add_audit(row: StudyRow, audit: dict[str, Any], modalities: dict[str, list[s
         row.leakage.append({"site": f["site"], "modality": ",".join(modalities.get(f["site"], [f["site"]])),
                             "attack": f["attack"], "step": f["step"], "ssim": f.get("ssim"), "psnr": f.get("psnr"),
                             "rdlv": f.get("rdlv"), "prior_ssim": f.get("prior_ssim"),
+                            "delta_ssim": f.get("delta_ssim"), "delta_ssim_low": f.get("delta_ssim_low"),
+                            "delta_ssim_high": f.get("delta_ssim_high"), "n_samples": f.get("n_samples"),
                             "reid_top1": f.get("reid_top1")})
     if labels:
-        row.label_leakage = {k: sum(f[k] for f in labels) / len(labels)
-                             for k in ("dice", "auc", "baseline_empty_dice", "baseline_blob_dice")
-                             if all(f.get(k) is not None for f in labels)}
+        # the strongest: the site whose gradients gave the best Dice (each site attacks what it received)
+        top = max(labels, key=lambda f: f["dice"])
+        row.label_leakage = {k: top.get(k) for k in ("dice", "auc", "baseline_empty_dice", "baseline_blob_dice",
+                                                     "delta_dice", "delta_dice_low", "delta_dice_high",
+                                                     "n_samples")}
+        row.label_leakage |= {"site": top["site"], "method": top.get("label_method"),
+                              "steps": top.get("label_steps"),
+                              "mean_dice_over_sites": sum(f["dice"] for f in labels) / len(labels)}
     row.dcor = dict(result.get("dcor") or {})
     row.grids = dict(audit["grids"])
     row.audit_report = audit["report"]
     row.audit_s = audit_s
 
 
+def _low(finding: dict[str, Any]) -> float:
+    """ΔSSIM's 95 % interval lower bound (the mean where one pair gave no interval)."""
+    low = finding.get("delta_ssim_low")
+    return float(finding["delta_ssim"] if low is None else low)
+
+
+def beats_prior(finding: dict[str, Any]) -> bool:
+    """Whether an image finding beats the prior: its ΔSSIM interval lies above 0 (lower bound > 0)."""
+    return _low(finding) > 0
+
+
+def describe_attack(f: dict[str, Any]) -> str:
+    """``"whitebox on t1: ΔSSIM +0.412 [+0.30, +0.52], SSIM 0.71 vs prior 0.30"``."""
+    low, high = f.get("delta_ssim_low"), f.get("delta_ssim_high")
+    ci = "" if low is None or high is None else f" [{low:+.3f}, {high:+.3f}]"
+    return (f"{f['attack']} on {f['site']}: ΔSSIM {f['delta_ssim']:+.3f}{ci}, SSIM {f.get('ssim') or 0:.3f} vs prior "
+            f"{f.get('prior_ssim') or 0:.3f}")
+
+
+def _labels(row: StudyRow) -> str:
+    ll = row.label_leakage
+    if not ll or ll.get("dice") is None:
+        return "label attack not measured"
+    low = ll.get("delta_dice_low")
+    verdict = "beats" if low is not None and low > 0 else "does not beat"
+    return (f"its labels: the label attack ({ll.get('method')}) reaches Dice {ll['dice']:.3f}, AUC "
+            f"{ll.get('auc') or 0:.3f}, and {verdict} the public blob (Dice {ll.get('baseline_blob_dice') or 0:.3f})")
+
+
 def pick_best(rows: list[StudyRow]) -> dict[str, Any]:
-    """The configuration with the best WT Dice among those whose best-attack RDLV <= 0, or say none qualifies."""
-    ok = [r for r in rows if r.error is None and r.dice and (b := r.best_attack()) is not None and b["rdlv"] <= 0]
+    """The best WT Dice among the configurations whose strongest image attack does not beat the prior (its ΔSSIM
+    95 % interval not above 0; the module docstring states the rule), or say that none qualifies and why."""
+    audited = [r for r in rows if r.error is None and r.dice and r.best_attack() is not None]
+    ok = [r for r in audited if not beats_prior(r.best_attack())]  # type: ignore[arg-type]
     if not ok:
-        audited = [r for r in rows if r.best_attack() is not None]
-        worst = ", ".join(f"{r.config.name} {r.best_attack()['rdlv']:+.2f}" for r in audited)  # type: ignore[index]
-        return {"name": None, "why": "no configuration qualifies: every audited one has a best-attack RDLV > 0 "
-                                     f"(an attack beat the prior image): {worst or 'none audited'}"}
+        strongest = "; ".join(f"{r.config.name}: {describe_attack(r.best_attack())}" for r in audited)  # type: ignore[arg-type]
+        return {"name": None, "why": "no configuration qualifies: on every audited one the strongest image attack "
+                                     "beats the prior (ΔSSIM 95 % interval above 0): "
+                                     f"{strongest or 'none audited'}"}
     best = max(ok, key=lambda r: r.dice["WT"])  # type: ignore[index]
     none = next((r for r in rows if r.config.name == NONE.name and r.dice), None)
     cost = "" if none is None else f"; WT Dice cost vs no defense {best.dice['WT'] - none.dice['WT']:+.3f}"  # type: ignore[index]
-    attack = best.best_attack() or {}
     return {"name": best.config.name,
-            "why": f"best WT Dice ({best.dice['WT']:.3f}) among the {len(ok)} configuration(s) whose best attack "  # type: ignore[index]
-                   f"does not beat the prior (best-attack RDLV {attack.get('rdlv', 0):+.3f}, {attack.get('attack')} "
-                   f"on {attack.get('site')}){cost}"}
+            "why": f"best WT Dice ({best.dice['WT']:.3f}) among the {len(ok)} configuration(s) whose strongest image "  # type: ignore[index]
+                   f"attack does not beat the prior (ΔSSIM 95 % interval not above 0): strongest "
+                   f"{describe_attack(best.best_attack())}{cost}; {_labels(best)}"}
