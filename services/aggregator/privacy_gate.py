@@ -41,7 +41,7 @@ class PrivacyGateSettings(BaseModel):
         whitebox_iterations: the gate attack's budget, by default an audit's (1000). On the demo's trained encoders
             the old budget, 200 iterations at the attack's old rate 0.05, reached brain SSIM 0.37-0.85 per site where
             1000 at 0.1 reached 0.80-0.99: a gate with a smaller budget can pass a step that an audit would flag.
-            max_samples: samples attacked per site.
+            max_samples: samples attacked per site (8, an audit's default: fewer leave ΔSSIM's interval wide).
         audit_token_file: the sites' ``audit`` credential the gate presents to their audit endpoints; required
             when ``every`` > 0. Note (docs/threat-model.md): with it the aggregator can fetch the encoder snapshots
             the sites keep for audits, so enable the gate only where the audit credential may sit with the
@@ -54,7 +54,7 @@ class PrivacyGateSettings(BaseModel):
     max_ssim: float | None = Field(default=None, ge=-1, le=1)
     max_rdlv: float | None = None
     whitebox_iterations: int = Field(default=1000, ge=1)
-    max_samples: int = Field(default=2, ge=1, le=32)
+    max_samples: int = Field(default=8, ge=1, le=32)
     audit_token_file: Path | None = None
 
 

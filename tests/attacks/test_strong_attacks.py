@@ -18,6 +18,8 @@ from splitunet.attacks.label_leakage import LabelLeakage, LeakageScore, evaluate
 from splitunet.attacks.secure_sum_joint import JointSumInversion, SumObservation, decode_sum
 from splitunet.attacks.whitebox import WhiteBoxInversion
 from splitunet.auditing.cohorts import PublicCohort
+from splitunet.auditing.gate import GateThreshold
+from splitunet.auditing.runner import Finding
 from splitunet.config import MODALITIES, SiteSpec, SplitUNetConfig
 from splitunet.data.sampling import extract, plan_slices
 from splitunet.defenses import build_site_defenses, parse_site_defenses
@@ -80,6 +82,16 @@ def test_delta_ssim_interval():
     assert delta_ssim([0.5], [0.4]).low is None
     with pytest.raises(ValueError, match="equal lengths"):
         delta_ssim([0.5, 0.6], [0.4])
+
+
+def test_the_gate_fails_on_a_delta_ssim_interval_above_its_threshold():
+    beaten = Finding(site="t1", step=3, attack="whitebox", ssim=0.6, prior_ssim=0.3, delta_ssim=0.3,
+                     delta_ssim_low=0.2, delta_ssim_high=0.4, n_samples=8)
+    within = beaten.model_copy(update={"delta_ssim": 0.02, "delta_ssim_low": -0.05, "delta_ssim_high": 0.09})
+    gate = GateThreshold(max_delta_ssim=0.0)
+    decision = gate.evaluate([within, beaten])
+    assert not decision.passed and decision.figure == "delta_ssim_low" and decision.value == 0.2
+    assert gate.evaluate([within]).passed
 
 
 def _gradients(slices: Slices):

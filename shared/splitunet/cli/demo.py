@@ -118,8 +118,9 @@ def demo_command(
                           "-" if not h or h.get("WT") is None else f"{h['WT']:.1f}")
     console.print(table)
     if report["study"]:
-        study_table = Table(title="Privacy-utility study (best attack over sites)")
-        for col in ("configuration", "Dice WT", "best attack", "SSIM", "RDLV", "label Dice", "MiB/step"):
+        study_table = Table(title="Privacy-utility study (strongest image attack over sites; ΔSSIM with its 95 % CI)")
+        for col in ("configuration", "Dice WT", "strongest attack", "SSIM", "prior", "ΔSSIM [95 % CI]", "label Dice",
+                    "label AUC", "MiB/step"):
             study_table.add_column(col, justify="right")
         for row in report["study"]:
             b = row.get("best_attack") or {}
@@ -128,8 +129,12 @@ def demo_command(
                 row["name"] + (" *" if row["name"] == report["best"]["name"] else ""),
                 "-" if wt is None else f"{wt:.3f}", f"{b.get('attack', '-')} {b.get('site', '')}",
                 "-" if b.get("ssim") is None else f"{b['ssim']:.3f}",
-                "-" if b.get("rdlv") is None else f"{b['rdlv']:+.3f}",
-                "-" if not row["label_leakage"] else f"{row['label_leakage'].get('dice', 0):.3f}",
+                "-" if b.get("prior_ssim") is None else f"{b['prior_ssim']:.3f}",
+                "-" if b.get("delta_ssim") is None else f"{b['delta_ssim']:+.3f}" + (
+                    "" if b.get("delta_ssim_low") is None
+                    else f" [{b['delta_ssim_low']:+.3f}, {b['delta_ssim_high']:+.3f}]"),
+                "-" if not row["label_leakage"] else f"{row['label_leakage'].get('dice') or 0:.3f}",
+                "-" if not row["label_leakage"] else f"{row['label_leakage'].get('auc') or 0:.3f}",
                 "-" if row["bytes_per_step"] is None else f"{row['bytes_per_step'] / 2**20:.2f}")
         console.print(study_table)
     console.print(f"best: {report['best']['name']} — {report['best']['why']}")
