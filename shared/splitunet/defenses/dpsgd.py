@@ -71,6 +71,8 @@ def make_patient_dp_optimizer(optimizer: torch.optim.Optimizer, encoder: torch.n
             for p in self.params:
                 p._forward_counter = 0
                 p.grad_sample = None
+                if hasattr(p, "_current_grad_sample"):  # accumulated by a backward whose forward was not promoted
+                    del p._current_grad_sample
 
         def step_for(self, groups: Sequence[str] | None) -> None:
             """Sum each patient's per-sample gradients (``groups``: the patient of each sample; ``None``: each
