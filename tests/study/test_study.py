@@ -104,3 +104,20 @@ def test_launcher_gives_each_site_an_audit_credential(tmp_path: Path):
     federation = LocalFederation(tmp_path)
     with pytest.raises(RuntimeError, match="start the sites first"):
         federation.start_audit()
+
+
+def test_the_dp_rows_of_the_study_are_valid_and_calibrated_for_its_steps():
+    from pydantic import TypeAdapter
+
+    from splitunet.defenses import GradientDefenseConfig, parse_site_defenses
+    from splitunet.demo import STUDY_STEPS
+    from splitunet.study import ENCODER_DPSGD, LABEL_DP, STUDY_RELEASES, study_configs
+
+    names = [c.name for c in study_configs("full")]
+    assert LABEL_DP.name in names and ENCODER_DPSGD.name in names
+    # label DP refuses a patient's release past `releases`: a study run must never reach it
+    assert STUDY_RELEASES >= STUDY_STEPS
+    (label,) = TypeAdapter(list[GradientDefenseConfig]).validate_python(list(LABEL_DP.gradient_defenses))
+    assert label.epsilon <= 8 and label.sites == 4
+    assert [d.name for d in parse_site_defenses(list(ENCODER_DPSGD.site_defenses))] == ["dpsgd", "dp"]
+    assert ENCODER_DPSGD.cut_level >= 2 and ENCODER_DPSGD.skips == "none"
