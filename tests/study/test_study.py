@@ -54,6 +54,10 @@ def test_quick_study_reuses_the_main_plan_and_none_is_empty(tmp_path):
         DemoOptions(workdir=tmp_path, study="huge")
     with pytest.raises(ValueError, match="file-name safe|lower-case"):
         StudyConfig("Bad Name")
+    subset = DemoOptions(workdir=tmp_path, quick=True, study="full", study_only=("secure-sum", "dp-z0.5"))
+    assert subset.study_only == ("secure-sum", "dp-z0.5")
+    with pytest.raises(ValueError, match="study_only must name configurations of the quick study"):
+        DemoOptions(workdir=tmp_path, quick=True, study_only=("dp-z0.5",))
 
 
 def _row(name: str, wt: float, deltas: list[tuple[float, float]]):

@@ -31,6 +31,8 @@ def demo_command(
         help="Train the centralized and single-modality baselines (default: in 2D).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto, for every service and the baselines.")
                       ] = "cpu",
+    study_only: Annotated[str | None, typer.Option(
+        help="Only these configurations of the study level, comma-separated (e.g. none,secure-sum,dp-z0.5).")] = None,
 ) -> None:
     """Start 4 site services (t1, t1ce, t2, flair), the aggregator and the audit service on 127.0.0.1, align the
     patients privately, train the Split-U-Net through the REST API, train the centralized and single-modality
@@ -62,6 +64,7 @@ def demo_command(
         options = DemoOptions(workdir=workdir, quick=quick, data=data, dims=dims, cases=cases, steps=steps, seed=seed,
                               preset=preset, site_defenses=site_defenses, secure_sum=secure_sum, study=study,
                               baselines=baselines, device=device,
+                              study_only=tuple(n.strip() for n in study_only.split(",")) if study_only else None,
                               gradient_defenses=json.loads(gradient_defenses) if gradient_defenses else [])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
