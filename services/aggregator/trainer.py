@@ -260,7 +260,8 @@ class TrainingJob:
         sampling = SamplingPlan(batch_size=self.spec.batch_size, population=len(self.train_cases))
         if self.gradient_filters is None:
             rate = sampling.sample_rate(self.spec.batch_size)
-            self.gradient_filters = build_gradient_chain(self.spec.gradient_defenses, sample_rate=rate)
+            self.gradient_filters = build_gradient_chain(self.spec.gradient_defenses, sample_rate=rate,
+                                                         state_dir=self.state_dir)
         self.aggregator = AggregatorStep(decoder, make_loss(self.spec.loss), optimizer, self.gradient_filters)
         setup = self._setup = RunSetup(
             run_id=self.job_id, model=self.config,

@@ -94,3 +94,15 @@ def test_bad_label_dp_settings_name_the_field(bad, where) -> None:
 def test_label_dp_is_a_gradient_defense_of_a_job() -> None:
     chain = build_gradient_chain([LabelDPConfig(epsilon=8.0, clip=1.0, releases=10)])
     assert [f.name for f in chain.filters] == ["label_dp"]
+
+
+def test_the_ledgers_survive_a_rebuilt_chain(tmp_path) -> None:
+    config = LabelDPConfig(epsilon=8.0, clip=1.0, releases=3, seed=0)
+    first = build_gradient_chain([config], state_dir=tmp_path).filters[0]
+    for step in range(2):
+        first({"level0": torch.randn(1, 2, 4, 4)}, context("t1", step, ("a",)))
+    again = build_gradient_chain([config], state_dir=tmp_path).filters[0]  # a recovered job rebuilds its chain
+    again({"level0": torch.randn(1, 2, 4, 4)}, context("t1", 2, ("a",)))
+    assert again.stats()["releases_most_released_patient"] == 3
+    with pytest.raises(PolicyError):
+        again({"level0": torch.randn(1, 2, 4, 4)}, context("t1", 3, ("a",)))

@@ -59,7 +59,8 @@ class SiteDefenses:
 
 
 def build_filter(config, *, ledger_path: Path | None = None, sample_rate: float | None = None):
-    """The defense object of one configuration (a filter, or a loss term for NoPeek)."""
+    """The defense object of one configuration (a filter, or a loss term for NoPeek); ``ledger_path`` keeps a DP
+    ledger across restarts (label DP: a folder, one ledger per site)."""
     from splitunet.defenses.dp import DPGaussian
     from splitunet.defenses.gradient import NormEqualize, Smooth
     from splitunet.defenses.label_dp import LabelDP
@@ -70,8 +71,10 @@ def build_filter(config, *, ledger_path: Path | None = None, sample_rate: float 
 
     if isinstance(config, DPConfig):
         return DPGaussian(config, ledger_path=ledger_path, default_sample_rate=sample_rate)
+    if isinstance(config, LabelDPConfig):
+        return LabelDP(config, ledger_dir=ledger_path)
     table = {GaussianConfig: GaussianNoise, LaplaceConfig: LaplaceNoise, QuantizeConfig: Quantize, TopKConfig: TopK,
-             NoPeekConfig: NoPeek, NormEqualizeConfig: NormEqualize, SmoothConfig: Smooth, LabelDPConfig: LabelDP}
+             NoPeekConfig: NoPeek, NormEqualizeConfig: NormEqualize, SmoothConfig: Smooth}
     return table[type(config)](config)
 
 
@@ -94,10 +97,15 @@ def build_site_defenses(configs: Sequence[SiteDefenseConfig], *, state_dir: Path
 
 
 def build_gradient_chain(
-    configs: Sequence[GradientDefenseConfig], *, sample_rate: float | None = None
+    configs: Sequence[GradientDefenseConfig], *, sample_rate: float | None = None, state_dir: Path | None = None
 ) -> FilterChain:
-    """The aggregator's outbound gradient chain; ``sample_rate`` is its plan's rate for the DP accountant."""
-    return FilterChain([build_filter(c, sample_rate=sample_rate) for c in configs])
+    """The aggregator's outbound gradient chain; ``sample_rate`` is its plan's rate for the DP accountant. Label-DP
+    ledgers are kept under ``state_dir`` (the job's), so a recovered job does not reset them."""
+    return FilterChain([
+        build_filter(c, sample_rate=sample_rate,
+                     ledger_path=None if state_dir is None or not isinstance(c, LabelDPConfig)
+                     else Path(state_dir) / f"label-dp-ledger-{i}")
+        for i, c in enumerate(configs)])
 
 
 __all__ = [

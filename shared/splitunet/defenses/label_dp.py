@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -56,12 +57,14 @@ class LabelDP:
 
     Args:
         config: target epsilon and delta, clip ``C``, the releases per patient the noise is calibrated for.
+        ledger_dir: folder keeping one JSON ledger per site across restarts (``None``: in memory).
     """
 
     name = "label_dp"
 
-    def __init__(self, config: LabelDPConfig) -> None:
+    def __init__(self, config: LabelDPConfig, *, ledger_dir: Path | None = None) -> None:
         self.config = config
+        self.ledger_dir = ledger_dir
         self.noise = NoiseSource(config.seed)
         self.noise_multiplier = calibrate_noise_multiplier(config)
         self._ledgers: dict[str, PrivacyLedger] = {}
@@ -77,7 +80,9 @@ class LabelDP:
     def _ledger(self, site: str) -> PrivacyLedger:
         with self._lock:
             if site not in self._ledgers:
-                self._ledgers[site] = PrivacyLedger(self.config.accountant, self.noise_multiplier, self.config.delta)
+                path = None if self.ledger_dir is None else Path(self.ledger_dir) / f"{site}.json"
+                self._ledgers[site] = PrivacyLedger(self.config.accountant, self.noise_multiplier, self.config.delta,
+                                                    path)
             return self._ledgers[site]
 
     def __call__(self, tensors: Mapping[str, torch.Tensor], context: FilterContext) -> dict[str, torch.Tensor]:
