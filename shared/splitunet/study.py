@@ -127,8 +127,9 @@ def study_configs(level: StudyLevel | str) -> list[StudyConfig]:
         *(StudyConfig(f"noise-{s}", ({"name": "gaussian", "sigma0": s},)) for s in (0.1, 0.5, 2.0)),
         # DP on activations: the noise per entry is z*C while a clipped sample's entries have RMS C/sqrt(d)
         # (d = 32768 at cut 0 here), so z = 0.01 trains (at an epsilon that guarantees nothing) and z = 0.5
-        # (epsilon ~ 113 alone over 120 steps, measured) drowns the features: both ends of the trade-off; a site's
-        # ledger is cumulative, so the later DP configuration's epsilon includes the earlier one's spend
+        # (alone: subsampled epsilon ~ 100, against the aggregator ~ 477 per site at 44 releases, measured) drowns the
+        # features: both ends of the trade-off; a site's ledger is cumulative, so the later DP configuration's
+        # epsilon includes the earlier one's spend
         *(StudyConfig(f"dp-z{z}", ({"name": "dp", "clip": 20.0, "noise_multiplier": z},)) for z in DP_MULTIPLIERS),
         StudyConfig("nopeek", (_NOPEEK,)),
         StudyConfig("cut2-noskips", cut_level=2, skips="none"),
