@@ -14,7 +14,13 @@ from skimage.metrics import structural_similarity
 from test_calibration import _ssim, gradient_chain
 
 from splitunet.attacks.base import Observation
-from splitunet.attacks.label_leakage import LabelLeakage, LeakageScore, evaluate_label_leakage
+from splitunet.attacks.label_leakage import (
+    LabelLeakage,
+    LeakageScore,
+    evaluate_label_leakage,
+    threshold_scores,
+    top_k_mask,
+)
 from splitunet.attacks.secure_sum_joint import JointSumInversion, SumObservation, decode_sum
 from splitunet.attacks.whitebox import WhiteBoxInversion
 from splitunet.auditing.cohorts import PublicCohort
@@ -92,6 +98,18 @@ def test_the_gate_fails_on_a_delta_ssim_interval_above_its_threshold():
     decision = gate.evaluate([within, beaten])
     assert not decision.passed and decision.figure == "delta_ssim_low" and decision.value == 0.2
     assert gate.evaluate([within]).passed
+
+
+def test_top_k_and_threshold_arguments():
+    scores = np.arange(16, dtype=float).reshape(4, 4)
+    mask = top_k_mask(scores, 0.25)
+    assert mask.sum() == 4 and mask[3].all()
+    assert threshold_scores(scores, "otsu").any()
+    with pytest.raises(ValueError, match="fraction"):
+        top_k_mask(scores, 1.5)
+    with pytest.raises(ValueError, match="tumour fraction"):
+        threshold_scores(scores, "top_k")
+    assert evaluate_label_leakage({LeakageScore.NORM: [scores]}, [np.zeros((4, 4), bool)], [0.1]) is None
 
 
 def _gradients(slices: Slices):
