@@ -138,9 +138,14 @@ def render_report(report: dict[str, Any], figures: dict[str, Path]) -> str:
     parts += ["<h2>Privacy–utility study</h2>",
               f"<p><b>Chosen configuration: {e(str(best.get('name')))}</b> — {e(str(best.get('why', '')))}</p>",
               _study_table(report),
-              "<p>ε (Opacus RDP, at the DP defense's δ) is each site's privacy ledger, which covers every DP release "
-              "of its patients across runs: a DP configuration's ε includes the spend of the DP configurations "
-              "trained before it.</p>"]
+              "<p>ε (Opacus RDP, at the DP defense's δ) is against the party in “ε against”: for image DP the "
+              "aggregator, who plans the batches (q = 1, no amplification), over the most released patient's "
+              "training and evaluation releases at one site, replace-one adjacency (sensitivity 2C); for label DP "
+              "one site. Scope: <b>per release, given a fixed encoder</b> (the encoder is trained on raw data) "
+              "unless the row trains it with DP-SGD; label DP: per release, given the decoder. The subsampled "
+              "figure holds only against an honest aggregator that does not know the batches. A site's ledger "
+              "covers every DP release of its patients across runs: a DP configuration's ε includes the spend of "
+              "the DP configurations trained before it. See docs/differential-privacy.md.</p>"]
     if "privacy_utility" in figures:
         parts.append(_img(figures["privacy_utility"], "privacy-utility plot"))
     parts += ["<h2>Leakage per site, configuration and attack</h2>",
