@@ -108,7 +108,7 @@ class EncoderDPSGD:
         self.config = config
         self.ledger = PrivacyLedger(config.accountant, config.noise_multiplier, config.delta, ledger_path)
         self.releases: tuple[DPGaussian, ...] = ()
-        self._stats = Stats(runs=0.0)
+        self._stats = Stats(runs_attached=0.0)  # runs built with DP-SGD (restored ones too)
 
     def compose_with(self, filters: Sequence[object]) -> None:
         """Compose with the activation DP among ``filters`` (the site's chain)."""
@@ -118,7 +118,7 @@ class EncoderDPSGD:
 
     def attach(self, encoder: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """The run's optimizer: ``optimizer`` wrapped for per-patient DP-SGD on ``encoder``."""
-        self._stats.add(runs=1)
+        self._stats.add(runs_attached=1)
         return make_patient_dp_optimizer(optimizer, encoder, self.config, self.ledger)
 
     def worst_profile(self) -> tuple[tuple[tuple[float, int], ...], float]:
