@@ -157,7 +157,8 @@ class StepExchange:
             t2 = time.perf_counter()
         set_lr(job.aggregator.optimizer, job.spec.server_optimizer.model_copy(
             update={"total_steps": job.spec.steps}).lr_at(step))
-        result = job.aggregator.step(tensors, launched.labels, step=step, run_id=job.job_id)
+        result = job.aggregator.step(tensors, launched.labels, step=step, run_id=job.job_id,
+                                     groups=[s.case_id for s in launched.samples])
         t3 = time.perf_counter()
         if ahead is not None:
             wait(list(ahead.futures.values()))

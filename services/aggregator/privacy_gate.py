@@ -37,7 +37,8 @@ class PrivacyGateSettings(BaseModel):
     Args:
         every: audit every n-th train step (0: no gate). Needs ``AGG_TRANSCRIPT__ENABLED=true`` and a threshold.
         max_label_dice: the label attack's Dice to the true whole-tumour mask above which the job pauses.
-        max_samples: samples of the recorded batch attacked per site.
+        max_samples: samples of the recorded batch attacked per site (8, an audit's default: fewer leave the
+            figures' interval wide).
         max_ssim, max_rdlv, audit_token_file: removed. Image leakage is gated by each site with its own
             thresholds (``SITE_POLICY__LEAKAGE__...``); the aggregator holds no credential to a site's images or
             weights. Setting them is a start-up error that says so.
@@ -47,7 +48,7 @@ class PrivacyGateSettings(BaseModel):
 
     every: int = Field(default=0, ge=0)
     max_label_dice: float | None = Field(default=None, ge=0, le=1)
-    max_samples: int = Field(default=2, ge=1, le=32)
+    max_samples: int = Field(default=8, ge=1, le=32)
     max_ssim: float | None = None
     max_rdlv: float | None = None
     audit_token_file: Path | None = None

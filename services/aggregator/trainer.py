@@ -271,7 +271,8 @@ class TrainingJob:
         sampling = SamplingPlan(batch_size=self.spec.batch_size, population=len(self.train_cases))
         if self.gradient_filters is None:
             rate = sampling.sample_rate(self.spec.batch_size)
-            self.gradient_filters = build_gradient_chain(self.spec.gradient_defenses, sample_rate=rate)
+            self.gradient_filters = build_gradient_chain(self.spec.gradient_defenses, sample_rate=rate,
+                                                         state_dir=self.state_dir)
         self.aggregator = AggregatorStep(decoder, make_loss(self.spec.loss), optimizer, self.gradient_filters)
         setup = self._setup = RunSetup(
             run_id=self.job_id, model=self.config,
@@ -522,11 +523,20 @@ class TrainingJob:
             probs = predictor.predict_case(case_id, regions.shape[1:], step=step, brain_z=grids[case_id].brain_z)
             metrics.add_case(case_id, probs, regions, self.labels.spacing(case_id), logits=False)
         result = metrics.aggregate()
+        self._refresh_site_defenses()
         history = [*self.status().validations, {"step": step, "dice": result["dice"]}]
         self._update(validation=result, validation_step=step, validations=history)
         self._timing("validation_s", self.status().timing.get("validation_s", 0.0) + time.perf_counter() - t0)
         logger.info("job %s step %d validation Dice %s", self.job_id, step, result["dice"])
         return result
+
+    def _refresh_site_defenses(self) -> None:
+        """Take the sites' defense statistics after an evaluation: its releases count in the sites' DP ledgers, and
+        the backward acks that otherwise carry the statistics come only with training steps."""
+        stats = {name: client.info().defense_stats for name, client in self.clients.items()}
+        if any(stats.values()):
+            defenses = dict(self.status().defenses or {})
+            self._update(defenses={**defenses, "sites": {name: s or [] for name, s in stats.items()}})
 
     def predict_case(self, case_id: str) -> tuple[np.ndarray, CaseGrid]:
         """Region probabilities ``(3, X, Y, Z)`` of an aligned case, labelled or not, on the grid the sites report

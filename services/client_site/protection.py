@@ -69,6 +69,11 @@ class SiteProtection:
     def loss_terms(self) -> tuple:
         return self.defenses.loss_terms
 
+    @property
+    def encoder_update(self):
+        """The encoder's DP-SGD (:class:`~splitunet.defenses.dpsgd.EncoderDPSGD`), or None."""
+        return self.defenses.encoder_update
+
     def describe(self) -> list[dict[str, Any]]:
         described = self.defenses.describe()
         if self.settings.require_secure_sum:

@@ -175,6 +175,7 @@ class SiteRuntime:
             version=__version__,
             device=str(self.device),
             defenses=self.protection.describe(),
+            defense_stats=self.protection.stats() or None,
             runs=runs,
             model_policy=None if self.settings.model is None else self.settings.model.model_dump(mode="json"),
             policy=self.settings.policy.model_dump(mode="json"),
@@ -240,6 +241,13 @@ class SiteRuntime:
         self.settings.policy.check_setup(setup.model, setup.optimizer)
         check_bound(encoder_weight_bytes(setup.model, me), self.settings.max_forward_bytes,
                     setting="SITE_MAX_FORWARD_BYTES", what="the run's encoder (weights and optimizer state)")
+        if self.protection.encoder_update is not None and setup.step_schedule == StepSchedule.DELAYED:
+            raise ConfigurationError(
+                f"site {me} trains its encoder with DP-SGD, which needs the synchronous step schedule (the delayed "
+                "one runs forwards on parameter copies that the per-sample hooks do not see); run the job with "
+                "step_schedule=sync",
+                detail={"rule": "dpsgd_needs_sync"},
+            )
         if self.settings.model is not None and self.settings.model != setup.model:
             raise ConflictError(
                 "this site only accepts its pinned model configuration (SITE_MODEL); the run asks for another",
@@ -286,6 +294,8 @@ class SiteRuntime:
         optimizer = make_optimizer(
             encoder.parameters(), lr=setup.optimizer.lr, weight_decay=setup.optimizer.weight_decay
         )
+        if self.protection.encoder_update is not None:  # DP-SGD: per-patient clip and noise on every update
+            optimizer = self.protection.encoder_update.attach(encoder, optimizer)
         return SiteRun(
             setup=setup,
             step=(DelayedSiteStep if setup.step_schedule == StepSchedule.DELAYED else SiteStep)(

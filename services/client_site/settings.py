@@ -12,7 +12,7 @@ from services.client_site.policy import SitePolicy
 from splitunet.config import MODALITIES, SplitUNetConfig
 from splitunet.data.layout import OnBadCase, canonical_modality
 from splitunet.defenses import SiteDefenseConfig
-from splitunet.defenses.config import load_defense_list
+from splitunet.defenses.config import check_site_combination, load_defense_list
 from splitunet.service.device import DeviceChoice
 from splitunet.service.scopes import Scope
 from splitunet.service.settings import ServiceSettings
@@ -108,6 +108,11 @@ class SiteSettings(ServiceSettings):
     @classmethod
     def _load_defenses(cls, value: Any) -> Any:
         return load_defense_list(value)
+
+    @field_validator("defenses")
+    @classmethod
+    def _defenses_hold_together(cls, value: Any) -> Any:
+        return check_site_combination(value)
     audit_snapshot_every: int = Field(default=10, ge=0)
     audit_keep_last: int = Field(default=4, ge=1)
     audit_max_snapshots: int = Field(default=64, ge=1)

@@ -51,6 +51,9 @@ class DemoOptions:
             ``full``, in 2D; ``none`` in 3D and with a preset: a 3D study does not fit the 3D demos' budgets).
         baselines: train the centralized and single-modality baselines (default: in 2D; five in-process 3D U-Nets
             at the demo's budget would take longer than the 3D demo itself).
+        study_only: train and audit only these configurations of the study level (names from
+            :func:`splitunet.study.study_configs`; the undefended main run still gives the ``none`` row when the
+            study trains with the main plan): a subset of the full study on a busy machine.
         device: ``cpu``, ``cuda`` or ``auto`` for every service and the baselines.
     """
 
@@ -69,6 +72,7 @@ class DemoOptions:
     study: StudyLevel | None = None
     baselines: bool | None = None
     device: str = "cpu"
+    study_only: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.baselines is None:
@@ -96,6 +100,15 @@ class DemoOptions:
             raise ValueError(f"cases must be >= 3 (training and validation), got {self.cases}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.study_only is not None:
+            from splitunet.study import study_configs
+
+            names = [c.name for c in study_configs(self.study)]
+            unknown = sorted(set(self.study_only) - set(names))
+            if unknown or not self.study_only:
+                raise ValueError(f"study_only must name configurations of the {self.study.value} study {names}; "
+                                 f"unknown: {unknown or 'none given'}")
+            object.__setattr__(self, "study_only", tuple(self.study_only))
 
 
 def default_cache_dir() -> Path:
@@ -380,7 +393,8 @@ def run_demo(
     # the undefended main run is the study's "none" row when the study trains with the main plan
     reuse_main = splan == plan and not (options.site_defenses or options.gradient_defenses or options.secure_sum)
     configs = [] if options.study is StudyLevel.NONE else [
-        c for c in study_configs(options.study) if not (c is NONE and reuse_main)]
+        c for c in study_configs(options.study) if not (c is NONE and reuse_main)
+        and (options.study_only is None or c.name in options.study_only)]
     budgets = audit_budgets(options.study)
     modalities = {m: [m] for m in MODALITIES}
     phase("start")
@@ -404,8 +418,12 @@ def run_demo(
         aggregator = federation.start_aggregator(partition.aggregator_dir, device=options.device,
                                                  torch_threads=aggregator_threads)
         # the central audit assembles the parties' findings: each site audits its own record, the aggregator's
-        # label audit reads the aggregator's labels
-        audit = federation.start_audit(labels_dir=partition.aggregator_dir)
+        # label audit reads the aggregator's labels. Lab settings too, for secure-sum runs only: a site's record
+        # holds its masked tensor, the sum's holder decodes the sum, and the joint inversion of that sum needs
+        # every site's encoder (the demo's operator holds every party; docs/results-privacy.md)
+        snapshots = {m: str(federation.workdir / "state" / f"site-{m}") for m in sites}
+        audit = federation.start_audit(labels_dir=partition.aggregator_dir, lab_images_dir=source,
+                                       env={"AUDIT_LAB_SNAPSHOTS": json.dumps(snapshots)})
         federation.wait_ready(timeout_s=180)
         timing["startup_s"] = time.perf_counter() - t0
 
@@ -446,7 +464,8 @@ def run_demo(
 
             def submit_audit(row, run_id: str) -> None:
                 try:
-                    pending.append((row, run_id, start_audit(auditor, run_id, sites, budgets), time.perf_counter()))
+                    audit_id = start_audit(auditor, run_id, sites, budgets, lab=row.config.secure_sum)
+                    pending.append((row, run_id, audit_id, time.perf_counter()))
                 except (RuntimeError, OSError) as exc:
                     logger.error("audit of %s could not start: %s", run_id, exc)
                     row.error = f"audit failed: {exc}"

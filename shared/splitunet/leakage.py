@@ -3,12 +3,21 @@
 Images are numpy arrays of one modality, ``(H, W)`` or ``(H, W, D)``, z-scored inside the brain and 0 outside (the
 sites' preprocessing); the brain mask is ``original != 0`` unless given.
 
-- :func:`brain_ssim`: the SSIM *map* (scikit-image, Gaussian window sigma 1.5, data range = the original's range
-  inside the brain) averaged over brain voxels only. SSIM of whole images with a zeroed background rates even
-  the cohort's mean image highly against any slice; restricted to the brain it does not.
+- :func:`brain_ssim`: THE brain SSIM of the project (every attack, the audit, the site's scoring, the gate and the
+  report use it): both images are rescaled to ``[0, 1]`` by the *original's* brain range (``(v - lo) / (hi - lo)``
+  with ``lo, hi`` the original's min and max inside the brain; the same affine map for both, so the
+  reconstruction is not clipped), then the SSIM map (scikit-image, Gaussian window sigma 1.5, data range 1) is
+  averaged over brain voxels only. On the sites' signed, zero-mean images SSIM's luminance term
+  ``(2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)`` collapses wherever the local means are near 0 or of opposite
+  sign: a mean-image prior scored near 0 and RDLV was inflated several-fold. On ``[0, 1]`` the figure does not
+  depend on the images' offset or scale (``brain_ssim(a x_hat + b, a x + b) == brain_ssim(x_hat, x)``, ``a > 0``).
+  SSIM of whole images with a zeroed background rates even the cohort's mean image highly against any slice;
+  restricted to the brain it does not.
 - :func:`brain_psnr`, :func:`brain_nmse`: within the brain (PSNR in dB over the original's brain range).
 - :func:`rdlv`: relative data leakage value ``(SSIM(x_hat, x) - SSIM(prior, x)) / SSIM(prior, x)``; <= 0 means
   the attack learned nothing beyond the prior.
+- :func:`delta_ssim`: ``SSIM(x_hat, x) - SSIM(prior, x)`` paired over samples, its mean and a 95 % Student-t
+  confidence interval (a ratio over a small prior SSIM is unstable in sign; the difference is not).
 - :func:`distance_correlation`: dCor between inputs and the features sent (NoPeek's leakage measure).
 - :func:`semantic_leakage`: Dice between a frozen segmenter's masks on the reconstruction and on the original.
 - :func:`reidentification_top1`: the fraction of reconstructions closest (brain SSIM) to their own case.
@@ -18,6 +27,7 @@ sites' preprocessing); the brain mask is ``original != 0`` unless given.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,13 +58,21 @@ def data_range(original: np.ndarray, mask: np.ndarray) -> float:
     return float(max(values.max() - values.min(), 1e-6))
 
 
+def unit_scale(image: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``image`` mapped by the affine map that takes the original's brain range ``[lo, hi]`` to ``[0, 1]``."""
+    values = original[mask]
+    lo = float(values.min())
+    return (image - lo) / data_range(original, mask)
+
+
 def brain_ssim(recon: np.ndarray, original: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Mean of the SSIM map over the brain mask (1 = identical inside the brain)."""
+    """Mean of the SSIM map over the brain mask, both images on ``[0, 1]`` by the original's brain range (1 =
+    identical inside the brain; see the module docstring)."""
     recon, original = _check(recon, original)
     m = _mask(original, mask)
     _, ssim_map = structural_similarity(
-        original, recon, data_range=data_range(original, m), gaussian_weights=True, sigma=1.5,
-        use_sample_covariance=False, full=True,
+        unit_scale(original, original, m), unit_scale(recon, original, m), data_range=1.0, gaussian_weights=True,
+        sigma=1.5, use_sample_covariance=False, full=True,
     )
     return float(ssim_map[m].mean())
 
@@ -78,6 +96,37 @@ def rdlv(ssim_recon: float, ssim_prior: float) -> float:
     if ssim_prior <= 0:
         raise ValueError(f"RDLV needs a prior with positive SSIM to the original, got {ssim_prior:.3f}")
     return (ssim_recon - ssim_prior) / ssim_prior
+
+
+@dataclass(frozen=True)
+class DeltaSSIM:
+    """``mean`` of the paired differences ``SSIM(x_hat_i, x_i) - SSIM(prior_i, x_i)`` over ``n`` samples (and
+    modalities) and its 95 % Student-t confidence interval ``[low, high]`` (``None`` with fewer than 2 pairs)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+
+
+def delta_ssim(recon_ssim: Sequence[float], prior_ssim: Sequence[float], *, level: float = 0.95) -> DeltaSSIM:
+    """ΔSSIM of a reconstruction over the prior, paired per sample: mean and a Student-t interval at ``level``.
+
+    The interval is ``mean +- t_{n-1, (1+level)/2} * sd / sqrt(n)`` over the ``n`` paired differences (samples are
+    the unit; the interval says how far the mean could move with other samples of the same cohort).
+    """
+    from scipy import stats
+
+    recon, prior = np.asarray(recon_ssim, dtype=np.float64), np.asarray(prior_ssim, dtype=np.float64)
+    if recon.ndim != 1 or recon.shape != prior.shape or recon.size == 0:
+        raise ValueError(f"delta_ssim needs one prior SSIM per reconstruction SSIM (equal lengths >= 1), got "
+                         f"{recon.shape} and {prior.shape}")
+    d = recon - prior
+    mean = float(d.mean())
+    if d.size < 2:
+        return DeltaSSIM(mean, None, None, 1)
+    half = float(stats.t.ppf((1 + level) / 2, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size))
+    return DeltaSSIM(mean, mean - half, mean + half, int(d.size))
 
 
 def distance_correlation(x: torch.Tensor, f: torch.Tensor) -> float:

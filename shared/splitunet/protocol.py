@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -47,6 +47,19 @@ class SiteLossTerm(Protocol):
     received gradients."""
 
     def __call__(self, x: torch.Tensor, outputs: Mapping[str, torch.Tensor], context: FilterContext) -> torch.Tensor:
+        ...
+
+
+@runtime_checkable
+class PatientOptimizer(Protocol):
+    """An optimizer whose step needs the patient of every sample (DP-SGD clips per patient,
+    :mod:`splitunet.defenses.dpsgd`). :class:`SiteStep` calls :meth:`begin` before each training forward and
+    :meth:`step_for` with the forward's patients instead of ``step()``."""
+
+    def begin(self) -> None:
+        ...
+
+    def step_for(self, groups: Sequence[str] | None) -> None:
         ...
 
 
@@ -126,6 +139,8 @@ class SiteStep:
                     outputs = self.encoder(x)
                 return self.filters({k: v.detach() for k, v in outputs.items()}, context)
             self.encoder.train()
+            if isinstance(self.optimizer, PatientOptimizer):
+                self.optimizer.begin()
             outputs = self.encoder(x)
             extra = [term(x, outputs, context) for term in self.loss_terms]
             tape = self.filters.apply({k: v.detach() for k, v in outputs.items()}, context)
@@ -155,7 +170,9 @@ class SiteStep:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(outputs, grads)
-            if self.optimizer is not None:
+            if isinstance(self.optimizer, PatientOptimizer):
+                self.optimizer.step_for(None if pending.tape is None else pending.tape.context.groups)
+            elif self.optimizer is not None:
                 self.optimizer.step()
             self._pending = None
 
@@ -239,10 +256,12 @@ class AggregatorStep:
         *,
         step: int = 0,
         run_id: str = "local",
+        groups: Sequence[str] | None = None,
     ) -> StepResult:
         """One training step on the received tensors and ``labels`` (``B, 3, *spatial``, float 0/1).
 
-        Received tensors are moved to the decoder's device; the gradients returned live there too.
+        Received tensors are moved to the decoder's device; the gradients returned live there too. ``groups``
+        (the patient of each sample) goes to the gradient filters (label DP clips per patient).
         """
         with self.lock:
             leaves = self._leaves(site_tensors, grad=True)
@@ -257,7 +276,8 @@ class AggregatorStep:
             gradients: dict[str, Bundle] = {}
             for site, bundle in leaves.items():
                 grads = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in bundle.items()}
-                context = FilterContext(run_id, step, site, Direction.GRADIENTS)
+                context = FilterContext(run_id, step, site, Direction.GRADIENTS,
+                                        groups=None if groups is None else tuple(groups))
                 gradients[site] = self.filters(grads, context)
             return StepResult(loss=float(loss.detach()), gradients=gradients, logits=logits.detach())
 

@@ -176,6 +176,8 @@ class SiteInfo(BaseModel):
     version: str
     device: str
     defenses: list[dict[str, Any]]
+    defense_stats: list[dict[str, Any]] | None = Field(
+        default=None, description="what each defense did so far (as in a backward ack; evaluation releases too)")
     runs: dict[str, RunInfo]
     model_policy: dict[str, Any] | None = None
     policy: dict[str, Any] | None = Field(default=None, description="the site's policy (services.client_site.policy)")

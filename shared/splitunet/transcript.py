@@ -160,6 +160,8 @@ def run_description(spec: Any, config: Any) -> dict[str, Any]:
         "resize_slices": spec.resize_slices,
         "seed": spec.seed,
         "wire": spec.wire.model_dump(mode="json"),
+        # the fixed-point parameters decode the recorded masked bundles' sum (the audit attacks the sum)
+        "secure_sum": None if spec.secure_sum is None else spec.secure_sum.model_dump(mode="json"),
     }
 
 

@@ -6,8 +6,10 @@ The defenses are the project's own, built as the services build them: the site's
 :func:`build_site_defenses`, as ``SiteProtection`` does), and the aggregator's gradient defenses (``gaussian``,
 ``dp``, ``smooth``, ``norm_equalize``) from a job's validated ``gradient_defenses`` list through
 :func:`build_gradient_chain`, as the aggregator's trainer does. Noise seeds are fixed for reproducibility; DP's
-clip is calibrated to the undefended batch's median per-sample gradient norm. Gradient noise and DP reduce label
-leakage; smoothing and norm equalisation alone do not (measured), so that test checks the attack sees through them.
+clip is calibrated to the undefended batch's median per-sample gradient norm. DP and strong gradient noise
+(sigma0 = 4) reduce label leakage; smoothing, norm equalisation and mild gradient noise (sigma0 = 1) do not
+(measured against the per-voxel gradient-norm score, issue 21: the earlier direction score made sigma0 = 1 look
+protective), so that test checks the attack sees through them.
 """
 
 from __future__ import annotations
@@ -151,7 +153,8 @@ def _with_clip(defenses: list[dict], norms: torch.Tensor) -> list[dict]:
 
 #: A job's ``gradient_defenses`` that must reduce the leak.
 REDUCING = {
-    "gaussian": [{"name": "gaussian", "sigma0": 1.0, "seed": 1}],
+    # sigma0 = 1 measured no reduction against the norm score (Dice 0.771 vs 0.755); 4 measured 0.416
+    "gaussian": [{"name": "gaussian", "sigma0": 4.0, "seed": 1}],
     "dp": [{"name": "dp", "clip": "median", "noise_multiplier": 0.1, "seed": 1}],
     "norm_equalize+smooth+dp": [{"name": "norm_equalize"}, {"name": "smooth", "sigma": 4.0},
                                 {"name": "dp", "clip": "median", "noise_multiplier": 0.1, "seed": 1}],
@@ -168,13 +171,15 @@ def test_the_aggregators_gradient_defenses_reduce_label_leakage(slices: Slices, 
 
 
 def test_the_attack_sees_through_gradient_smoothing_and_norm_equalisation(slices: Slices, undefended_leak):
-    """Measured: smoothing the gradient map denoises the direction score (the tumour blob stays, its outline blurs)
-    and per-sample norm equalisation leaves each sample's map unchanged, so neither alone protects labels; the
+    """Measured: smoothing the gradient map keeps the tumour blob (its outline blurs), per-sample norm equalisation
+    leaves each sample's map unchanged and noise at sigma0 = 1 leaves the norm score's ranking intact (AUC 0.999),
+    so none alone protects labels; the
     audit's attack must keep beating the baselines through them (a weak attack would report them as protective)."""
     empty, blob = _baselines(slices)
     undefended, _, _ = undefended_leak
     smooth, equalize = {"name": "smooth", "sigma": 4.0}, {"name": "norm_equalize"}
-    chains = {"smooth": [smooth], "norm_equalize": [equalize], "norm_equalize+smooth": [equalize, smooth]}
+    chains = {"smooth": [smooth], "norm_equalize": [equalize], "norm_equalize+smooth": [equalize, smooth],
+              "gaussian-1": [{"name": "gaussian", "sigma0": 1.0, "seed": 1}]}
     figures = {label: _label_leak(slices, gradient_chain(defenses))[:2] for label, defenses in chains.items()}
     logger.warning("label leakage (Dice, AUC) through %s; undefended Dice %.3f", figures, undefended)
     for label, (d, auc) in figures.items():

@@ -20,6 +20,7 @@ from splitunet.leakage import (
     rdlv,
     reidentification_top1,
     semantic_leakage,
+    unit_scale,
 )
 
 
@@ -38,12 +39,14 @@ def test_brain_ssim_ignores_the_background_and_ranks_reconstructions():
     noisy = x + 0.3 * np.random.default_rng(1).normal(size=x.shape) * (x != 0)
     assert 0.2 < brain_ssim(noisy, x) < 0.99
     assert brain_ssim(brain(2), x) < brain_ssim(noisy, x)
-    # whole-image SSIM credits the shared zero background; restricted to the brain it does not
+    # whole-image SSIM credits the shared zero background; restricted to the brain it does not (both on the
+    # original's [0, 1] brain range, as brain_ssim scales them)
     from skimage.metrics import structural_similarity
 
     other = brain(2)
-    whole = structural_similarity(x, other, data_range=float(np.ptp(x[x != 0])), gaussian_weights=True, sigma=1.5,
-                                  use_sample_covariance=False)
+    m = x != 0
+    whole = structural_similarity(unit_scale(x, x, m), unit_scale(other, x, m), data_range=1.0,
+                                  gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     assert whole > brain_ssim(other, x) + 0.1
     assert brain_psnr(noisy, x) > brain_psnr(brain(2), x)
     assert brain_nmse(x, x) == 0.0 and brain_nmse(noisy, x) > 0

@@ -246,6 +246,7 @@ def test_make_case_rejects_anatomy_prepared_for_another_spacing(anatomy: MniAnat
         ({"start_index": -2}, "start_index"),
         ({"start_index": 99_999, "cases": 2}, "start_index"),
         ({"layout": "brats"}, "layout"),
+        ({"seed": 0x5EED_A0D1}, "public cohort"),  # the audit's public cohort stays disjoint from any federation
     ],
 )
 def test_write_cohort_rejects_bad_arguments(anatomy: MniAnatomy, tmp_path: Path, kwargs: dict, match: str) -> None:

@@ -65,7 +65,9 @@ def test_the_budget_refuses_the_release_that_would_exceed_it(basis: BudgetBasis)
     eps = []
     for step in range(1, 5):
         release(probe, step)
-        eps.append(probe.stats()["epsilon" if basis == BudgetBasis.SUBSAMPLED else "epsilon_worst_patient"])
+        key = {BudgetBasis.SUBSAMPLED: "epsilon", BudgetBasis.WORST_PATIENT: "epsilon_worst_patient",
+               BudgetBasis.AGGREGATOR: "epsilon_aggregator"}[basis]
+        eps.append(probe.stats()[key])
     budget = (eps[2] + eps[3]) / 2
     dp = DPGaussian(DPConfig(clip=1.0, noise_multiplier=1.0, epsilon_budget=budget, budget_basis=basis, seed=0))
     for step in range(1, 4):

@@ -137,7 +137,7 @@ def _check_paper_report(report: dict, workdir: Path, output: str) -> None:
         assert {a for _, a in attacks} >= {"whitebox", "unsplit", "learned"}, attacks
         assert {s for s, _ in attacks} == {"t1", "t1ce", "t2", "flair"}, attacks
         for f in row["leakage"]:
-            assert set(f) >= {"site", "modality", "attack", "ssim", "psnr", "rdlv"}
+            assert set(f) >= {"site", "modality", "attack", "ssim", "psnr", "rdlv", "delta_ssim", "delta_ssim_low"}
         assert set(row["label_leakage"]) >= {"dice", "auc"}, row["label_leakage"]
     assert set(report["best"]) == {"name", "why"} and report["best"]["why"]
     assert report["best"]["name"] in (None, *names)

@@ -34,14 +34,18 @@ def _grid_png(path) -> str:
     return str(path)
 
 
-def _row(name: str, wt: float, ssim: float, rdlv: float, cut: int = 0, grids=None) -> dict:
+def _row(name: str, wt: float, ssim: float, rdlv: float, cut: int = 0, grids=None, secure_sum: bool = False) -> dict:
+    attacks = ("secure_sum_joint",) if secure_sum else ("whitebox", "unsplit")
     leak = [{"site": s, "modality": s, "attack": a, "ssim": ssim - 0.1 * i, "psnr": 20.0, "rdlv": rdlv - 0.1 * i,
-             "prior_ssim": 0.5, "reid_top1": 0.5, "step": 10}
-            for s in ("t1", "flair") for i, a in enumerate(("whitebox", "unsplit"))]
-    best = max(leak, key=lambda f: f["rdlv"])
+             "prior_ssim": 0.5, "delta_ssim": ssim - 0.1 * i - 0.5, "delta_ssim_low": ssim - 0.1 * i - 0.55,
+             "delta_ssim_high": ssim - 0.1 * i - 0.45, "n_samples": 8, "reid_top1": 0.5, "step": 10}
+            for s in ("t1", "flair") for i, a in enumerate(attacks)]
+    best = max(leak, key=lambda f: f["delta_ssim_low"])
     return {"name": name, "defenses": {"sites": [], "gradients": []}, "cut_level": cut, "skips": "all",
-            "fusion": "concat", "dice": _dice(wt), "hd95_mm": {r: 5.0 for r in REG}, "leakage": leak,
-            "label_leakage": {"dice": 0.4, "auc": 0.8}, "best_attack": best, "bytes_per_step": 2**20 * (3 - cut),
+            "fusion": "sum" if secure_sum else "concat", "secure_sum": secure_sum, "dice": _dice(wt),
+            "hd95_mm": {r: 5.0 for r in REG}, "leakage": leak,
+            "label_leakage": {"dice": 0.6, "auc": 0.95, "method": "norm/otsu", "site": "t1", "baseline_blob_dice": 0.2},
+            "best_attack": best, "bytes_per_step": 2**20 * (3 - cut),
             "epsilon": None, "train_s": 12.0, "losses": list(np.linspace(1, 0.2, 30)), "grids": grids or {},
             "error": None}
 
@@ -49,7 +53,8 @@ def _row(name: str, wt: float, ssim: float, rdlv: float, cut: int = 0, grids=Non
 def _report(tmp_path) -> dict:
     grid = _grid_png(tmp_path / "grid.png")
     study = [_row("none", 0.90, 0.92, 0.6, grids={"t1": grid}), _row("noise-2.0", 0.70, 0.45, -0.2),
-             _row("cut2-noskips", 0.85, 0.6, 0.1, cut=2), _row("worse", 0.60, 0.7, 0.3)]
+             _row("cut2-noskips", 0.85, 0.6, 0.1, cut=2), _row("worse", 0.60, 0.7, 0.3),
+             _row("secure-sum", 0.88, 0.8, 0.6, secure_sum=True)]
     report = {
         "dice": {"split": _dice(0.90), "centralized": _dice(0.91),
                  "single_modality": {m: _dice(0.6 + 0.05 * i) for i, m in enumerate(("t1", "t1ce", "t2", "flair"))}},
@@ -75,6 +80,12 @@ def test_paper_checks_state_what_holds_and_what_does_not(tmp_path):
     assert checks["every single modality below Split-U-Net on mean Dice"]["holds"] is True
     undefended = checks["undefended leakage high (white-box brain SSIM >= 0.8 at cut 0)"]
     assert undefended["holds"] is True and "0.920" in undefended["measured"]
+    labels = checks["undefended labels leak to a curious site (best label attack AUC >= 0.9 at cut 0)"]
+    assert labels["holds"] is True and "AUC 0.950" in labels["measured"] and "norm/otsu" in labels["measured"]
+    hidden = [c for claim, c in checks.items() if claim.startswith("secure-sum fusion hides the images")]
+    assert len(hidden) == 1 and hidden[0]["holds"] is False and "ΔSSIM +0.300" in hidden[0]["measured"]
+    assert any(claim.startswith("at least one configuration whose strongest image attack does not beat the prior")
+               for claim in checks)
     report = _report(tmp_path)
     report["dice"]["centralized"] = _dice(0.95)
     report["dice"]["single_modality"]["flair"] = _dice(0.93)

@@ -1,5 +1,6 @@
 """The study's configurations are valid jobs and site settings (checked before a 20-minute run, not during it),
-rows are read from job status and audit results, and the choice follows the RDLV rule."""
+rows are read from job status and audit results, and the choice follows the ΔSSIM-interval rule (issue 21: a
+configuration qualifies when its strongest image attack's ΔSSIM 95 % interval is not above 0)."""
 
 from __future__ import annotations
 
@@ -53,32 +54,55 @@ def test_quick_study_reuses_the_main_plan_and_none_is_empty(tmp_path):
         DemoOptions(workdir=tmp_path, study="huge")
     with pytest.raises(ValueError, match="file-name safe|lower-case"):
         StudyConfig("Bad Name")
+    subset = DemoOptions(workdir=tmp_path, quick=True, study="full", study_only=("secure-sum", "dp-z0.5"))
+    assert subset.study_only == ("secure-sum", "dp-z0.5")
+    with pytest.raises(ValueError, match="study_only must name configurations of the quick study"):
+        DemoOptions(workdir=tmp_path, quick=True, study_only=("dp-z0.5",))
 
 
-def _row(name: str, wt: float, rdlvs: list[float]):
+def _row(name: str, wt: float, deltas: list[tuple[float, float]]):
+    """A row whose two image findings have ΔSSIM intervals ``deltas`` (low, high); the mean is their middle."""
     row = row_from_runs(StudyConfig(name), {"validation": {"dice": {"TC": wt, "WT": wt, "ET": wt, "mean": wt}},
                                             "step": 10, "bytes_sent": 600, "bytes_received": 400,
-                                            "defenses": {"sites": {"t1": [{"name": "dp", "epsilon": 3.5}]}}}, 5.0)
-    findings = [{"site": "t1", "attack": a, "step": 10, "ssim": 0.5 + r / 4, "psnr": 20.0, "rdlv": r,
-                 "prior_ssim": 0.5} for a, r in zip(("whitebox", "unsplit"), rdlvs, strict=True)]
-    findings.append({"site": "t1", "attack": "label_leakage", "step": 10, "dice": 0.4, "auc": 0.7})
+                                            "defenses": {"sites": {"t1": [{"name": "dp", "epsilon": 3.5,
+                                                                           "epsilon_aggregator": 40.0}]}}}, 5.0)
+    findings = [{"site": "t1", "attack": a, "step": 10, "ssim": 0.3 + (lo + hi) / 2, "psnr": 20.0,
+                 "rdlv": (lo + hi) / 2 / 0.3, "prior_ssim": 0.3, "delta_ssim": (lo + hi) / 2, "delta_ssim_low": lo,
+                 "delta_ssim_high": hi, "n_samples": 8}
+                for a, (lo, hi) in zip(("whitebox", "unsplit"), deltas, strict=True)]
+    for site, dice in (("t1", 0.4), ("t2", 0.6)):
+        findings.append({"site": site, "attack": "label_leakage", "step": 10, "dice": dice, "auc": 0.7,
+                         "baseline_blob_dice": 0.2, "delta_dice": dice - 0.2, "delta_dice_low": dice - 0.3,
+                         "delta_dice_high": dice - 0.1, "label_method": "norm/otsu", "label_steps": 3,
+                         "n_samples": 24})
     add_audit(row, {"result": {"findings": findings, "dcor": {"t1": 0.9}}, "grids": {}, "report": "x.html"},
               {"t1": ["t1"]}, 1.0)
     return row
 
 
 def test_rows_and_the_choice():
-    rows = [_row("none", 0.9, [0.6, 0.2]), _row("a", 0.8, [-0.1, -0.3]), _row("b", 0.7, [0.0, -0.5]),
-            _row("c", 0.85, [0.1, -0.9])]
-    assert rows[0].bytes_per_step == 100 and rows[0].epsilon == 3.5
-    assert rows[0].label_leakage == {"dice": 0.4, "auc": 0.7}
-    assert rows[0].best_attack()["attack"] == "whitebox" and rows[0].best_attack()["rdlv"] == 0.6
+    # none: both attacks beat the prior; a: neither interval above 0 (one straddles it); b: qualifies, lower Dice;
+    # c: the strongest (0.02, 0.3) beats the prior although the other does not
+    rows = [_row("none", 0.9, [(0.4, 0.6), (0.1, 0.2)]), _row("a", 0.8, [(-0.05, 0.1), (-0.3, -0.1)]),
+            _row("b", 0.7, [(-0.2, 0.0), (-0.5, -0.4)]), _row("c", 0.85, [(0.02, 0.3), (-0.9, -0.8)])]
+    assert rows[0].bytes_per_step == 100 and rows[0].epsilon == 40.0  # the aggregator's figure, not the subsampled
+    assert rows[0].as_json()["epsilon_subsampled"] == 3.5 and "aggregator" in rows[0].as_json()["epsilon_adversary"]
+    # the strongest site's label attack is reported (t2: Dice 0.6), with its method and interval against the blob
+    ll = rows[0].label_leakage
+    assert ll["dice"] == 0.6 and ll["site"] == "t2" and ll["method"] == "norm/otsu" and ll["delta_dice_low"] > 0
+    assert ll["mean_dice_over_sites"] == pytest.approx(0.5)
+    assert rows[0].best_attack()["attack"] == "whitebox" and rows[0].best_attack()["delta_ssim_low"] == 0.4
+    assert rows[3].best_attack()["attack"] == "whitebox"  # its lower bound (+0.02) is above 0: c does not qualify
     best = pick_best(rows)
-    assert best["name"] == "a" and "-0.100" in best["why"] and "-0.100" in best["why"] and "cost" in best["why"]
+    assert best["name"] == "a" and "[-0.050, +0.100]" in best["why"] and "cost" in best["why"], best
+    assert "beats the public blob" in best["why"]
     none = pick_best([rows[0], rows[3]])
-    assert none["name"] is None and "no configuration qualifies" in none["why"]
+    assert none["name"] is None and "no configuration qualifies" in none["why"] and "[+0.020, +0.300]" in none["why"]
+    # a protected model that does not segment is not a choice: named as protected but unusable
+    unusable = pick_best([rows[0], _row("dead", 0.05, [(-0.2, -0.1), (-0.3, -0.2)])])
+    assert unusable["name"] is None and "dead (WT 0.050)" in unusable["why"], unusable
     assert find_epsilon({"x": [{"epsilon": 1.0}, {"y": {"epsilon": 2.5}}]}) == 2.5 and find_epsilon({}) is None
-    assert json.loads(json.dumps(rows[1].as_json()))["best_attack"]["rdlv"] == -0.1
+    assert json.loads(json.dumps(rows[1].as_json()))["best_attack"]["delta_ssim_low"] == -0.05
 
 
 def test_launcher_gives_each_site_an_audit_credential(tmp_path: Path):
@@ -87,3 +111,20 @@ def test_launcher_gives_each_site_an_audit_credential(tmp_path: Path):
     federation = LocalFederation(tmp_path)
     with pytest.raises(RuntimeError, match="start the sites first"):
         federation.start_audit()
+
+
+def test_the_dp_rows_of_the_study_are_valid_and_calibrated_for_its_steps():
+    from pydantic import TypeAdapter
+
+    from splitunet.defenses import GradientDefenseConfig, parse_site_defenses
+    from splitunet.demo import STUDY_STEPS
+    from splitunet.study import ENCODER_DPSGD, LABEL_DP, STUDY_RELEASES, study_configs
+
+    names = [c.name for c in study_configs("full")]
+    assert LABEL_DP.name in names and ENCODER_DPSGD.name in names
+    # label DP refuses a patient's release past `releases`: a study run must never reach it
+    assert STUDY_RELEASES >= STUDY_STEPS
+    (label,) = TypeAdapter(list[GradientDefenseConfig]).validate_python(list(LABEL_DP.gradient_defenses))
+    assert label.epsilon <= 8 and label.sites == 4
+    assert [d.name for d in parse_site_defenses(list(ENCODER_DPSGD.site_defenses))] == ["dpsgd", "dp"]
+    assert ENCODER_DPSGD.cut_level >= 2 and ENCODER_DPSGD.skips == "none"

@@ -25,6 +25,8 @@ class AttackKind(StrEnum):
     UNSPLIT = "unsplit"
     LEARNED = "learned"
     LABEL_LEAKAGE = "label_leakage"
+    #: the joint white-box inversion of a secure sum (:mod:`splitunet.attacks.secure_sum_joint`)
+    SECURE_SUM_JOINT = "secure_sum_joint"
 
 
 class Target(StrEnum):
@@ -108,6 +110,26 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 def feature_mismatch(outputs: Mapping[str, torch.Tensor], observed: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Sum over tensors of the MSE normalised by the observed tensor's mean square (scale-free)."""
     return sum(((outputs[k] - v) ** 2).mean() / (v**2).mean().clamp_min(1e-8) for k, v in observed.items())
+
+
+def per_sample_scale(outputs: Mapping[str, torch.Tensor], observed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The scale ``a_b`` (``B``) that best fits ``a_b * outputs`` to ``observed`` per sample in
+    :func:`feature_mismatch`'s weighted least squares (closed form, detached: at the optimum the loss's gradient
+    with respect to ``a`` is 0). A per-sample L2 clip (DP's ``min(1, C / ||F_b||)``) scales each sample's
+    features by an unknown factor; an inversion that does not fit it chases features of the wrong norm."""
+    num, den = 0.0, 0.0
+    for k, v in observed.items():
+        f = outputs[k].detach()
+        weight = 1.0 / ((v**2).mean().clamp_min(1e-8) * v[0].numel())
+        num = num + weight * (f * v).flatten(1).sum(1)
+        den = den + weight * (f * f).flatten(1).sum(1)
+    return (num / den.clamp_min(1e-12)).detach()
+
+
+def scaled_feature_mismatch(outputs: Mapping[str, torch.Tensor], observed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`feature_mismatch` of ``a_b * outputs`` with the per-sample scale of :func:`per_sample_scale`."""
+    scale = per_sample_scale(outputs, observed)
+    return feature_mismatch({k: v * scale.view(-1, *[1] * (v.ndim - 1)) for k, v in outputs.items()}, observed)
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:

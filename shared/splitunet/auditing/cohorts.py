@@ -5,9 +5,10 @@ Both return images in the sites' preprocessing (``(C, X, Y, Z)`` float32 z-score
 modalities in the order asked for) and cut them with :func:`splitunet.data.sampling.extract`, so a recorded
 sample (case, crop, slice, flips) gives the voxels the site encoded.
 
-The public cohort is generated from another seed than any federation (``PUBLIC_SEED``), on the federation's
-volume grid: its mean image is the attacks' prior, its images train the learned inversion, its tumour masks give
-the label-leakage baselines.
+The public cohort is generated from a seed no federation's phantom may use (``PUBLIC_SEED``:
+:func:`splitunet.data.phantom.write_cohort` refuses it, so its cases are disjoint from the federation's), on the
+federation's volume grid: its mean image is the attacks' prior, its images train the learned inversion, its
+tumour masks give the label-leakage baselines.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import numpy as np
 from splitunet.config import MODALITIES
 from splitunet.data.layout import discover_cases
 from splitunet.data.loader import labels_to_regions, load_images, load_regions, normalize_nonzero
+from splitunet.data.phantom import PUBLIC_SEED  # a federation's phantom cannot be written from it
 from splitunet.data.sampling import Sample, extract
 from splitunet.errors import DataError
 
-#: Seed of the public auxiliary phantom cohort (a federation's phantom uses other seeds).
-PUBLIC_SEED = 0x5EED_A0D1
+__all__ = ["PUBLIC_SEED", "LabCohort", "PublicCohort"]
 
 
 class PublicCohort:

@@ -1,7 +1,9 @@
 """The privacy gate: thresholds that fail an audit, and the decision naming the site and the figure.
 
 A gate fails when, for any site, the best attack's brain SSIM exceeds ``max_ssim`` or its RDLV exceeds
-``max_rdlv`` (RDLV > 0: the attack learned more than the prior), or the label-leakage Dice exceeds ``max_label_dice``.
+``max_rdlv`` (RDLV > 0: the attack learned more than the prior), or the lower bound of its ΔSSIM 95 % interval
+exceeds ``max_delta_ssim`` (0: the attack beats the prior beyond sampling noise; the study's rule), or the
+label-leakage Dice exceeds ``max_label_dice``. SSIM is :func:`splitunet.leakage.brain_ssim` ([0, 1] scale).
 Unset thresholds are not checked; with none set the audit always passes.
 """
 
@@ -39,11 +41,13 @@ class GateThreshold(BaseModel):
 
     max_ssim: float | None = Field(default=None, ge=-1, le=1)
     max_rdlv: float | None = None
+    max_delta_ssim: float | None = Field(default=None, ge=-1, le=1)
     max_label_dice: float | None = Field(default=None, ge=0, le=1)
 
     def evaluate(self, findings: Sequence[Finding]) -> GateDecision:
         for f in findings:
-            for figure, limit in (("ssim", self.max_ssim), ("rdlv", self.max_rdlv), ("dice", self.max_label_dice)):
+            for figure, limit in (("ssim", self.max_ssim), ("rdlv", self.max_rdlv),
+                                  ("delta_ssim_low", self.max_delta_ssim), ("dice", self.max_label_dice)):
                 value = getattr(f, figure)
                 if limit is not None and value is not None and value > limit:
                     return GateDecision(passed=False, site=f.site, attack=f.attack.value, figure=figure,

@@ -99,8 +99,10 @@ def parties_html(parties: list[dict]) -> str:
 def render_html(result: AuditResult, artifacts: AuditArtifacts | None, *, show_images: bool = True,
                 parties: list[dict] | None = None) -> str:
     e = html.escape
-    cols = ["site", "step", "attack", "ssim", "prior_ssim", "rdlv", "psnr", "nmse", "semantic", "prior_semantic",
-            "reid_top1", "dice", "auc", "baseline_empty_dice", "baseline_blob_dice", "seconds"]
+    cols = ["site", "step", "attack", "ssim", "prior_ssim", "delta_ssim", "delta_ssim_low", "delta_ssim_high",
+            "n_samples", "rdlv", "psnr", "nmse", "semantic", "prior_semantic", "reid_top1", "dice", "auc",
+            "label_method", "label_steps", "baseline_empty_dice", "baseline_blob_dice", "delta_dice",
+            "delta_dice_low", "delta_dice_high", "seconds"]
 
     def cell(v) -> str:
         return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else e(str(v)))
@@ -111,6 +113,11 @@ def render_html(result: AuditResult, artifacts: AuditArtifacts | None, *, show_i
         f"<!doctype html><html><head><meta charset='utf-8'><title>Audit of {e(result.run_id)}</title></head><body>",
         f"<h1>Leakage audit of run {e(result.run_id)}</h1>",
         f"<p>{result.records} transcript records verified. Privacy gate: <b>{e(result.gate.message())}</b></p>",
+        "<p>Brain SSIM: both images rescaled to [0, 1] by the original's brain range, the SSIM map averaged over "
+        "the brain. delta_ssim = SSIM(reconstruction) − SSIM(prior) over n_samples (sample, modality) pairs, "
+        "[delta_ssim_low, delta_ssim_high] its 95 % Student-t interval; the label attack (once per site, over "
+        "label_steps recorded steps, its best method label_method) with delta_dice = its Dice − the public blob's."
+        "</p>",
         "<table border='1' cellspacing='0' cellpadding='3'><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
         + rows + "</table>",
     ]

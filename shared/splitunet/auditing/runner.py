@@ -8,8 +8,13 @@ them (the prior), and runs every requested attack:
   :class:`~splitunet.auditing.sources.Scorer` together with the prior (so RDLV needs no image to move); the
   scorer also gets the audit's frozen WT segmenters (:mod:`splitunet.auditing.segmenter`, trained once per
   modality and sample geometry on the public cohort) and returns the semantic leakage of both;
-- label leakage -> tumour scores, compared (lab mode only: the true masks are the aggregator's) with the true
-  whole-tumour mask (Dice, AUC) and two baselines: an empty mask and the public cohort's tumour-frequency blob.
+- every image finding carries ``delta_ssim`` = SSIM(reconstruction) - SSIM(prior), paired per sample and
+  modality, with its 95 % Student-t interval (:func:`splitunet.leakage.delta_ssim`);
+- on a secure-sum run the per-site image attacks would invert masked (uniform) tensors: they are replaced by the
+  joint inversion of the decoded sum (:mod:`splitunet.auditing.joint_audit`), scored per site;
+- label leakage -> once per site, over every recorded step and sample, the best of its methods
+  (:mod:`splitunet.auditing.label_audit`), compared (lab mode only: the true masks are the aggregator's) with the
+  true whole-tumour mask (Dice, AUC) and two baselines: an empty mask and the public cohort's tumour-frequency blob.
 
 Lab mode also gives dCor(input, features) and re-identification top-1 among the lab cohort's cases, and keeps
 the reconstructions for the report's grids.
@@ -28,18 +33,20 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from splitunet.attacks.base import AttackKind, Observation
-from splitunet.attacks.label_leakage import LabelLeakage, mask_from_scores
 from splitunet.attacks.learned import LearnedInversion
+from splitunet.attacks.secure_sum_joint import JointSumInversion, SumObservation
 from splitunet.attacks.unsplit import UnSplit
 from splitunet.attacks.whitebox import WhiteBoxInversion
 from splitunet.auditing.cohorts import LabCohort, PublicCohort
 from splitunet.auditing.gate import GateDecision, GateThreshold
+from splitunet.auditing.joint_audit import decoded_sum, secure_sum_options
+from splitunet.auditing.label_audit import label_leakage_audit
 from splitunet.auditing.segmenter import WTSegmenter, train_public_segmenter
 from splitunet.auditing.sources import Scorer, WeightSource
 from splitunet.config import SplitUNetConfig
 from splitunet.data.phantom import check_shape
 from splitunet.errors import DataError, NotFoundError
-from splitunet.leakage import dice, distance_correlation, leak_auc, rdlv, reidentification_top1
+from splitunet.leakage import delta_ssim, distance_correlation, rdlv, reidentification_top1
 from splitunet.transcript import Transcript, activation_flows, verify_transcript
 from splitunet.wire import DEFAULT_MAX_BYTES, decode_bundle
 
@@ -77,7 +84,8 @@ class AuditSpec(BaseModel):
         steps: recorded steps to attack (default: the last recorded step of ``phase``).
         phase: ``train`` or ``eval`` records.
         attacks: which attacks to replay.
-        max_samples: samples per site and step attacked.
+        max_samples: samples per site and step attacked by the image attacks (8: ΔSSIM's interval needs
+            samples; the label attack takes every recorded sample).
         budgets: attack iterations.
         gate: thresholds that fail the audit.
     """
@@ -89,7 +97,7 @@ class AuditSpec(BaseModel):
     steps: list[int] | None = Field(default=None, max_length=64)
     phase: str = Field(default="train", pattern="^(train|eval)$")
     attacks: list[AttackKind] = Field(default_factory=lambda: list(AttackKind))
-    max_samples: int = Field(default=2, ge=1, le=32)
+    max_samples: int = Field(default=8, ge=1, le=32)
     budgets: AttackBudgets = Field(default_factory=AttackBudgets)
     gate: GateThreshold = Field(default_factory=GateThreshold)
 
@@ -99,6 +107,10 @@ class Finding(BaseModel):
 
     ``semantic`` (``prior_semantic``): Dice between the audit's frozen WT segmenter's masks on the reconstruction
     (the prior) and on the original, over the samples where it finds a tumour in the original.
+    ``delta_ssim`` [``delta_ssim_low``, ``delta_ssim_high``]: SSIM(reconstruction) - SSIM(prior) over the
+    ``n_samples`` (sample, modality) pairs, mean and 95 % Student-t interval; an attack beats the prior when the
+    interval lies above 0. Label findings: ``label_method`` (the best ``score/threshold``), ``label_methods`` (all),
+    ``label_steps`` (recorded steps attacked), ``delta_dice`` [low, high] (Dice minus the blob baseline's).
     """
 
     site: str
@@ -109,6 +121,10 @@ class Finding(BaseModel):
     nmse: float | None = None
     prior_ssim: float | None = None
     rdlv: float | None = None
+    delta_ssim: float | None = None
+    delta_ssim_low: float | None = None
+    delta_ssim_high: float | None = None
+    n_samples: int | None = None
     semantic: float | None = None
     prior_semantic: float | None = None
     reid_top1: float | None = None
@@ -116,6 +132,12 @@ class Finding(BaseModel):
     auc: float | None = None
     baseline_empty_dice: float | None = None
     baseline_blob_dice: float | None = None
+    label_method: str | None = None
+    label_methods: dict[str, dict[str, float]] | None = None
+    label_steps: int | None = None
+    delta_dice: float | None = None
+    delta_dice_low: float | None = None
+    delta_dice_high: float | None = None
     seconds: float = 0.0
 
 
@@ -146,6 +168,17 @@ class AuditArtifacts:
 
 
 Progress = Callable[[float, str], None]
+
+
+def _delta(rows: Sequence[dict], prior_rows: Sequence[dict]) -> dict[str, float | int | None]:
+    """ΔSSIM fields from the scorer's rows of the reconstruction and of the prior, paired by sample and modality."""
+    prior = {(r["index"], r["modality"]): r["ssim"] for r in prior_rows if r.get("ssim") is not None}
+    pairs = [(r["ssim"], prior[(r["index"], r["modality"])]) for r in rows
+             if r.get("ssim") is not None and (r["index"], r["modality"]) in prior]
+    if not pairs:
+        return {}
+    d = delta_ssim([p[0] for p in pairs], [p[1] for p in pairs])
+    return {"delta_ssim": d.mean, "delta_ssim_low": d.low, "delta_ssim_high": d.high, "n_samples": d.n}
 
 
 def _mean(rows: Sequence[dict], key: str) -> float | None:
@@ -194,6 +227,13 @@ class AuditRunner:
         findings: list[Finding] = []
         dcor: dict[str, float] = {}
         artifacts = AuditArtifacts()
+        options = secure_sum_options(transcript.run)
+        if options is not None and AttackKind.SECURE_SUM_JOINT in spec.attacks:
+            for step in steps:
+                found, grids = self._joint_step(spec, config, transcript, step, options, sites)
+                findings += found
+                for site, arrays in grids.items():
+                    artifacts.grids[(site, step)] = arrays
         jobs = [(site, step) for site in sites for step in steps]
         for done, (site, step) in enumerate(jobs):
             progress(done / max(len(jobs), 1), f"site {site} step {step}")
@@ -203,11 +243,14 @@ class AuditRunner:
                                     "with planned samples; GET the audit's steps from the transcript")
             rec = recs[0]
             sent = transcript.records(step=step, site=site, flow=gradient_flow, phase=spec.phase)
-            found, arrays, d = self._attack_batch(spec, config, transcript, rec, sent[0] if sent else None)
+            found, arrays, d = self._attack_batch(spec, config, transcript, rec, sent[0] if sent else None,
+                                                  masked=options is not None)
             findings += found
-            artifacts.grids[(site, step)] = arrays
+            artifacts.grids[(site, step)] = artifacts.grids.get((site, step), {}) | arrays
             if d is not None:
                 dcor[site] = d
+        if AttackKind.LABEL_LEAKAGE in spec.attacks:
+            findings += self._label_findings(spec, config, transcript, sites)
         progress(1.0, "done")
         segmenters = [SegmenterSummary(modality=m, spatial_dims=dims, size=list(size), steps=steps,
                                        validation_dice=s.validation_dice)
@@ -247,7 +290,8 @@ class AuditRunner:
             out[modality] = self._segmenters[key]
         return out
 
-    def _attack_batch(self, spec: AuditSpec, config: SplitUNetConfig, transcript: Transcript, rec, sent_rec):
+    def _attack_batch(self, spec: AuditSpec, config: SplitUNetConfig, transcript: Transcript, rec, sent_rec, *,
+                      masked: bool = False):
         site, step = rec.site, rec.step
         modalities = list(config.site(site).modalities)
         samples = list(rec.samples[: spec.max_samples])
@@ -275,12 +319,11 @@ class AuditRunner:
         unsplit: UnSplit | None = None
         for kind in spec.attacks:
             t0 = time.perf_counter()
-            if kind == AttackKind.LABEL_LEAKAGE:
-                if gradients is None or self.lab is None:
-                    logger.info("label leakage of site %s skipped: needs the gradients and the lab labels", site)
-                    continue
-                findings.append(self._label_finding(obs, public, samples, site, step))
-                findings[-1].seconds = time.perf_counter() - t0
+            if kind in (AttackKind.LABEL_LEAKAGE, AttackKind.SECURE_SUM_JOINT):
+                continue  # once per site over every step (label), once per step over every site (joint)
+            if masked:
+                logger.info("%s attack on site %s skipped: its tensors are masked (secure sum); the joint inversion "
+                            "of the decoded sum attacks them", kind.value, site)
                 continue
             if kind == AttackKind.WHITEBOX:
                 if state is None:
@@ -298,45 +341,83 @@ class AuditRunner:
                 aux = torch.from_numpy(public.training_images(samples, modalities)).float()
                 recon = LearnedInversion(steps=budgets.learned_steps).fit(shadow, config, site, aux)(obs)
             arrays[kind.value] = recon.numpy()
-            tensors = {"reconstruction": recon} | ({} if prior is None else {"prior": prior})
-            scores = self.scorer.score(site, modalities, transcript.run_id, step, samples, tensors,
-                                       segmenters=segmenters)
-            rows, prior_rows = scores["reconstruction"], scores.get("prior", [])
-            finding = Finding(site=site, step=step, attack=kind, ssim=_mean(rows, "ssim"), psnr=_mean(rows, "psnr"),
-                              nmse=_mean(rows, "nmse"), prior_ssim=_mean(prior_rows, "ssim"),
-                              semantic=_mean(rows, "semantic"), prior_semantic=_mean(prior_rows, "semantic"),
-                              seconds=time.perf_counter() - t0)
-            if finding.ssim is not None and finding.prior_ssim is not None and finding.prior_ssim > 0:
-                finding.rdlv = rdlv(finding.ssim, finding.prior_ssim)
-            if self.lab is not None:
-                finding.reid_top1 = self._reidentify(recon.numpy(), samples, modalities)
-            findings.append(finding)
-            logger.info("audit %s site %s step %d %s: SSIM %s", transcript.run_id, site, step, kind.value,
-                        None if finding.ssim is None else round(finding.ssim, 3))
+            findings.append(self._image_finding(kind, site, step, modalities, transcript.run_id, samples, recon,
+                                                prior, segmenters, t0))
         d = None
         if originals is not None and b >= 2:
             first = next(iter(activations.values()))
             d = distance_correlation(torch.from_numpy(originals), first)
         return findings, arrays, d
 
-    def _label_finding(self, obs: Observation, public: PublicCohort | None, samples, site: str, step: int) -> Finding:
-        assert self.lab is not None
-        scores = LabelLeakage()(obs).numpy()[:, 0]
-        truth = self.lab.masks(samples)[:, 0].astype(bool)
-        blob_freq = public.masks(samples).mean(0)[:, 0] if public is not None else np.zeros_like(scores)
-        dices, aucs, empty, blob = [], [], [], []
-        for i in range(len(samples)):
-            if not truth[i].any():
+    def _image_finding(self, kind: AttackKind, site: str, step: int, modalities, run_id: str, samples,
+                       recon: torch.Tensor, prior: torch.Tensor | None, segmenters, t0: float) -> Finding:
+        """Score one reconstruction of one site (and the prior) through the scorer: one :class:`Finding`. Without a
+        public cohort on the run's grid the prior is the constant image 0 (what an attacker knows without data;
+        its SSIM is near 0, so ΔSSIM errs towards reporting leakage)."""
+        tensors = {"reconstruction": recon, "prior": torch.zeros_like(recon) if prior is None else prior}
+        scores = self.scorer.score(site, modalities, run_id, step, samples, tensors, segmenters=segmenters)
+        rows, prior_rows = scores["reconstruction"], scores.get("prior", [])
+        finding = Finding(site=site, step=step, attack=kind, ssim=_mean(rows, "ssim"), psnr=_mean(rows, "psnr"),
+                          nmse=_mean(rows, "nmse"), prior_ssim=_mean(prior_rows, "ssim"),
+                          semantic=_mean(rows, "semantic"), prior_semantic=_mean(prior_rows, "semantic"),
+                          **_delta(rows, prior_rows), seconds=time.perf_counter() - t0)
+        if finding.ssim is not None and finding.prior_ssim is not None and finding.prior_ssim > 0:
+            finding.rdlv = rdlv(finding.ssim, finding.prior_ssim)
+        if self.lab is not None:
+            finding.reid_top1 = self._reidentify(recon.numpy(), samples, modalities)
+        logger.info("audit %s site %s step %d %s: SSIM %s, ΔSSIM %s", run_id, site, step, kind.value,
+                    None if finding.ssim is None else round(finding.ssim, 3),
+                    None if finding.delta_ssim is None else round(finding.delta_ssim, 3))
+        return finding
+
+    def _joint_step(self, spec: AuditSpec, config: SplitUNetConfig, transcript: Transcript, step: int, options,
+                    sites: Sequence[str]) -> tuple[list[Finding], dict[str, dict[str, np.ndarray]]]:
+        """The joint inversion of step ``step``'s decoded secure sum, scored for each audited site."""
+        t0 = time.perf_counter()
+        if self.weights is None:
+            logger.info("joint inversion of the secure sum at step %d skipped: needs every site's weights", step)
+            return [], {}
+        summed, samples = decoded_sum(transcript, config, step, spec.phase, options)
+        samples = list(samples[: spec.max_samples])
+        summed = {k: v[: len(samples)] for k, v in summed.items()}
+        public = self._public(samples, spec.budgets)
+        order = tuple(s.name for s in config.sites)
+        modalities = {s: list(config.site(s).modalities) for s in order}
+        priors = {s: None if public is None else torch.from_numpy(public.prior(samples, modalities[s])).float()
+                  for s in order}
+        states = {s: self.weights.encoder_state(s, transcript.run_id, step, spec.phase) for s in order}
+        recon = JointSumInversion(iterations=spec.budgets.whitebox_iterations)(
+            SumObservation(config=config, sites=order, summed=summed, encoder_states=states, priors=priors))
+        findings, grids = [], {}
+        for site in sites:
+            segmenters = self._segmenters_for(public, samples, modalities[site], spec.budgets, [AttackKind.WHITEBOX])
+            findings.append(self._image_finding(AttackKind.SECURE_SUM_JOINT, site, step, modalities[site],
+                                                transcript.run_id, samples, recon[site], priors[site], segmenters,
+                                                t0))
+            grids[site] = {AttackKind.SECURE_SUM_JOINT.value: recon[site].numpy()} | (
+                {} if priors[site] is None else {"prior": priors[site].numpy()}) | (
+                {} if self.lab is None else {"original": self.lab.images(samples, modalities[site])})
+        return findings, grids
+
+    def _label_findings(self, spec: AuditSpec, config: SplitUNetConfig, transcript: Transcript,
+                        sites: Sequence[str]) -> list[Finding]:
+        """The label attack on each site over every recorded step (lab mode: the true masks are needed)."""
+        if self.lab is None:
+            logger.info("label leakage skipped: needs the lab labels")
+            return []
+        out = []
+        for site in sites:
+            t0 = time.perf_counter()
+            received = transcript.records(site=site, flow=activation_flows(transcript.run)[0], phase=spec.phase)
+            samples = next((r.samples for r in received if r.samples), None)
+            public = None if samples is None else self._public(list(samples), spec.budgets)
+            fields = label_leakage_audit(transcript, config, site, spec.phase, self.lab, public)
+            if fields is None:
+                logger.info("label leakage of site %s skipped: no recorded gradient or no tumour", site)
                 continue
-            dices.append(dice(mask_from_scores(scores[i]), truth[i]))
-            aucs.append(leak_auc(scores[i], truth[i]))
-            empty.append(dice(np.zeros_like(truth[i]), truth[i]))
-            blob.append(dice(blob_freq[i] >= 0.5 * blob_freq[i].max(), truth[i]) if blob_freq[i].max() > 0 else 0.0)
-        if not dices:
-            return Finding(site=site, step=step, attack=AttackKind.LABEL_LEAKAGE)
-        return Finding(site=site, step=step, attack=AttackKind.LABEL_LEAKAGE, dice=float(np.mean(dices)),
-                       auc=float(np.mean(aucs)), baseline_empty_dice=float(np.mean(empty)),
-                       baseline_blob_dice=float(np.mean(blob)))
+            out.append(Finding(site=site, attack=AttackKind.LABEL_LEAKAGE, **fields,
+                               seconds=time.perf_counter() - t0))
+        return out
 
     def _reidentify(self, recon: np.ndarray, samples, modalities) -> float | None:
         assert self.lab is not None

@@ -95,7 +95,7 @@ def run_command(
     sites: Annotated[str | None, typer.Option(help="Comma-separated sites (default: all).")] = None,
     attacks: Annotated[str | None, typer.Option(
         help="Comma-separated: whitebox,unsplit,learned,label_leakage (default: all).")] = None,
-    max_samples: Annotated[int, typer.Option(help="Samples attacked per site and step.")] = 2,
+    max_samples: Annotated[int, typer.Option(help="Samples attacked per site and step (image attacks).")] = 8,
     max_ssim: Annotated[float | None, typer.Option(help="Privacy gate: fail above this brain SSIM.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the HTML report here.")] = None,
     key_file: Annotated[Path | None, typer.Option(help="The transcript's HMAC key file.")] = None,

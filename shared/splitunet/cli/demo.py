@@ -31,6 +31,8 @@ def demo_command(
         help="Train the centralized and single-modality baselines (default: in 2D).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto, for every service and the baselines.")
                       ] = "cpu",
+    study_only: Annotated[str | None, typer.Option(
+        help="Only these configurations of the study level, comma-separated (e.g. none,secure-sum,dp-z0.5).")] = None,
 ) -> None:
     """Start 4 site services (t1, t1ce, t2, flair), the aggregator and the audit service on 127.0.0.1, align the
     patients privately, train the Split-U-Net through the REST API, train the centralized and single-modality
@@ -62,6 +64,7 @@ def demo_command(
         options = DemoOptions(workdir=workdir, quick=quick, data=data, dims=dims, cases=cases, steps=steps, seed=seed,
                               preset=preset, site_defenses=site_defenses, secure_sum=secure_sum, study=study,
                               baselines=baselines, device=device,
+                              study_only=tuple(n.strip() for n in study_only.split(",")) if study_only else None,
                               gradient_defenses=json.loads(gradient_defenses) if gradient_defenses else [])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -118,8 +121,9 @@ def demo_command(
                           "-" if not h or h.get("WT") is None else f"{h['WT']:.1f}")
     console.print(table)
     if report["study"]:
-        study_table = Table(title="Privacy-utility study (best attack over sites)")
-        for col in ("configuration", "Dice WT", "best attack", "SSIM", "RDLV", "label Dice", "MiB/step"):
+        study_table = Table(title="Privacy-utility study (strongest image attack over sites; ΔSSIM with its 95 % CI)")
+        for col in ("configuration", "Dice WT", "strongest attack", "SSIM", "prior", "ΔSSIM [95 % CI]", "label Dice",
+                    "label AUC", "MiB/step"):
             study_table.add_column(col, justify="right")
         for row in report["study"]:
             b = row.get("best_attack") or {}
@@ -128,8 +132,12 @@ def demo_command(
                 row["name"] + (" *" if row["name"] == report["best"]["name"] else ""),
                 "-" if wt is None else f"{wt:.3f}", f"{b.get('attack', '-')} {b.get('site', '')}",
                 "-" if b.get("ssim") is None else f"{b['ssim']:.3f}",
-                "-" if b.get("rdlv") is None else f"{b['rdlv']:+.3f}",
-                "-" if not row["label_leakage"] else f"{row['label_leakage'].get('dice', 0):.3f}",
+                "-" if b.get("prior_ssim") is None else f"{b['prior_ssim']:.3f}",
+                "-" if b.get("delta_ssim") is None else f"{b['delta_ssim']:+.3f}" + (
+                    "" if b.get("delta_ssim_low") is None
+                    else f" [{b['delta_ssim_low']:+.3f}, {b['delta_ssim_high']:+.3f}]"),
+                "-" if not row["label_leakage"] else f"{row['label_leakage'].get('dice') or 0:.3f}",
+                "-" if not row["label_leakage"] else f"{row['label_leakage'].get('auc') or 0:.3f}",
                 "-" if row["bytes_per_step"] is None else f"{row['bytes_per_step'] / 2**20:.2f}")
         console.print(study_table)
     console.print(f"best: {report['best']['name']} — {report['best']['why']}")

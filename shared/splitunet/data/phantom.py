@@ -53,6 +53,10 @@ BRATS_FOV_MM: tuple[float, float, float] = (240.0, 240.0, 155.0)
 MIN_SIDE, MAX_SIDE = 24, 512
 #: Largest case index a BraTS-style id (five digits) can hold.
 MAX_CASE_INDEX = 99_999
+#: Seed of the audit's public auxiliary cohort (:class:`splitunet.auditing.cohorts.PublicCohort`). No federation
+#: cohort is written from it (:func:`write_cohort` refuses it), so the public cohort is disjoint from every
+#: phantom federation: the prior and the learned attack's training images never include a federation's case.
+PUBLIC_SEED = 0x5EED_A0D1
 
 
 class Orientation(StrEnum):
@@ -270,6 +274,9 @@ def write_cohort(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if start_index + cases - 1 > MAX_CASE_INDEX:
         raise ValueError(f"start_index + cases - 1 must be <= {MAX_CASE_INDEX}, got {start_index + cases - 1}")
+    if seed == PUBLIC_SEED:
+        raise ValueError(f"seed {PUBLIC_SEED} is the audit's public cohort's (its prior must be disjoint from any "
+                         "federation); choose another seed")
     layout = parse_option(BratsLayout, layout, "layout")
     orientation = parse_option(Orientation, orientation, "orientation")
     shape = check_shape(shape)

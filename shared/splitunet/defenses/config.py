@@ -53,16 +53,32 @@ class AccountantKind(StrEnum):
     PRV = "prv"
 
 
+class Adjacency(StrEnum):
+    """Which pairs of cohorts an epsilon compares (see :mod:`splitunet.defenses.accountant`).
+
+    - ``add_remove``: one patient's data present or absent; a release clipped to ``C`` has sensitivity ``C``.
+    - ``replace_one``: one patient's data replaced by any other; sensitivity ``2C`` (the same noise buys half
+      the noise multiplier).
+    """
+
+    ADD_REMOVE = "add_remove"
+    REPLACE_ONE = "replace_one"
+
+
 class BudgetBasis(StrEnum):
     """Which epsilon a budget limits (see :mod:`splitunet.defenses.dp`).
 
-    - ``subsampled``: the accountant's epsilon with the plan's sampling rate (amplification by subsampling).
-    - ``worst_patient``: the largest epsilon of any single patient from its own release count, without
-      amplification (what holds against a party that knows which patients each batch holds).
+    - ``subsampled``: the accountant's epsilon with the plan's sampling rate (amplification by subsampling),
+      add/remove adjacency: holds only against a party that does not know the batches (not the aggregator).
+    - ``worst_patient``: the largest epsilon of any single patient from its own release count (training and
+      evaluation), without amplification, add/remove adjacency.
+    - ``aggregator``: as ``worst_patient`` under replace-one adjacency (sensitivity ``2C``): what holds against
+      the aggregator, who plans the batches.
     """
 
     SUBSAMPLED = "subsampled"
     WORST_PATIENT = "worst_patient"
+    AGGREGATOR = "aggregator"
 
 
 class DPConfig(_Defense):
@@ -74,6 +90,37 @@ class DPConfig(_Defense):
     delta: float = Field(default=1e-5, gt=0, lt=1)
     epsilon_budget: float | None = Field(default=None, gt=0, description="refuse releases past this epsilon")
     budget_basis: BudgetBasis = BudgetBasis.SUBSAMPLED
+    accountant: AccountantKind = AccountantKind.RDP
+    seed: int | None = None
+
+
+class LabelDPConfig(_Defense):
+    """Label DP on the aggregator's gradients (:mod:`splitunet.defenses.label_dp`): per-patient clip to ``clip``,
+    Gaussian noise calibrated to ``epsilon`` over ``releases`` unsubsampled releases of one patient (replace-one)."""
+
+    name: Literal["label_dp"] = "label_dp"
+    epsilon: float = Field(gt=0, le=64, description="target epsilon against one site (the study uses <= 8)")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    clip: float = Field(gt=0, description="L2 norm bound C of one patient's gradients to one site in one step")
+    releases: int = Field(ge=1, le=1_000_000, description="most releases of one patient to one site (e.g. the "
+                          "job's steps): the noise is calibrated for them and the next one is refused")
+    sites: int = Field(default=1, ge=1, le=64, description="sites whose pooled gradients the epsilon holds against "
+                       "(1: each site alone; the federation's site count: every site colluding)")
+    accountant: AccountantKind = AccountantKind.RDP
+    seed: int | None = None
+
+
+class DPSGDConfig(_Defense):
+    """DP-SGD of the site's encoder (:mod:`splitunet.defenses.dpsgd`, Opacus): per-patient gradient clip to
+    ``clip``, Gaussian noise of std ``noise_multiplier * clip`` on the summed gradient, every training step.
+
+    Needs the synchronous step schedule, no NoPeek (its loss couples the samples of a batch) and a ``dp`` entry
+    (noise on what is sent): the encoder's updates and the releases compose in one accountant."""
+
+    name: Literal["dpsgd"] = "dpsgd"
+    clip: float = Field(gt=0, description="L2 norm bound of one patient's encoder gradient in one step")
+    noise_multiplier: float = Field(gt=0, le=1000)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
     accountant: AccountantKind = AccountantKind.RDP
     seed: int | None = None
 
@@ -130,12 +177,12 @@ class SmoothConfig(_Defense):
 
 #: Defenses a site may run on its outbound activations (and NoPeek, a loss term).
 SiteDefenseConfig = Annotated[
-    GaussianConfig | LaplaceConfig | DPConfig | QuantizeConfig | TopKConfig | NoPeekConfig,
+    GaussianConfig | LaplaceConfig | DPConfig | QuantizeConfig | TopKConfig | NoPeekConfig | DPSGDConfig,
     Field(discriminator="name"),
 ]
 #: Defenses the aggregator may run on the gradients it returns (label protection).
 GradientDefenseConfig = Annotated[
-    DPConfig | NormEqualizeConfig | SmoothConfig | GaussianConfig | LaplaceConfig,
+    DPConfig | LabelDPConfig | NormEqualizeConfig | SmoothConfig | GaussianConfig | LaplaceConfig,
     Field(discriminator="name"),
 ]
 
@@ -175,5 +222,24 @@ def load_defense_list(value: Any) -> Any:
 
 
 def parse_site_defenses(value: Any) -> list[SiteDefenseConfig]:
-    """Validate a site's defense list (any form :func:`load_defense_list` accepts)."""
-    return _SITE_LIST.validate_python(load_defense_list(value))
+    """Validate a site's defense list (any form :func:`load_defense_list` accepts).
+
+    Raises ``ValueError`` for a list pydantic accepts entry by entry but that does not hold together
+    (:func:`check_site_combination`)."""
+    return check_site_combination(_SITE_LIST.validate_python(load_defense_list(value)))
+
+
+def check_site_combination(configs: Any) -> Any:
+    """Return a site's validated defense list ``configs`` if its entries hold together, else raise ``ValueError``
+    naming the conflict (DP-SGD without a ``dp`` entry, with NoPeek, or twice)."""
+    names = [c.name for c in configs]
+    if "dpsgd" in names:
+        if names.count("dpsgd") > 1:
+            raise ValueError("defenses: give `dpsgd` once (one encoder, one DP-SGD)")
+        if "dp" not in names:
+            raise ValueError("defenses: `dpsgd` bounds the encoder's training, not what is sent; add a `dp` entry "
+                             "(clip and noise on the activations) so the releases are bounded too")
+        if "nopeek" in names:
+            raise ValueError("defenses: `dpsgd` cannot run with `nopeek` (its dCor loss couples the samples of a "
+                             "batch, so a patient's gradient is no longer its own); remove one of them")
+    return configs

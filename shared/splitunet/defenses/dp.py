@@ -2,9 +2,13 @@
 
 ``release = clip_C(F) + N(0, (z C)^2)`` per entry, where ``clip_C`` scales all of a patient's samples in the
 batch (``FilterContext.groups``) jointly to L2 norm at most ``C``. The (epsilon, delta) spent is computed by an
-Opacus accountant (:mod:`splitunet.defenses.accountant`, which states the subsampling assumption). With an
-``epsilon_budget`` the release that would exceed it is refused with :class:`~splitunet.errors.PolicyError`
-(403, rule ``epsilon_budget``) before anything is computed or recorded.
+Opacus accountant (:mod:`splitunet.defenses.accountant`, which states the assumptions). Three figures are
+reported: ``epsilon`` (subsampled, add/remove: an honest aggregator's view, which the aggregator itself is not),
+``epsilon_worst_patient`` (``q = 1``, add/remove) and ``epsilon_aggregator`` (``q = 1``, replace-one, the most
+released patient, evaluation releases included): the figure against the aggregator. Each is per release, given
+a fixed encoder. With an ``epsilon_budget`` the release that would exceed it (on ``budget_basis``) is refused
+with :class:`~splitunet.errors.PolicyError` (403, rule ``epsilon_budget``) before anything is computed or
+recorded.
 
 On the gradient's way back the clip factor is applied to the gradient (the clip as a constant scale); the noise
 is additive and passes straight through.
@@ -20,7 +24,7 @@ import torch
 
 from splitunet.defenses.accountant import PrivacyLedger
 from splitunet.defenses.base import NoiseSource, Stats, group_clip_factors, scale_samples
-from splitunet.defenses.config import BudgetBasis, DPConfig
+from splitunet.defenses.config import Adjacency, BudgetBasis, DPConfig
 from splitunet.errors import PolicyError
 from splitunet.filters import FilterContext
 
@@ -67,8 +71,10 @@ class DPGaussian:
         budget = self.config.epsilon_budget
         if budget is None:
             return
-        subsampled, worst = self.ledger.preview(q, patients)
-        would_be = subsampled if self.config.budget_basis == BudgetBasis.SUBSAMPLED else worst
+        basis = self.config.budget_basis
+        adjacency = Adjacency.REPLACE_ONE if basis == BudgetBasis.AGGREGATOR else Adjacency.ADD_REMOVE
+        subsampled, worst = self.ledger.preview(q, patients, adjacency)
+        would_be = subsampled if basis == BudgetBasis.SUBSAMPLED else worst
         if would_be > budget:
             raise PolicyError(
                 f"this release would spend epsilon {would_be:.3f} ({self.config.budget_basis.value}), past the "
@@ -81,6 +87,8 @@ class DPGaussian:
     def _current(self) -> float:
         if self.config.budget_basis == BudgetBasis.SUBSAMPLED:
             return self.ledger.epsilon()
+        if self.config.budget_basis == BudgetBasis.AGGREGATOR:
+            return self.ledger.worst_patient_epsilon(Adjacency.REPLACE_ONE)
         return self.ledger.worst_patient_epsilon()
 
     def __call__(self, tensors: Mapping[str, torch.Tensor], context: FilterContext) -> dict[str, torch.Tensor]:
@@ -108,15 +116,20 @@ class DPGaussian:
                 "noise_std": self.noise_std, "delta": self.config.delta, "accountant": self.config.accountant.value,
                 "epsilon_budget": self.config.epsilon_budget, "budget_basis": self.config.budget_basis.value}
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, object]:
         s = self._stats.snapshot()
         seen = s.get("patients_seen", 0.0)
+        worst_profile, worst_epsilon = self.ledger.worst_profile(Adjacency.REPLACE_ONE)
         return {
             **s,
             "clip_rate": s.get("patients_clipped", 0.0) / seen if seen else 0.0,
             "noise_std": self.noise_std,
+            "noise_multiplier": self.config.noise_multiplier,
             "epsilon": self.ledger.epsilon(),
             "epsilon_worst_patient": self.ledger.worst_patient_epsilon(),
+            "epsilon_aggregator": worst_epsilon,
+            "releases_most_released_patient": float(self.ledger.most_releases()),
+            "worst_patient_releases": [[z, n] for z, n in worst_profile],  # [[noise multiplier, releases], ...]
             "delta": self.config.delta,
             "steps": float(self.ledger.steps),
         }

@@ -47,11 +47,22 @@ def _dice_table(report: dict[str, Any]) -> str:
     return "<table>" + head + "".join(body) + "</table>"
 
 
+def _delta(f: dict[str, Any]) -> str:
+    """``+0.412 [+0.30, +0.52]``: ΔSSIM and its 95 % interval (``–`` when not measured)."""
+    if f.get("delta_ssim") is None:
+        return "–"
+    low, high = f.get("delta_ssim_low"), f.get("delta_ssim_high")
+    return f"{f['delta_ssim']:+.3f}" + ("" if low is None or high is None else f" [{low:+.3f}, {high:+.3f}]")
+
+
 def _study_table(report: dict[str, Any]) -> str:
     best = (report.get("best") or {}).get("name")
     head = ("<tr><th>configuration</th><th>cut</th><th>skips</th><th>fusion</th><th>Dice WT</th><th>Dice mean</th>"
-            "<th>best attack</th><th>its SSIM</th><th>its RDLV</th><th>label leak Dice</th><th>label AUC</th>"
-            "<th>ε</th><th>MiB/step</th><th>train s</th></tr>")
+            "<th>strongest image attack</th><th>its SSIM</th><th>prior SSIM</th><th>ΔSSIM [95 % CI]</th>"
+            "<th>its RDLV</th><th>label attack (method)</th><th>label leak Dice</th><th>label AUC</th>"
+            "<th>blob Dice</th>"
+            "<th>ε</th><th>ε against</th><th>adjacency</th><th>ε subsampled (honest aggregator)</th>"
+            "<th>MiB/step</th><th>train s</th></tr>")
     body = []
     for r in report.get("study") or []:
         b = r.get("best_attack") or {}
@@ -62,8 +73,14 @@ def _study_table(report: dict[str, Any]) -> str:
             f"<tr class='{'best' if r['name'] == best else ''}'><td>{html.escape(r['name'])}</td>"
             f"<td>{r['cut_level']}</td><td>{html.escape(str(r['skips']))}</td><td>{html.escape(r['fusion'])}</td>"
             f"<td>{_num(dice.get('WT'))}</td><td>{_num(dice.get('mean'))}</td><td>{html.escape(attack)}</td>"
-            f"<td>{_num(b.get('ssim'))}</td><td>{_num(b.get('rdlv'), '+.3f')}</td><td>{_num(ll.get('dice'))}</td>"
-            f"<td>{_num(ll.get('auc'))}</td><td>{_num(r.get('epsilon'), '.2f')}</td>"
+            f"<td>{_num(b.get('ssim'))}</td><td>{_num(b.get('prior_ssim'))}</td><td>{_delta(b)}</td>"
+            f"<td>{_num(b.get('rdlv'), '+.3f')}</td>"
+            f"<td>{html.escape(str(ll.get('method') or '–'))}</td><td>{_num(ll.get('dice'))}</td>"
+            f"<td>{_num(ll.get('auc'))}</td><td>{_num(ll.get('baseline_blob_dice'))}</td>"
+            f"<td>{_num(r.get('epsilon'), '.2f')}</td>"
+            f"<td>{html.escape(str(r.get('epsilon_adversary') or '–'))}</td>"
+            f"<td>{html.escape(str(r.get('epsilon_adjacency') or '–'))}</td>"
+            f"<td>{_num(r.get('epsilon_subsampled'), '.2f')}</td>"
             f"<td>{_num(None if r.get('bytes_per_step') is None else r['bytes_per_step'] / 2**20, '.2f')}</td>"
             f"<td>{_num(r.get('train_s'), '.0f')}</td></tr>")
     return "<table>" + head + "".join(body) + "</table>"
@@ -71,15 +88,17 @@ def _study_table(report: dict[str, Any]) -> str:
 
 def _leakage_table(report: dict[str, Any]) -> str:
     head = ("<tr><th>configuration</th><th>site (modality)</th><th>attack</th><th>brain SSIM</th><th>prior SSIM</th>"
-            "<th>RDLV</th><th>PSNR (dB)</th><th>re-id top-1</th></tr>")
+            "<th>ΔSSIM [95 % CI]</th><th>n</th><th>RDLV</th><th>PSNR (dB)</th><th>re-id top-1</th></tr>")
     body = []
     for r in report.get("study") or []:
         for f in r.get("leakage") or []:
-            cls = "no" if (f.get("rdlv") or 0) > 0 else "ok"
+            low = f.get("delta_ssim_low", f.get("delta_ssim"))
+            cls = "no" if low is not None and low > 0 else "ok"
             body.append(
                 f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(f['site'])} ({html.escape(f['modality'])})"
                 f"</td><td>{html.escape(f['attack'])}</td><td>{_num(f.get('ssim'))}</td>"
-                f"<td>{_num(f.get('prior_ssim'))}</td><td class='{cls}'>{_num(f.get('rdlv'), '+.3f')}</td>"
+                f"<td>{_num(f.get('prior_ssim'))}</td><td class='{cls}'>{_delta(f)}</td>"
+                f"<td>{_num(f.get('n_samples'), 'd')}</td><td>{_num(f.get('rdlv'), '+.3f')}</td>"
                 f"<td>{_num(f.get('psnr'), '.1f')}</td><td>{_num(f.get('reid_top1'), '.2f')}</td></tr>")
     if not body:
         return "<p>No audit ran (<code>--study none</code>?).</p>"
@@ -119,14 +138,24 @@ def render_report(report: dict[str, Any], figures: dict[str, Path]) -> str:
     parts += ["<h2>Privacy–utility study</h2>",
               f"<p><b>Chosen configuration: {e(str(best.get('name')))}</b> — {e(str(best.get('why', '')))}</p>",
               _study_table(report),
-              "<p>ε (Opacus RDP, at the DP defense's δ) is each site's privacy ledger, which covers every DP release "
-              "of its patients across runs: a DP configuration's ε includes the spend of the DP configurations "
-              "trained before it.</p>"]
+              "<p>ε (Opacus RDP, at the DP defense's δ) is against the party in “ε against”: for image DP the "
+              "aggregator, who plans the batches (q = 1, no amplification), over the most released patient's "
+              "training and evaluation releases at one site, replace-one adjacency (sensitivity 2C); for label DP "
+              "one site. Scope: <b>per release, given a fixed encoder</b> (the encoder is trained on raw data) "
+              "unless the row trains it with DP-SGD; label DP: per release, given the decoder. The subsampled "
+              "figure holds only against an honest aggregator that does not know the batches. A site's ledger "
+              "covers every DP release of its patients across runs: a DP configuration's ε includes the spend of "
+              "the DP configurations trained before it. See docs/differential-privacy.md.</p>"]
     if "privacy_utility" in figures:
         parts.append(_img(figures["privacy_utility"], "privacy-utility plot"))
     parts += ["<h2>Leakage per site, configuration and attack</h2>",
-              "<p>Brain-masked SSIM of each attack's reconstruction of the recorded training batch; RDLV &gt; 0 means "
-              "the attack learned more than the prior (the public cohort's mean image).</p>", _leakage_table(report),
+              "<p>Brain SSIM of each attack's reconstruction of the recorded training batch: both images rescaled to "
+              "[0, 1] by the original's brain range, the SSIM map averaged over the brain. ΔSSIM = SSIM(reconstruction)"
+              " − SSIM(prior), the prior being the mean image of a public phantom cohort disjoint from the federation, "
+              "paired over the n audited (sample, modality) pairs, with its 95 % Student-t interval; red: the "
+              "interval lies above 0 (the attack beats the prior). RDLV = ΔSSIM / SSIM(prior), unstable where the "
+              "prior's SSIM is small. On secure-sum runs the attack is the joint inversion of the decoded sum "
+              "(secure_sum_joint).</p>", _leakage_table(report),
               "<h2>Reconstruction grids</h2>"]
     for r in report.get("study") or []:
         for site, png in sorted((r.get("grids") or {}).items()):

@@ -10,6 +10,8 @@ from typing import Any
 #: The issue's targets: Split-U-Net within this WT Dice of centralized; undefended white-box SSIM at cut 0.
 WT_MARGIN = 0.03
 WHITEBOX_SSIM = 0.8
+#: The label attack's AUC on the undefended run at cut 0 (issue 21's calibration target).
+LABEL_AUC = 0.9
 
 
 def paper_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -46,11 +48,35 @@ def paper_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         "holds": (min(wb) >= WHITEBOX_SSIM) if wb else None,
         "measured": ("white-box SSIM per site " + ", ".join(f"{s:.3f}" for s in wb)) if wb else "not audited",
     })
+    label = none.get("label_leakage") or {}
+    checks.append({
+        "claim": f"undefended labels leak to a curious site (best label attack AUC >= {LABEL_AUC} at cut 0)",
+        "holds": None if label.get("auc") is None else label["auc"] >= LABEL_AUC,
+        "measured": "not audited" if label.get("auc") is None else (
+            f"{label.get('method')} on site {label.get('site')}: Dice {label['dice']:.3f}, AUC {label['auc']:.3f} "
+            f"(public blob Dice {label.get('baseline_blob_dice') or 0:.3f})"),
+    })
+    joint = [f for r in rows.values() if r.get("secure_sum") for f in r.get("leakage") or []
+             if f["attack"] == "secure_sum_joint" and f.get("delta_ssim") is not None]
+    checks.append({
+        "claim": "secure-sum fusion hides the images from whoever decodes the sum (joint inversion's ΔSSIM 95 % "
+                 "interval not above 0 for every site)",
+        "holds": None if not joint else all(_low(f) <= 0 for f in joint),
+        "measured": "no secure-sum row audited by the joint inversion" if not joint else ", ".join(
+            f"{f['site']} ΔSSIM {f['delta_ssim']:+.3f} (SSIM {f.get('ssim') or 0:.3f} vs prior "
+            f"{f.get('prior_ssim') or 0:.3f})" for f in joint),
+    })
     best = report.get("best") or {}
-    checks.append({"claim": "at least one configuration with best-attack RDLV <= 0, its Dice cost shown",
+    checks.append({"claim": "at least one configuration whose strongest image attack does not beat the prior "
+                            "(ΔSSIM 95 % interval not above 0), its Dice cost shown",
                    "holds": None if not rows else best.get("name") is not None,
                    "measured": best.get("why") or "no study"})
     return checks
+
+
+def _low(f: dict[str, Any]) -> float:
+    low = f.get("delta_ssim_low")
+    return float(f["delta_ssim"] if low is None else low)
 
 
 def machine() -> dict[str, Any]:
