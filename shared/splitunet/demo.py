@@ -335,6 +335,8 @@ def run_demo(
     from splitunet.launcher import LocalFederation, thread_budget
     from splitunet.report.assemble import assemble_report
     from splitunet.report.page import write_report
+    from splitunet.report.quality import postprocessed_report
+    from splitunet.scoring import infer_to_files, postprocessed_figures
     from splitunet.service.client import PeerClient, PeerTimeouts
     from splitunet.study import (
         NONE,
@@ -415,13 +417,12 @@ def run_demo(
             main_train_s = time.perf_counter() - t0
             phase("infer")
             t0 = time.perf_counter()
-            val_case = (status.get("val_case_ids") or list(partition.case_ids))[0]
-            response = client.request("POST", "/v1/infer", json={"case_id": val_case, "job_id": job_id},
-                                      accept="application/gzip")
-            out = workdir / "inference" / f"{val_case}_pred.nii.gz"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(response.content)
+            # every held-out case, so that the post-processing can be chosen on them (splitunet.postprocess)
+            val_ids = status.get("val_case_ids") or list(partition.case_ids)[:1]
+            predicted = infer_to_files(client, job_id, val_ids, workdir / "inference")
+            out = predicted[val_ids[0]]
             timing["inference_s"] = time.perf_counter() - t0
+            postprocessed = postprocessed_figures(predicted, source)
 
             # audits queue at the audit service (one at a time, in the background) while the demo trains the
             # next models; they are collected at the end
@@ -469,6 +470,7 @@ def run_demo(
     best = pick_best(rows) if rows else {"name": None, "why": "no study ran (--study none)"}
     timing["total_s"] = time.perf_counter() - t_start
     report = assemble_report(options, status, spec, baselines, rows, best, timing, out, sites)
+    report["postprocessed"] = postprocessed_report(postprocessed, baselines)
     report_path = workdir / "report.json"
     report_path.write_text(json.dumps(report, indent=2))
     html_path = write_report(report, workdir)

@@ -8,7 +8,9 @@ truth's RAS affine. Labels become region channels ``[TC, WT, ET]`` by the case's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,3 +63,36 @@ def score_prediction(path: Path | str, case: BratsCase, *, hd95: bool = True) ->
                         f"(RAS {truth.label_map.shape}); predict on the case's own grid")
     regions = labels_to_regions(truth.label_map, case.et_label)
     return evaluate_case(case.case_id, pred, regions, spacing_from_affine(truth.affine_ras), hd95=hd95, logits=False)
+
+
+def infer_to_files(client: Any, job_id: str, case_ids: Sequence[str], out_dir: Path) -> dict[str, Path]:
+    """``POST /v1/infer`` each case with job ``job_id``'s model (``client``: a
+    :class:`~splitunet.service.client.PeerClient` of the aggregator); the files written, by case."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for case_id in case_ids:
+        response = client.request("POST", "/v1/infer", json={"case_id": case_id, "job_id": job_id},
+                                  accept="application/gzip")
+        paths[case_id] = out_dir / f"{case_id}_pred.nii.gz"
+        paths[case_id].write_bytes(response.content)
+    return paths
+
+
+def postprocessed_figures(paths: dict[str, Path], source: Path) -> dict[str, Any]:
+    """Raw and post-processed figures of predicted label files of cases of the cohort at ``source`` (which holds
+    their segmentations): :func:`splitunet.postprocess.cross_validated` over these cases."""
+    from splitunet.data.cohort import scan_cohort
+    from splitunet.data.loader import labels_to_regions, load_labels
+    from splitunet.postprocess import cross_validated
+
+    cases = scan_cohort(source, seg=True).cases
+    masks, truths, spacings = [], [], []
+    for case_id, path in paths.items():
+        truth = load_labels(cases[case_id])
+        pred, _ = prediction_regions(path, cases[case_id].et_label)
+        if pred.shape[1:] != truth.label_map.shape:
+            raise DataError(f"{path}: the prediction's grid is not case {case_id}'s")
+        masks.append(pred)
+        truths.append(labels_to_regions(truth.label_map, truth.et_label))
+        spacings.append(spacing_from_affine(truth.affine_ras))
+    return cross_validated(list(paths), masks, truths, spacings)
