@@ -52,6 +52,8 @@ class DemoOptions:
         baselines: train the centralized and single-modality baselines (default: in 2D; five in-process 3D U-Nets
             at the demo's budget would take longer than the 3D demo itself).
         device: ``cpu``, ``cuda`` or ``auto`` for every service and the baselines.
+        seeds: runs of the headline comparison (Split-U-Net vs the centralized U-Nets), each with its own seed
+            and held-out cases (:mod:`splitunet.seeds`); the report gives mean ± sd and judges the claims on them.
     """
 
     workdir: Path
@@ -69,8 +71,11 @@ class DemoOptions:
     study: StudyLevel | None = None
     baselines: bool | None = None
     device: str = "cpu"
+    seeds: int = 1
 
     def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1 (the headline comparison's runs), got {self.seeds}")
         if self.baselines is None:
             object.__setattr__(self, "baselines", self.dims == 2 and self.preset is None)
         default = StudyLevel.NONE if self.preset is not None or self.dims == 3 else (
@@ -337,6 +342,7 @@ def run_demo(
     from splitunet.report.page import write_report
     from splitunet.report.quality import postprocessed_report
     from splitunet.scoring import infer_to_files, postprocessed_figures
+    from splitunet.seeds import first_run, merge_checks, more_seeds, spread
     from splitunet.service.client import PeerClient, PeerTimeouts
     from splitunet.study import (
         NONE,
@@ -378,6 +384,7 @@ def run_demo(
     shutil.rmtree(workdir / "transcripts", ignore_errors=True)
     rows = []
     baselines: dict[str, Any] = {}
+    seed_runs: list[Any] = []
     # the baselines train beside the services with one thread of their own (on CPU): the services share the rest
     reserved = 1 if options.baselines and baseline_threads(options.device, concurrent=True) is not None else 0
     site_threads, aggregator_threads = thread_budget(len(MODALITIES), max(1, usable_cores() - reserved))
@@ -463,6 +470,16 @@ def run_demo(
                 timing["baselines_s"] = background.seconds or 0.0
                 # every REST figure above (split_step_s, train_s) was measured with the baselines training beside it
                 timing["baselines_concurrent"] = True
+            if options.seeds > 1:  # the headline comparison again with other seeds and held-out cases
+                t0 = time.perf_counter()
+                seed_runs = more_seeds(
+                    first_run(options.seed, partition.validation, status, baselines), options.seeds,
+                    post_job=lambda changes: _follow(client, client.post_json("/v1/jobs", {**spec, **changes})[
+                        "job_id"], f"seed {changes['seed']}", on_task, aggregator),
+                    source=source, case_ids=partition.case_ids, plan=plan, on_seed=lambda s: phase(f"seed {s}"),
+                    device="cpu" if options.device == "auto" else options.device,
+                    threads=baseline_threads(options.device, concurrent=True))
+                timing["seeds_s"] = time.perf_counter() - t0
         pids = federation.pids()
 
     timing.update({f"job_{k}": v for k, v in status.get("timing", {}).items()})
@@ -471,6 +488,9 @@ def run_demo(
     timing["total_s"] = time.perf_counter() - t_start
     report = assemble_report(options, status, spec, baselines, rows, best, timing, out, sites)
     report["postprocessed"] = postprocessed_report(postprocessed, baselines)
+    if seed_runs:
+        report["seeds"] = spread(seed_runs)
+        report["checks"] = merge_checks(report["checks"], report["seeds"])
     report_path = workdir / "report.json"
     report_path.write_text(json.dumps(report, indent=2))
     html_path = write_report(report, workdir)

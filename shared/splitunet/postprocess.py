@@ -85,14 +85,21 @@ class _Scores:
 
 
 def _score(masks: Sequence[np.ndarray], truths: Sequence[np.ndarray], spacings: Sequence[Sequence[float]]) -> _Scores:
+    # candidates often give the same mask (one component: every rule keeps it): each distinct mask is scored once
+    seen: dict[tuple[int, int], list[tuple[np.ndarray, tuple[float, float]]]] = {}
     table = []
     for rule in CANDIDATES:
         per_region: dict[str, list[tuple[float, float]]] = {}
         for i, region in enumerate(REGIONS):
             row = []
-            for m, t, s in zip(masks, truths, spacings, strict=True):
+            for j, (m, t, s) in enumerate(zip(masks, truths, spacings, strict=True)):
                 p, tt = rule.apply(m[i]), np.asarray(t[i]) > 0.5
-                row.append((dice(p, tt), hd95_mm(p, tt, s)))
+                done = seen.setdefault((i, j), [])
+                score = next((sc for q, sc in done if np.array_equal(p, q)), None)
+                if score is None:
+                    score = (dice(p, tt), hd95_mm(p, tt, s))
+                    done.append((p, score))
+                row.append(score)
             per_region[region] = row
         table.append(per_region)
     return _Scores(table)
@@ -139,7 +146,7 @@ def cross_validated(case_ids: Sequence[str], masks: Sequence[np.ndarray], truths
         others = [i for i in range(n) if i != j]
         rules = _choose(scores, others) if others else {r: Rule() for r in ORDER}
         per_case[case_id] = {r: str(rule) for r, rule in rules.items()}
-        raw.add_case(case_id, masks[j], truths[j], spacings[j], logits=False)
+        raw.cases.append(_case_result(case_id, scores, j, dict.fromkeys(REGIONS, 0)))  # candidate 0: as predicted
         post.cases.append(_case_result(case_id, scores, j, {r: index[rule] for r, rule in rules.items()}))
     return {"raw": raw.aggregate(), "postprocessed": post.aggregate(),
             "rules": {r: str(rule) for r, rule in _choose(scores, range(n)).items()},

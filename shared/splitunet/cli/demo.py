@@ -31,6 +31,9 @@ def demo_command(
         help="Train the centralized and single-modality baselines (default: in 2D).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda (cuda:N) or auto, for every service and the baselines.")
                       ] = "cpu",
+    seeds: Annotated[int, typer.Option(
+        help="Runs of the headline comparison (Split-U-Net vs centralized), seeds seed..seed+N-1, each with its "
+             "own held-out cases; the report gives mean ± sd.")] = 1,
 ) -> None:
     """Start 4 site services (t1, t1ce, t2, flair), the aggregator and the audit service on 127.0.0.1, align the
     patients privately, train the Split-U-Net through the REST API, train the centralized and single-modality
@@ -61,7 +64,7 @@ def demo_command(
         dims = dims if dims is not None else (3 if preset else 2)
         options = DemoOptions(workdir=workdir, quick=quick, data=data, dims=dims, cases=cases, steps=steps, seed=seed,
                               preset=preset, site_defenses=site_defenses, secure_sum=secure_sum, study=study,
-                              baselines=baselines, device=device,
+                              baselines=baselines, device=device, seeds=seeds,
                               gradient_defenses=json.loads(gradient_defenses) if gradient_defenses else [])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
