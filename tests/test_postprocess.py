@@ -11,9 +11,9 @@ SPACING = (2.0, 2.0, 2.0)
 
 
 def _case(rng: np.random.Generator, *, stray: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Truth: one tumour (TC = WT = ET, a cube); prediction: the truth, one voxel grown along x, plus (``stray``) a
-    false-positive blob 64 voxels large, 24 or more voxels away (over 5 % of the predicted surface: a blob under 5 % would
-    not move HD95 at all)."""
+    """Truth: one tumour (TC = WT = ET, a cube); prediction: the truth, one voxel grown along x, plus (``stray``)
+    a false-positive blob of 64 voxels, 24 or more voxels away (over 5 % of the predicted surface: a blob under 5 %
+    would not move HD95 at all)."""
     truth = np.zeros((3, 48, 32, 24), dtype=np.uint8)
     x = int(rng.integers(4, 8))
     truth[:, x:x + 8, 10:18, 8:16] = 1
