@@ -59,3 +59,15 @@ def test_the_table_shows_parameters_and_raw_beside_post_processed_figures():
     # a single-modality model without post-processed figures shows a dash, not a made-up number
     t1_row = next(r for r in table.split("<tr>") if r.startswith("<td>single modality: t1"))
     assert t1_row.count("–") == 6
+
+
+def test_the_page_gives_mean_sd_and_per_seed_values_with_seeds():
+    from splitunet.seeds import SeedRun, spread
+
+    figures = [{"dice": _dice(wt), "hd95": {r: hd for r in (*REG, "mean")}} for wt, hd in ((0.9, 40.0), (0.94, 20.0))]
+    report = _report() | {"seeds": spread([SeedRun(seed=s, val_ids=["a"], figures={"split": f})
+                                           for s, f in enumerate(figures)])}
+    table = quality_table(report)
+    assert "Over 2 seeds" in table and "0.920 ± 0.028" in table and "0.900, 0.940" in table
+    assert "30.0 ± 14.1" in table and "40.0, 20.0" in table
+    assert "Over" not in quality_table(_report())  # one run: no seed table

@@ -80,4 +80,28 @@ def quality_table(report: dict[str, Any]) -> str:
             (split.get("method") or "") + ". Rules chosen on all validation cases for the Split-U-Net: "
             + ", ".join(f"{r}: {v}" for r, v in rules.items())) + ". The raw Split-U-Net row is the aggregator's "
             "validation; its post-processed figures come from the label files inference wrote.</p>")
-    return "<table>" + head + "</tr>" + "".join(body) + "</table>" + note
+    return "<table>" + head + "</tr>" + "".join(body) + "</table>" + note + seeds_table(report)
+
+
+def seeds_table(report: dict[str, Any]) -> str:
+    """``report["seeds"]`` (``--seeds N``): per model, Dice and HD95 WT mean ± sd and the per-seed values; empty
+    without seeds."""
+    seeds = report.get("seeds") or {}
+    if len(seeds.get("seeds") or []) < 2:
+        return ""
+    head = ("<tr><th>model</th><th>Dice WT mean ± sd</th><th>Dice WT per seed</th><th>Dice mean ± sd</th>"
+            "<th>HD95 WT (mm) mean ± sd</th><th>HD95 WT per seed</th></tr>")
+    body = []
+    for key in ("split", *CENTRALS):
+        figures = seeds.get(key) or {}
+        dice, hd = (figures.get("dice") or {}), (figures.get("hd95") or {})
+        if not dice:
+            continue
+        cells = [key.replace("_", " "), f"{dice['WT']['mean']:.3f} ± {dice['WT']['sd']:.3f}",
+                 ", ".join(f"{v:.3f}" for v in dice["WT"]["values"]),
+                 f"{dice['mean']['mean']:.3f} ± {dice['mean']['sd']:.3f}",
+                 f"{hd['WT']['mean']:.1f} ± {hd['WT']['sd']:.1f}" if hd else "–",
+                 ", ".join(f"{v:.1f}" for v in hd["WT"]["values"]) if hd else "–"]
+        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return (f"<h3>Over {len(seeds['seeds'])} seeds (seeds {', '.join(map(str, seeds['seeds']))}; each with its own "
+            "held-out cases)</h3><table>" + head + "".join(body) + "</table>")
