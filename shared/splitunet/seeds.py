@@ -77,8 +77,10 @@ def seed_checks(seeds: dict[str, Any], *, margin: float = WT_MARGIN) -> list[dic
     n = len(seeds.get("seeds") or [])
     which = "centralized_matched" if "centralized_matched" in seeds else "centralized"
     if n < 2 or "split" not in seeds or which not in seeds:
+        why = "fewer than two seeds measured" if n < 2 else (
+            "the Split-U-Net and a centralized baseline were not both measured on every seed (--no-baselines?)")
         return [{"claim": f"over seeds: Split-U-Net within {margin} WT Dice of centralized", "holds": None,
-                 "measured": "fewer than two seeds measured"}]
+                 "measured": why}]
     split = seeds["split"]["dice"]["WT"]["values"]
     central = seeds[which]["dice"]["WT"]["values"]
     gaps = [c - s for c, s in zip(central, split, strict=True)]
