@@ -1,9 +1,11 @@
 """The demo's baselines, trained in process with the Split-U-Net's budget and evaluated per case the same way.
 
-- ``centralized``: one 4-channel U-Net (all modalities in one place: the upper bound);
-- ``single_modality/<m>``: one U-Net per modality (the lower bounds).
+- ``centralized``: one 4-channel U-Net of the split model's per-site widths (all modalities in one place);
+- ``centralized_matched``: the same at matched capacity, its widths scaled so that its parameter count is the
+  Split-U-Net's within 5 % (:func:`splitunet.networks.baselines.matched_config`): the fair upper bound;
+- ``<m>`` (``t1``, ``t1ce``, ``t2``, ``flair``): one U-Net per modality, at matched capacity too (the lower bounds).
 
-Same widths and depth as the split model (:mod:`splitunet.networks.baselines`), same steps, batch size, crop
+Same depth as the split model (:mod:`splitunet.networks.baselines`), same steps, batch size, crop
 size, foreground ratio, flips, loss and optimiser settings as the job plan, and the same whole-volume per-case
 evaluation (:meth:`splitunet.training.InProcessFederation.evaluate`, sliding windows, Dice and HD95 in mm) on the
 held-out cases the aggregator validates on. Batches come from :class:`splitunet.data.dataset.BratsDataset` over the
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from splitunet.config import MODALITIES, SiteSpec, SplitUNetConfig
-from splitunet.networks.baselines import centralized_config, single_modality_config
+from splitunet.networks.baselines import centralized_config, matched_config, parameter_count, single_modality_config
 from splitunet.training import EvalCase, InProcessFederation
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ class BaselineResult:
     seconds: float = 0.0
     eval_s: float = 0.0
     data_s: float = 0.0
+    parameters: int = 0
+    features: tuple[int, ...] = ()
+    postprocessed: dict[str, Any] | None = None
 
 
 class BaselinesStopped(RuntimeError):
@@ -107,6 +112,21 @@ def split_config(plan: dict[str, Any]) -> SplitUNetConfig:
     return SplitUNetConfig.model_validate({**plan["model"], "sites": sites})
 
 
+#: Every baseline, in training order: the equal-width and the matched-capacity centralized U-Net, then the
+#: single-modality U-Nets at matched capacity.
+BASELINES = ("centralized", "centralized_matched", *MODALITIES)
+
+
+def baseline_config(split: SplitUNetConfig, name: str) -> SplitUNetConfig:
+    """The configuration of baseline ``name`` (:data:`BASELINES`) for the split model ``split``."""
+    if name == "centralized":
+        return centralized_config(split)
+    target = parameter_count(split)
+    if name == "centralized_matched":
+        return matched_config(centralized_config(split), target)
+    return matched_config(single_modality_config(split, name), target)
+
+
 def eval_cases(source: Path, case_ids: Sequence[str]) -> list[EvalCase]:
     """The held-out cases as whole volumes (all four modalities, regions, spacing in mm)."""
     from splitunet.data.cohort import scan_cohort
@@ -131,7 +151,7 @@ def train_baselines(
     threads: int | None = None, should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, BaselineResult]:
     """Train and evaluate the centralized and the single-modality baselines (``which``: a subset of
-    ``centralized, t1, t1ce, t2, flair``); results by name (``centralized`` or the modality). ``threads``: torch
+    :data:`BASELINES`, default all); results by name (see the module docstring). ``threads``: torch
     intra-op threads while they train (restored after; None keeps the process's setting), so that the baselines
     leave the cores to the service processes that work at the same time (e.g. an audit). ``should_stop`` is asked
     before each step; when it says yes, :class:`BaselinesStopped` is raised."""
@@ -164,10 +184,13 @@ def _train_baselines(
                            cache=ArrayCache(max_items=4 * len(train_ids) + 8, max_bytes=4 * 2**30))
     validation = eval_cases(source, val_ids)
     site_opt, server_opt = plan.get("site_optimizer", {}), plan.get("server_optimizer", {})
-    names = list(which) if which is not None else ["centralized", *MODALITIES]
+    names = list(which) if which is not None else list(BASELINES)
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
     models: dict[str, tuple[_DeviceFederation, list[int]]] = {}
     for name in names:
-        config = centralized_config(base) if name == "centralized" else single_modality_config(base, name)
+        config = baseline_config(base, name)
         models[name] = (_DeviceFederation(
             config, torch.device(device), seed=int(plan.get("seed", 0)), lr_site=float(site_opt.get("lr", 1e-3)),
             lr_server=float(server_opt.get("lr", 1e-3)), weight_decay=float(site_opt.get("weight_decay", 1e-5)),
@@ -201,9 +224,29 @@ def _train_baselines(
         federation.model.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
-            result = federation.evaluate(cases, roi, hd95=True, batch_size=32 if dims == 2 else 2)
-        results[name] = BaselineResult(name=name, validation=result, losses=losses[name], seconds=seconds[name],
-                                       eval_s=time.perf_counter() - t0, data_s=data_s)
+            result, post = _evaluate(federation, cases, roi, batch_size=32 if dims == 2 else 2)
+        results[name] = BaselineResult(name=name, validation=result, postprocessed=post, losses=losses[name],
+                                       seconds=seconds[name], eval_s=time.perf_counter() - t0, data_s=data_s,
+                                       parameters=parameter_count(federation.config),
+                                       features=tuple(federation.config.features))
         logger.info("baseline %s: Dice %s (train %.1f s, eval %.1f s, data %.1f s)", name, result["dice"],
                     seconds[name], results[name].eval_s, data_s)
     return results
+
+
+def _evaluate(federation: InProcessFederation, cases: Sequence[EvalCase], roi: Sequence[int], *, batch_size: int
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-case figures of whole-volume predictions (as :meth:`InProcessFederation.evaluate`), and the raw and
+    post-processed figures of the same predictions (:func:`splitunet.postprocess.cross_validated`)."""
+    from splitunet.metrics import RegionMetrics
+    from splitunet.postprocess import cross_validated
+
+    metrics = RegionMetrics(hd95=True)
+    masks = []
+    for case in cases:
+        logits = federation.predict_case(case.images, roi, batch_size=batch_size)
+        metrics.add_case(case.case_id, logits, case.regions, case.spacing)
+        masks.append((logits > 0.0).numpy())
+    post = cross_validated([c.case_id for c in cases], masks, [c.regions.numpy() for c in cases],
+                           [c.spacing for c in cases])
+    return metrics.aggregate(), post

@@ -55,6 +55,8 @@ class DemoOptions:
             :func:`splitunet.study.study_configs`; the undefended main run still gives the ``none`` row when the
             study trains with the main plan): a subset of the full study on a busy machine.
         device: ``cpu``, ``cuda`` or ``auto`` for every service and the baselines.
+        seeds: runs of the headline comparison (Split-U-Net vs the centralized U-Nets), each with its own seed
+            and held-out cases (:mod:`splitunet.seeds`); the report gives mean ± sd and judges the claims on them.
     """
 
     workdir: Path
@@ -73,8 +75,11 @@ class DemoOptions:
     baselines: bool | None = None
     device: str = "cpu"
     study_only: tuple[str, ...] | None = None
+    seeds: int = 1
 
     def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1 (the headline comparison's runs), got {self.seeds}")
         if self.baselines is None:
             object.__setattr__(self, "baselines", self.dims == 2 and self.preset is None)
         default = StudyLevel.NONE if self.preset is not None or self.dims == 3 else (
@@ -362,6 +367,9 @@ def run_demo(
     from splitunet.launcher import LocalFederation, thread_budget
     from splitunet.report.assemble import assemble_report
     from splitunet.report.page import write_report
+    from splitunet.report.quality import postprocessed_report
+    from splitunet.scoring import infer_to_files, postprocessed_figures
+    from splitunet.seeds import first_run, merge_checks, more_seeds, spread
     from splitunet.service.client import PeerClient, PeerTimeouts
     from splitunet.study import (
         NONE,
@@ -404,6 +412,7 @@ def run_demo(
     shutil.rmtree(workdir / "transcripts", ignore_errors=True)
     rows = []
     baselines: dict[str, Any] = {}
+    seed_runs: list[Any] = []
     # the baselines train beside the services with one thread of their own (on CPU): the services share the rest
     reserved = 1 if options.baselines and baseline_threads(options.device, concurrent=True) is not None else 0
     site_threads, aggregator_threads = thread_budget(len(MODALITIES), max(1, usable_cores() - reserved))
@@ -450,13 +459,12 @@ def run_demo(
             main_train_s = time.perf_counter() - t0
             phase("infer")
             t0 = time.perf_counter()
-            val_case = (status.get("val_case_ids") or list(partition.case_ids))[0]
-            response = client.request("POST", "/v1/infer", json={"case_id": val_case, "job_id": job_id},
-                                      accept="application/gzip")
-            out = workdir / "inference" / f"{val_case}_pred.nii.gz"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(response.content)
+            # every held-out case, so that the post-processing can be chosen on them (splitunet.postprocess)
+            val_ids = status.get("val_case_ids") or list(partition.case_ids)[:1]
+            predicted = infer_to_files(client, job_id, val_ids, workdir / "inference")
+            out = predicted[val_ids[0]]
             timing["inference_s"] = time.perf_counter() - t0
+            postprocessed = postprocessed_figures(predicted, source)
 
             # audits queue at the audit service (one at a time, in the background) while the demo trains the
             # next models; they are collected at the end
@@ -499,6 +507,16 @@ def run_demo(
                 timing["baselines_s"] = background.seconds or 0.0
                 # every REST figure above (split_step_s, train_s) was measured with the baselines training beside it
                 timing["baselines_concurrent"] = True
+            if options.seeds > 1:  # the headline comparison again with other seeds and held-out cases
+                t0 = time.perf_counter()
+                seed_runs = more_seeds(
+                    first_run(options.seed, partition.validation, status, baselines), options.seeds,
+                    post_job=lambda changes: _follow(client, client.post_json("/v1/jobs", {**spec, **changes})[
+                        "job_id"], f"seed {changes['seed']}", on_task, aggregator),
+                    source=source, case_ids=partition.case_ids, plan=plan, on_seed=lambda s: phase(f"seed {s}"),
+                    device="cpu" if options.device == "auto" else options.device,
+                    threads=baseline_threads(options.device, concurrent=True))
+                timing["seeds_s"] = time.perf_counter() - t0
         pids = federation.pids()
 
     timing.update({f"job_{k}": v for k, v in status.get("timing", {}).items()})
@@ -506,6 +524,10 @@ def run_demo(
     best = pick_best(rows) if rows else {"name": None, "why": "no study ran (--study none)"}
     timing["total_s"] = time.perf_counter() - t_start
     report = assemble_report(options, status, spec, baselines, rows, best, timing, out, sites)
+    report["postprocessed"] = postprocessed_report(postprocessed, baselines)
+    if seed_runs:
+        report["seeds"] = spread(seed_runs)
+        report["checks"] = merge_checks(report["checks"], report["seeds"])
     report_path = workdir / "report.json"
     report_path.write_text(json.dumps(report, indent=2))
     html_path = write_report(report, workdir)

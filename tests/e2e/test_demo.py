@@ -123,6 +123,17 @@ def _check_paper_report(report: dict, workdir: Path, output: str) -> None:
     assert set(report["dice"]["single_modality"]) == {"t1", "t1ce", "t2", "flair"}
     assert all(set(d) == REGIONS for d in report["dice"]["single_modality"].values())
     assert set(report["hd95_mm"]) >= {"split", "centralized", "single_modality"}
+    # matched capacity: the fair upper bound's parameter count is the split model's within 5 %
+    params = report["parameters"]
+    assert abs(params["centralized_matched"] - params["split"]) <= 0.05 * params["split"], params
+    assert all(abs(n - params["split"]) <= 0.05 * params["split"] for n in params["single_modality"].values())
+    assert set(report["dice"]["centralized_matched"]) == REGIONS
+    # raw and post-processed figures of every model, the split model's from the inferred files of every case
+    post = report["postprocessed"]
+    assert set(post) >= {"split", "centralized", "centralized_matched", "t1", "t1ce", "t2", "flair"}, set(post)
+    assert len(post["split"]["raw"]["per_case"]) == report["cases"]["validation"]
+    for figures in post.values():
+        assert set(figures["postprocessed"]["hd95"]) == REGIONS and set(figures["rules"]) == {"TC", "WT", "ET"}
     assert report["timing"]["total_s"] > 0 and report["timing"]["split_step_s"] > 0
     assert report["machine"]["cores"] >= 1
     names = [row["name"] for row in report["study"]]

@@ -96,7 +96,7 @@ def test_paper_checks_state_what_holds_and_what_does_not(tmp_path):
     assert checks[upper]["holds"] is True
     report["dice"]["centralized"] = _dice(0.70)  # as measured by the quick demo: the narrower model trails
     checks = {c["claim"]: c for c in paper_checks(report)}
-    assert checks[upper]["holds"] is False and "4x the encoder width" in checks[upper]["measured"]
+    assert checks[upper]["holds"] is False and "4x the feature channels" in checks[upper]["measured"]
 
 
 def test_report_page_renders_in_headless_chromium(tmp_path):

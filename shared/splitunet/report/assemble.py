@@ -1,7 +1,9 @@
 """``report.json`` from the demo's parts: the split job's status, the baselines, the study rows, the choice.
 
 Stable keys (the issue's, plus the earlier demo's): ``dice``/``hd95_mm`` (``split``, ``centralized``,
-``single_modality``), ``hd95`` (= ``hd95_mm``, the older name), ``dice_median``, ``hd95_median``, ``per_case``,
+``centralized_matched``, ``single_modality``), ``parameters`` (trainable parameters of each of those models),
+``features`` (the baselines' widths), ``hd95`` (= ``hd95_mm``, the older name), ``dice_median``, ``hd95_median``,
+``per_case``, ``postprocessed`` (added by the demo: :mod:`splitunet.report.quality`),
 ``study``, ``best``, ``checks``, ``curves``, ``timing`` (``total_s``, ``split_step_s``), ``machine``,
 ``settings``, ``throughput``, ``traffic_bytes``, ``cases``, ``final_loss``, ``defenses``, ``data``, ``mode``,
 ``job``, ``sites``, ``inference``.
@@ -22,23 +24,34 @@ def assemble_report(options: Any, status: dict[str, Any], spec: dict[str, Any], 
     from splitunet.demo import PHANTOM_SHAPE
 
     validation = status.get("validation") or {}
-    single = {m: b.validation["dice"] for m, b in baselines.items() if m != "centralized"}
-    single_hd = {m: b.validation["hd95"] for m, b in baselines.items() if m != "centralized"}
-    central = baselines.get("centralized")
+    from splitunet.baseline_training import split_config
+    from splitunet.networks.baselines import parameter_count
+
+    centrals = ("centralized", "centralized_matched")
+    single = {m: b.validation["dice"] for m, b in baselines.items() if m not in centrals}
+    single_hd = {m: b.validation["hd95"] for m, b in baselines.items() if m not in centrals}
+    central, matched = baselines.get("centralized"), baselines.get("centralized_matched")
     sps = status.get("steps_per_second")
     hd95 = {"split": validation.get("hd95"), "centralized": central.validation["hd95"] if central else None,
-            "single_modality": single_hd}
+            "centralized_matched": matched.validation["hd95"] if matched else None, "single_modality": single_hd}
     curves = {"Split-U-Net": list(status.get("losses") or [])}
-    curves |= {("centralized" if n == "centralized" else f"only {n}"): b.losses for n, b in baselines.items()}
+    curves |= {(n.replace("_", " ") if n in centrals else f"only {n}"): b.losses for n, b in baselines.items()}
     curves |= {f"study {r.config.name}": r.losses for r in rows if r.config.name != "none" and r.losses}
     report: dict[str, Any] = {
         "dice": {"split": validation.get("dice"), "centralized": central.validation["dice"] if central else None,
+                 "centralized_matched": matched.validation["dice"] if matched else None,
                  "single_modality": single},
+        "parameters": {"split": parameter_count(split_config(spec)),
+                       **{n: b.parameters for n, b in baselines.items() if n in centrals},
+                       "single_modality": {m: b.parameters for m, b in baselines.items() if m not in centrals}},
+        "features": {n: list(b.features) for n, b in baselines.items()},
         "hd95_mm": hd95,
         "hd95": hd95,
         "dice_median": {"split": validation.get("dice_median"),
-                        "centralized": central.validation["dice_median"] if central else None},
-        "hd95_median": {"split": validation.get("hd95_median")},
+                        "centralized": central.validation["dice_median"] if central else None,
+                        "centralized_matched": matched.validation["dice_median"] if matched else None},
+        "hd95_median": {"split": validation.get("hd95_median"),
+                        **{n: b.validation.get("hd95_median") for n, b in baselines.items() if n in centrals}},
         "per_case": validation.get("per_case") or [],
         "baseline_per_case": {n: b.validation.get("per_case") for n, b in baselines.items()},
         "validation_step": status.get("validation_step"),

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from splitunet.report.quality import quality_table
+
 REGIONS = ("TC", "WT", "ET", "mean")
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -29,22 +31,6 @@ def _img(path: str | Path, alt: str) -> str:
 
 def _num(v: Any, fmt: str = ".3f") -> str:
     return "–" if v is None else format(v, fmt)
-
-
-def _dice_table(report: dict[str, Any]) -> str:
-    dice, hd = report["dice"], report["hd95_mm"]
-    rows = [("centralized (4-channel U-Net)", "centralized"), ("Split-U-Net (4 sites, REST)", "split")]
-    rows += [(f"single modality: {m}", m) for m in (dice.get("single_modality") or {})]
-    head = "<tr><th>model</th>" + "".join(f"<th>Dice {r}</th>" for r in REGIONS) + "".join(
-        f"<th>HD95 {r} (mm)</th>" for r in REGIONS[:3]) + "</tr>"
-    body = []
-    for label, key in rows:
-        d = dice.get(key) if key in ("centralized", "split") else dice["single_modality"].get(key)
-        h = hd.get(key) if key in ("centralized", "split") else (hd.get("single_modality") or {}).get(key)
-        d, h = d or {}, h or {}
-        body.append(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{_num(d.get(r))}</td>" for r in REGIONS)
-                    + "".join(f"<td>{_num(h.get(r), '.1f')}</td>" for r in REGIONS[:3]) + "</tr>")
-    return "<table>" + head + "".join(body) + "</table>"
 
 
 def _delta(f: dict[str, Any]) -> str:
@@ -131,7 +117,7 @@ def render_report(report: dict[str, Any], figures: dict[str, Path]) -> str:
         "<h2>What the numbers say</h2>", _checks(report),
         "<h2>Segmentation on held-out cases</h2>",
         "<p>Every model trained with the same steps, batch, crop, loss and optimiser, evaluated per case over whole "
-        "volumes with the same sliding-window inference.</p>", _dice_table(report),
+        "volumes with the same sliding-window inference.</p>", quality_table(report),
     ]
     if "dice" in figures:
         parts.append(_img(figures["dice"], "Dice per region"))
