@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import Executor, Future, wait
 from typing import Any, TypeVar
 
 import numpy as np
@@ -85,6 +85,7 @@ class SiteAttendance:
         self._lock = threading.Lock()
         self._offline: dict[str, int] = {}  # site -> first step it missed
         self._probed: dict[str, float] = {}
+        self._probes: dict[str, Future[Any]] = {}  # probes in flight
         self._checkpoint: dict[str, int] = dict.fromkeys(self.sites, 0)  # latest step each site checkpointed
         self._missed: dict[str, list[list[int]]] = {s: [] for s in self.sites}
         self._subsets: Counter[tuple[str, ...]] = Counter()
@@ -130,23 +131,30 @@ class SiteAttendance:
             return [s for s in self.sites if s not in self._offline]
 
     # ------------------------------------------------------------------ re-admission
-    def readmit(self, clients: Mapping[str, SiteClient], setup: RunSetup, run_id: str, step: int) -> list[str]:
-        """Probe the offline sites whose probe is due; set up and restore those that answer and re-admit them
-        before ``step``; return their names. A site that fails during this stays offline."""
+    def readmit(self, clients: Mapping[str, SiteClient], setup: RunSetup, run_id: str, step: int,
+                pool: Executor) -> list[str]:
+        """Re-admit, before ``step``, the offline sites that answered a probe: set the run up at each again and
+        restore its encoder to its latest checkpoint; return their names. Probes (``GET /v1/info``, at most one
+        per site every ``probe_s`` seconds) run in ``pool``, so a site that is still down does not hold up the
+        steps of the others. A site that fails during its re-admission stays offline."""
         now = time.monotonic()
         with self._lock:
-            due = [s for s in self._offline if now - self._probed.get(s, 0.0) >= self.probe_s]
-            for s in due:
-                self._probed[s] = now
+            for site in self._offline:
+                if site not in self._probes and now - self._probed.get(site, 0.0) >= self.probe_s:
+                    self._probed[site] = now
+                    self._probes[site] = pool.submit(clients[site].info)
+            done = {s: f for s, f in self._probes.items() if f.done()}
+            for site in done:
+                del self._probes[site]
         back = []
-        for site in due:
-            client = clients[site]
+        for site, probe in done.items():
+            if probe.exception() is not None:
+                continue
             try:
-                client.info()
-                client.setup_run(setup)
-                restored = client.restore(run_id, self._checkpoint[site]).step
+                clients[site].setup_run(setup)
+                restored = clients[site].restore(run_id, self._checkpoint[site]).step
             except PeerError as exc:
-                logger.info("site %s still offline: %s", site, exc.message)
+                logger.info("site %s answers but could not be re-admitted yet: %s", site, exc.message)
                 continue
             with self._lock:
                 self._offline.pop(site)

@@ -315,7 +315,7 @@ class TrainingJob:
         for step in range(start_step + 1, spec.steps + 1):
             self._check_stop()
             ts = time.perf_counter()
-            self.attendance.readmit(self.clients, self._setup, self.job_id, step)  # continue: sites back again
+            self.attendance.readmit(self.clients, self._setup, self.job_id, step, self.pool)  # continue: back
             loss, phases = exchange.run(step, drains=self._drains_at(step))
             t_train += time.perf_counter() - ts
             samples_done += spec.batch_size
@@ -488,7 +488,8 @@ class TrainingJob:
         predictor = self.predictor(sites or self.attendance.online(), tolerate_missing=tolerate)
         grids = self.case_grids(list(cases), predictor.sites if tolerate else None)
         for case_id in cases:
-            self._check_stop()
+            if record:  # the job's own validation stops with the job; one asked for by a request does not
+                self._check_stop()
             regions = self.labels.regions(case_id)
             probs = predictor.predict_case(case_id, regions.shape[1:], step=step, brain_z=grids[case_id].brain_z)
             metrics.add_case(case_id, probs, regions, self.labels.spacing(case_id), logits=False)

@@ -107,11 +107,6 @@ class ServerDecoder(nn.Module):
         self.level_channels: list[int] = [0] * depth
         for level in config.sent_levels:
             self.level_channels[level] = config.fused_channels(level)
-        #: concat only, with ``config.absent_embedding``: the learned stand-ins of absent sites
-        self.absent: nn.ParameterDict | None = None
-        if config.absent_embedding and config.fusion == Fusion.CONCAT:
-            self.absent = absent_embeddings([s.name for s in config.sites],
-                                            {level: feats[level] for level in config.sent_levels})
         self.stages = nn.ModuleDict()
         in_channels = self.level_channels[cut]
         for level in range(cut + 1, depth):
@@ -133,6 +128,12 @@ class ServerDecoder(nn.Module):
             )
             current = feats[level - 1]
         self.final_conv = Conv["conv", config.spatial_dims](feats[0], config.out_channels, kernel_size=1)
+        #: concat only, with ``config.absent_embedding``: the learned stand-ins of absent sites (registered last, so
+        #: the other parameters keep their order and optimizer-state indices)
+        self.absent: nn.ParameterDict | None = None
+        if config.absent_embedding and config.fusion == Fusion.CONCAT:
+            self.absent = absent_embeddings([s.name for s in config.sites],
+                                            {level: feats[level] for level in config.sent_levels})
 
     def expected_names(self) -> tuple[str, ...]:
         return tuple(tensor_name(level) for level in self.config.sent_levels)
