@@ -1,11 +1,11 @@
 """Which sites take part in each training step: site dropout, and a job that continues without a site.
 
-**Site dropout** (``site_dropout = p``): before step ``t`` each online site is left out independently with
-probability ``p``; if that would leave out every one, one site (drawn at random) stays. The draw comes from its own
-generator seeded by ``(seed, t)``, so a replayed step (a roll-back) leaves out the same sites and the sampler's
-state is untouched. A site left out is not asked to forward and gets no gradient: its encoder, optimizer and
-learning-rate schedule do not move. Every online site takes part in a step that checkpoints (a site checkpoints
-the step it holds, so each party's checkpoint of step ``t`` is its state after step ``t``).
+**Site dropout** (``site_dropout = p``): before step ``t`` each site is left out independently with probability
+``p``, never all of them, by a draw seeded by ``(seed, t)`` (:func:`splitunet.dropout.dropped_sites`), so a
+replayed step (a roll-back) leaves out the same sites and the sampler's state is untouched. A site left out is
+not asked to forward and gets no gradient: its encoder, optimizer and learning-rate schedule do not move. Every
+online site takes part in a step that checkpoints (a site checkpoints the step it holds, so each party's
+checkpoint of step ``t`` is its state after step ``t``).
 
 **Continuing without a site** (``missing_site_policy = continue``)::
 
@@ -31,35 +31,19 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, Future, wait
 from typing import Any, TypeVar
 
-import numpy as np
-
 from services.aggregator.recovery import recoverable
 from services.aggregator.site_client import SiteClient
+from splitunet.dropout import dropped_sites
 from splitunet.errors import PeerError
 from splitunet.federation import MissingSitePolicy
 from splitunet.schemas import RunSetup
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-#: Salt of the dropout generator's seed, so its stream differs from the sampler's for the same job seed.
-_DROPOUT_SALT = 24
-
 #: Site subsets kept in the model card (at most 2**16 - 1 for the 16 sites a job may have).
 MAX_SUBSETS = 1 << 16
 
-
-def dropped_sites(sites: Sequence[str], rate: float, seed: int, step: int) -> list[str]:
-    """The sites (of ``sites``, in order) left out of ``step`` by dropout at ``rate``; never all of them."""
-    if rate <= 0 or len(sites) < 2:
-        return []
-    rng = np.random.default_rng([seed, step, _DROPOUT_SALT])
-    drop = rng.random(len(sites)) < rate
-    if drop.all():
-        drop[int(rng.integers(len(sites)))] = False
-    return [s for s, d in zip(sites, drop) if d]
-
+T = TypeVar("T")
 
 class SiteAttendance:
     """Who takes part in each step of one job, and what each site missed.

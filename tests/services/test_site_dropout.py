@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from services.aggregator.app import create_app as create_aggregator_app
-from services.aggregator.attendance import SiteAttendance, dropped_sites
+from services.aggregator.attendance import SiteAttendance
+from splitunet.dropout import dropped_sites
 from splitunet.federation import FederationSpec, MissingSitePolicy
 
 STEPS = 12
