@@ -165,7 +165,8 @@ class SiteAttendance:
             }
 
     def card(self, *, fusion: str, absent_embedding: bool) -> dict[str, Any]:
-        """``JobStatus.model_card``: the sites, how absence is handled, and the subsets trained on (steps each)."""
+        """``JobStatus.model_card``: the sites, how absence is handled, and the subsets trained on (steps each, as
+        this aggregator process ran them: steps replayed after a roll-back count again)."""
         with self._lock:
             subsets = sorted(self._subsets.items(), key=lambda kv: (-len(kv[0]), kv[0]))
         return {
@@ -200,6 +201,7 @@ class SiteAttendance:
         """Every site answers again and was rolled back with the others (the ``wait`` recovery): none is offline."""
         with self._lock:
             self._offline.clear()
+            self._probes.clear()
 
     def status_fields(self, step: int, *, fusion: str, absent_embedding: bool) -> dict[str, Any]:
         """The job status fields this tracks (``model_card``, ``attendance``) as of ``step``."""

@@ -131,7 +131,8 @@ class InProcessFederation:
     ) -> torch.Tensor:
         """Logits ``(3, X, Y, Z)`` of a whole ``(C, X, Y, Z)`` volume by sliding windows of ``roi`` (2 or 3 sizes),
         from ``sites`` (default all)."""
-        return predict_volume(lambda x: self.predict(x, sites), images, roi, batch_size=batch_size, overlap=overlap)
+        predict = self.predict if sites is None else (lambda x: self.predict(x, sites))
+        return predict_volume(predict, images, roi, batch_size=batch_size, overlap=overlap)
 
     def evaluate(
         self, cases: Iterable[EvalCase], roi: Sequence[int], *, hd95: bool = False, batch_size: int = 4,
