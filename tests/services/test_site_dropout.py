@@ -112,3 +112,35 @@ def test_dropout_never_leaves_out_every_site() -> None:
         assert len(dropped_sites(["a", "b", "c", "d"], 0.95, 0, step)) <= 3
     rate = sum(len(dropped_sites(["a", "b", "c", "d"], 0.25, 1, s)) for s in range(1, 4001)) / (4 * 4000)
     assert abs(rate - 0.25) < 0.02, rate
+
+
+class Hangs(httpx.BaseTransport):
+    """A site that stops answering its forwards in time once ``hung`` is set (the client sees a read timeout)."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner, self.hung = inner, False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.hung and request.url.path.endswith("/forward"):
+            raise httpx.ReadTimeout("no answer within the read timeout (test)", request=request)
+        return self.inner.handle_request(request)
+
+
+def test_inference_goes_on_without_a_site_that_times_out(start_app, aggregator_settings, sites) -> None:
+    lines = {name: Hangs(client._transport) for name, client in sites.items()}
+    app = create_aggregator_app(aggregator_settings(site_retry_max_s=0.05), aligner=identity_aligner,
+                                transport_factory=lambda peer: lines[peer.name])
+    client: TestClient = start_app(app)
+    status = run_job(client, spec(steps=2, site_dropout=0.0, checkpoint_interval=0))  # a model never trained
+    assert status["state"] == "succeeded", status                                      # for absence
+    assert status["model_card"]["trained_subsets"] == [{"sites": list(SITES), "steps": 2}]
+    assert status["model_card"]["absent_sites"] == "zeros" and not status["model_card"]["trained_for_absence"]
+    lines["t2"].hung = True
+    case = status["val_case_ids"][0]
+    answer = client.post("/v1/infer", json={"case_id": case, "job_id": "dropout"}, headers=AGG_HEADERS)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-sites-used"] == "t1,t1ce,flair"
+    for line in lines.values():
+        line.hung = True
+    none = client.post("/v1/infer", json={"case_id": case, "job_id": "dropout"}, headers=AGG_HEADERS)
+    assert none.status_code == 502 and "t1" in none.text, none.text  # no site answered: an error, not a guess
