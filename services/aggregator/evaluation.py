@@ -11,24 +11,37 @@ and send; the aggregator decodes the fused tensors and MONAI blends the windows 
 - 2D with ``resize_slices``: whole slices resized to ``roi`` by the sites, logits resized back to ``(X, Y)``
   (bilinear) before the sigmoid.
 
+**A subset of sites.** ``sites`` names the sites to segment with (default: all); with ``tolerate_missing`` a site
+whose call fails as unreachable (down, or no answer within its read timeout after the client's bounded retries) is
+left out from then on, as long as another site answered, and the decoder fuses the others (absent sites:
+:mod:`splitunet.networks.fusion`). :attr:`SplitPredictor.sites_used` names the sites of the last prediction.
+
 Outside the brain's axial extent that the sites report (``brain_z`` of the case's grid) the probability is 0, as
 in :func:`splitunet.inference.predict_volume`; in 2D those slices are not requested at all.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import TypeVar
 
 import torch
 from monai.inferers import sliding_window_inference
 
+from services.aggregator.recovery import unreachable
 from services.aggregator.site_client import Received, SiteClient
 from splitunet.data.sampling import Sample
+from splitunet.errors import PeerError
 from splitunet.inference import DEFAULT_OVERLAP, axial_range, outside_brain
 from splitunet.protocol import AggregatorStep
 from splitunet.schemas import Phase
 from splitunet.wire import WireDtype
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Called with (site name, step, received bundle) for every activation bundle received (the recorder seam).
 OnReceived = Callable[[str, int, Received], None]
@@ -49,6 +62,8 @@ class SplitPredictor:
         dtype: activation wire dtype.
         pool: the thread pool used to call the sites concurrently.
         overlap: window overlap fraction (default 0.5, MONAI's BraTS setting).
+        sites: the sites to predict with, a subset of ``clients`` (default: all).
+        tolerate_missing: go on without a site that stops answering (see the module docstring).
     """
 
     def __init__(
@@ -66,6 +81,8 @@ class SplitPredictor:
         resize_slices: bool = False,
         on_received: OnReceived | None = None,
         on_plan: OnPlan | None = None,
+        sites: Sequence[str] | None = None,
+        tolerate_missing: bool = False,
     ) -> None:
         self.clients = clients
         self.aggregator = aggregator
@@ -80,6 +97,10 @@ class SplitPredictor:
         self.on_received = on_received
         self.on_plan = on_plan
         self.calls = 0
+        self.sites = [n for n in clients if sites is None or n in set(sites)]
+        self.tolerate_missing = tolerate_missing
+        #: sites left out because they stopped answering: name -> the error's message
+        self.missing: dict[str, str] = {}
 
     def predict_case(self, case_id: str, shape: Sequence[int], *, step: int,
                      brain_z: tuple[int, int] | None = None) -> torch.Tensor:
@@ -147,15 +168,46 @@ class SplitPredictor:
         shapes = self.shapes_for(len(samples))
         if self.on_plan is not None:
             self.on_plan(step, samples)
-        futures = {name: self.pool.submit(client.fetch_activations, self.run_id, step, samples, phase=Phase.EVAL)
-                   for name, client in self.clients.items()}
+        futures = {name: self.pool.submit(self.clients[name].fetch_activations, self.run_id, step, samples,
+                                          phase=Phase.EVAL) for name in self.sites}
         # decoded in this thread, not the pool's (see services.aggregator.pipeline, "Threads")
-        received = {name: self.clients[name].decode_activations(f.result(), run_id=self.run_id, step=step,
+        received = {name: self.clients[name].decode_activations(data, run_id=self.run_id, step=step,
                                                                 shapes=shapes, dtype=self.dtype)
-                    for name, f in futures.items()}
+                    for name, data in self._replies(futures).items()}
         if self.on_received is not None:
             for name, item in received.items():
                 self.on_received(name, step, item)
         self.calls += 1
         # on the CPU: MONAI blends windows on the placeholder's device
-        return self.aggregator.predict({name: r.bundle.tensors for name, r in received.items()}).cpu()
+        return self.aggregator.predict({name: r.bundle.tensors for name, r in received.items()},
+                                       sites=list(received)).cpu()
+
+    @property
+    def sites_used(self) -> list[str]:
+        """The sites the predictions were made with (those asked, less those that stopped answering)."""
+        return list(self.sites)
+
+    def _replies(self, futures: Mapping[str, Future[bytes]]) -> dict[str, bytes]:
+        """Each site's bytes; with ``tolerate_missing`` a site that is unreachable is dropped (for good) while
+        another one answered; otherwise the first failure is raised."""
+        replies, failed = answered(futures, tolerate=self.tolerate_missing)
+        for name, message in failed.items():
+            logger.warning("run %s: site %s does not answer (%s); predicting without it", self.run_id, name, message)
+            self.missing[name] = message
+            self.sites.remove(name)
+        return replies
+
+
+def answered(futures: Mapping[str, Future[T]], *, tolerate: bool) -> tuple[dict[str, T], dict[str, str]]:
+    """The results of one call per site, and ``{site: error message}`` of the sites left out. Without ``tolerate``
+    the first failure is raised; with it, the sites whose call failed as unreachable are left out, unless none
+    answered or another failure occurred (raised)."""
+    if not tolerate:
+        return {name: f.result() for name, f in futures.items()}, {}
+    wait(list(futures.values()))
+    failed = {name: f.exception() for name, f in futures.items() if f.exception() is not None}
+    for exc in failed.values():
+        if not isinstance(exc, PeerError) or not unreachable(exc) or len(failed) == len(futures):
+            raise exc
+    messages = {name: exc.message for name, exc in failed.items() if isinstance(exc, PeerError)}
+    return {name: f.result() for name, f in futures.items() if name not in failed}, messages

@@ -32,7 +32,7 @@ from services.aggregator.trainer import Aligner, TrainingJob
 from splitunet.config import SiteSpec
 from splitunet.data.loader import regions_to_labels, save_segmentation, write_segmentation
 from splitunet.errors import ConflictError, NotFoundError, SplitUNetError
-from splitunet.federation import FederationSpec, InferRequest, JobCreated, JobState, JobStatus
+from splitunet.federation import FederationSpec, InferRequest, JobCreated, JobState, JobStatus, ValidateRequest
 from splitunet.memory import aggregator_step_bytes, check_bound
 from splitunet.recorder import Recorder
 
@@ -235,8 +235,9 @@ class JobManager:
         job.stop()
         return job.status()
 
-    def infer(self, request: InferRequest) -> tuple[bytes, str]:
-        """Segment an aligned case with a job's model; return NIfTI (.nii.gz) bytes and a file name.
+    def infer(self, request: InferRequest) -> tuple[bytes, str, list[str]]:
+        """Segment an aligned case with a job's model; return NIfTI (.nii.gz) bytes, a file name and the sites used
+        (``request.sites`` or all, less any that did not answer in time).
 
         The segmentation is in BraTS labels (0/1/2 and 4, or 3 for BraTS 2023 data) on the case's original grid
         and affine. A case without a label file (aligned through the job's ``infer_cases``) gets the grid, the
@@ -248,7 +249,8 @@ class JobManager:
                 f"job {job.job_id!r} finished before the latest one and released its model; only the most recent "
                 "finished job serves inference (run the job again, or restore its checkpoint in a new job)"
             )
-        probs, grid = job.predict_case(request.case_id)
+        used: list[str] = []
+        probs, grid = job.predict_case(request.case_id, request.sites, used=used)
         out = Path(self.settings.state_dir) / job.job_id / "inference" / f"{request.case_id}_pred.nii.gz"
         case = self.labels.cases.get(request.case_id)
         if case is not None:
@@ -259,8 +261,16 @@ class JobManager:
             write_segmentation(label_map, grid.geometry(), out, qform_code=grid.qform_code,
                                sform_code=grid.sform_code, source=f"the sites' grid of {request.case_id}")
         tumour = int(np.count_nonzero(label_map))
-        logger.info("job %s: inferred %s (%d tumour voxels)", job.job_id, request.case_id, tumour)
-        return out.read_bytes(), out.name
+        logger.info("job %s: inferred %s with sites %s (%d tumour voxels)", job.job_id, request.case_id, used, tumour)
+        return out.read_bytes(), out.name, used
+
+    def validate(self, job_id: str, request: ValidateRequest) -> dict:
+        """Validate a job's model on its validation cases through ``request.sites`` (default all); not recorded in
+        the job's status. The result names the sites used."""
+        job = self.get(job_id)
+        if job.aggregator is None:
+            raise ConflictError(f"job {job_id!r} has no model yet; validate once it is training")
+        return job.validate(job.status().step, request.sites or list(job.clients), record=False)
 
     def _latest(self) -> TrainingJob:
         with self._lock:

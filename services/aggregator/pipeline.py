@@ -124,16 +124,18 @@ class StepExchange:
         shapes = job.shapes_for(len(samples))
         dtype = WireDtype(job.spec.wire.activations.value)
         plan_s = time.perf_counter() - t0
-        futures = {name: self.pool.submit(c.fetch_activations, job.job_id, step, samples, phase=Phase.TRAIN)
-                   for name, c in job.clients.items()}
+        sites = job.attendance.participants(step, full=job._drains_at(step))  # site dropout, offline sites
+        futures = {name: self.pool.submit(job.clients[name].fetch_activations, job.job_id, step, samples,
+                                          phase=Phase.TRAIN) for name in sites}
         return Launched(step, samples, labels, futures, plan_s, shapes=shapes, dtype=dtype, started=t0)
 
     def collect(self, launched: Launched) -> dict[str, Received]:
         """Wait for ``launched``'s activations and decode them here, in the job's thread (see the module docstring)."""
         job = self.job
-        return {name: job.clients[name].decode_activations(f.result(), run_id=job.job_id, step=launched.step,
+        replies = job.attendance.gather(launched.futures, launched.step)  # continue: without sites that are down
+        return {name: job.clients[name].decode_activations(data, run_id=job.job_id, step=launched.step,
                                                             shapes=launched.shapes, dtype=launched.dtype)
-                for name, f in launched.futures.items()}
+                for name, data in replies.items()}
 
     def finish(self, launched: Launched, overlap: Callable[[], Launched | None] | None = None
                ) -> tuple[float, dict[str, float]]:
@@ -158,7 +160,7 @@ class StepExchange:
         set_lr(job.aggregator.optimizer, job.spec.server_optimizer.model_copy(
             update={"total_steps": job.spec.steps}).lr_at(step))
         result = job.aggregator.step(tensors, launched.labels, step=step, run_id=job.job_id,
-                                     groups=[s.case_id for s in launched.samples])
+                                     groups=[s.case_id for s in launched.samples], sites=list(tensors))
         t3 = time.perf_counter()
         if ahead is not None:
             wait(list(ahead.futures.values()))
@@ -169,7 +171,8 @@ class StepExchange:
         site_defenses: dict[str, list] = {}
 
         encoded = {name: client.encode_gradients(job.job_id, step, result.gradients[name], dtype=grad_dtype,
-                                                 compress=wire.compress) for name, client in job.clients.items()}
+                                                 compress=wire.compress)
+                   for name, client in job.clients.items() if name in result.gradients}
         for name, data in encoded.items():
             job.recorder.record(run_id=job.job_id, step=step, site=name, flow=Flow.SENT, phase=Phase.TRAIN.value,
                                 data=data, sha256=frame_sha256(data))
@@ -179,7 +182,8 @@ class StepExchange:
             site_defenses[name] = ack.defenses or []
             return len(encoded[name])
 
-        sent = sum(self.pool.map(send, job.clients))
+        sent = sum(job.attendance.gather({name: self.pool.submit(send, name) for name in encoded}, step).values())
+        job.attendance.took_part(list(received))
         t4 = time.perf_counter()
         phases = {"plan": plan_s, "forward": forward_s, "aggregator": t3 - t2, "backward": t4 - t3}
         job._update(defenses={"gradients": job.aggregator.filters.stats(), "sites": site_defenses,

@@ -7,7 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 
 from services.aggregator.runtime import AggregatorRuntime
-from splitunet.federation import AggregatorInfo, FederationSpec, InferRequest, JobCreated, JobStatus
+from splitunet.federation import (
+    AggregatorInfo,
+    FederationSpec,
+    InferRequest,
+    JobCreated,
+    JobStatus,
+    ValidateRequest,
+)
 from splitunet.schemas import RUN_ID_PATTERN
 from splitunet.service.deps import runtime_dep
 from splitunet.service.links import links
@@ -56,6 +63,13 @@ def resume_job(runtime: AggregatorDep, job_id: JobId) -> JobStatus:
 
 @router.post("/infer", responses={200: {"content": {"application/gzip": {}}, "description": "the segmentation"}})
 def infer(runtime: AggregatorDep, request: InferRequest) -> Response:
-    data, filename = runtime.jobs.infer(request)
+    data, filename, sites = runtime.jobs.infer(request)
     return Response(data, media_type="application/gzip",
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"',
+                             "X-Sites-Used": ",".join(sites)})
+
+
+@router.post("/jobs/{job_id}/validate")
+def validate_job(runtime: AggregatorDep, job_id: JobId, request: ValidateRequest) -> dict:
+    """Validate a job's model with a subset of its sites (Dice/HD95 per region; ``sites_used``)."""
+    return runtime.jobs.validate(job_id, request)

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.aggregator.evaluation import SplitPredictor
+from services.aggregator.attendance import SiteAttendance
+from services.aggregator.evaluation import SplitPredictor, answered
 from services.aggregator.labels import LabelStore
 from services.aggregator.pipeline import StepExchange
 from services.aggregator.privacy_gate import JobPause, PrivacyGate
@@ -55,7 +56,7 @@ from splitunet.filters import FilterChain
 from splitunet.losses import make_loss
 from splitunet.metrics import RegionMetrics
 from splitunet.networks.factory import make_optimizer, make_server_decoder
-from splitunet.protocol import AggregatorStep, expected_site_shapes
+from splitunet.protocol import AggregatorStep, check_present, expected_site_shapes
 from splitunet.recorder import Flow, NullRecorder, Recorder
 from splitunet.schemas import Phase, RunSetup, SamplingPlan, StepSchedule
 from splitunet.secure_sum import establish as establish_secure_sum
@@ -150,6 +151,8 @@ class TrainingJob:
         self._complete: list[int] = sorted(resume_from or [])
         self._persist = True
         self._setup: RunSetup | None = None
+        self.attendance = SiteAttendance(list(self.clients), rate=spec.site_dropout, seed=spec.seed,
+                                         policy=spec.missing_site_policy, probe_s=self.policy.backoff_s)
         if previous is not None:
             reset = {"state": JobState.PENDING, "error": None} if self._resume else {}
             self._status = previous.model_copy(update={**reset, "losses": []})
@@ -254,7 +257,7 @@ class TrainingJob:
         for name, info in infos.items():
             if info.site != name:
                 raise ConfigurationError(f"the spec calls a site {name!r} but the service says it is {info.site!r}")
-        self.config = self.spec.model.build(sites)
+        self.config = self.spec.model.build(sites).model_copy(update={"absent_embedding": self.spec.trains_for_absence})
         wanted = sorted(set(self.labels.cases) | set(self.spec.infer_cases))
         aligned = sorted(self.aligner(self.clients, wanted))
         self._check_stop()
@@ -329,6 +332,7 @@ class TrainingJob:
         for step in range(start_step + 1, spec.steps + 1):
             self._check_stop()
             ts = time.perf_counter()
+            self.attendance.readmit(self.clients, self._setup, self.job_id, step, self.pool)  # continue: back
             loss, phases = exchange.run(step, drains=self._drains_at(step))
             t_train += time.perf_counter() - ts
             samples_done += spec.batch_size
@@ -340,7 +344,8 @@ class TrainingJob:
                     del self._losses[: len(self._losses) - MAX_LOSS_HISTORY]
             self._update(
                 step=step, loss=loss, steps_per_second=(step - start_step) / elapsed,
-                samples_per_second=samples_done / elapsed,
+                samples_per_second=samples_done / elapsed, **self.attendance.status_fields(
+                    step, fusion=self.config.fusion.value, absent_embedding=self.config.absent_embedding),
             )
             last = step == spec.steps
             if (spec.val_interval and step % spec.val_interval == 0) or last:
@@ -359,13 +364,14 @@ class TrainingJob:
                 or bool(spec.checkpoint_interval and step % spec.checkpoint_interval == 0)
                 or (self.privacy_gate is not None and self.privacy_gate.due(step)))
 
-    def case_grids(self, case_ids: Sequence[str]) -> dict[str, CaseGrid]:
-        """The sites' agreed grid and brain extent of each case (:mod:`splitunet.data.grid`), asked once per case."""
+    def case_grids(self, case_ids: Sequence[str], sites: Sequence[str] | None = None) -> dict[str, CaseGrid]:
+        """The sites' agreed grid and brain extent of each case (:mod:`splitunet.data.grid`), asked once per case
+        (of ``sites``, default all; with a subset, those of them that answer)."""
         with self._grids_lock:
             missing = sorted({c for c in case_ids if c not in self.grids})
             if missing:
-                reports = dict(zip(self.clients, self.pool.map(lambda c: c.grids(missing).grids,
-                                                               self.clients.values())))
+                futures = {n: self.pool.submit(self.clients[n].grids, missing) for n in sites or self.clients}
+                reports = {n: r.grids for n, r in answered(futures, tolerate=sites is not None)[0].items()}
                 for case_id in missing:
                     self.grids[case_id] = combine_grids(
                         case_id, {name: report[case_id] for name, report in reports.items() if case_id in report}
@@ -389,6 +395,7 @@ class TrainingJob:
             if not wait_for_sites(self.clients, self.policy, stop=self._stop, on_waiting=self._waiting):
                 raise JobStopped
             self._update(state=JobState.RESUMING, waiting_for=[])
+            self.attendance.rejoin_all()  # every site answers and is rolled back with the others
             try:
                 if self.aggregator is None:
                     self.prepare()
@@ -498,8 +505,10 @@ class TrainingJob:
                              data=item.data, sha256=item.bundle.sha256)
 
     # ------------------------------------------------------------------ validation, inference
-    def predictor(self) -> SplitPredictor:
-        assert self.aggregator is not None
+    def predictor(self, sites: Sequence[str] | None = None, *, tolerate_missing: bool = False) -> SplitPredictor:
+        """Whole-case prediction through ``sites`` (default all); see :mod:`services.aggregator.evaluation`."""
+        assert self.aggregator is not None and self.config is not None
+        sites = None if sites is None else check_present(self.config, sites)  # 422 for a site the model lacks
         return SplitPredictor(
             self.clients, self.aggregator, run_id=self.job_id, roi=self.spec.roi, batch_size=self.spec.batch_size,
             shapes_for=self.shapes_for, dtype=WireDtype(self.spec.wire.activations.value), pool=self.pool,
@@ -507,40 +516,50 @@ class TrainingJob:
             on_received=lambda name, step, item: self._record_received(name, step, item, Phase.EVAL),
             on_plan=lambda step, samples: self.recorder.plan(run_id=self.job_id, step=step, phase=Phase.EVAL.value,
                                                              samples=samples),
+            sites=sites, tolerate_missing=tolerate_missing,
         )
 
-    def validate(self, step: int) -> dict:
-        """Dice and HD95 (mm) per region and per validation case, whole cases through the sites, and their mean
-        and median (:mod:`splitunet.metrics`, BraTS convention)."""
+    def validate(self, step: int, sites: Sequence[str] | None = None, *, record: bool = True) -> dict:
+        """Dice and HD95 (mm) per region and per validation case, whole cases through the sites (``sites``, default
+        the online ones), and their mean and median (:mod:`splitunet.metrics`, BraTS convention); ``sites_used``
+        names the sites that answered. ``record``: keep it in the job status (the training loop's validations)."""
         t0 = time.perf_counter()
         cases = self.val_cases[: self.spec.max_val_cases] if self.spec.max_val_cases else self.val_cases
         metrics = RegionMetrics(hd95=True)
-        predictor = self.predictor()
-        grids = self.case_grids(list(cases))
+        tolerate = sites is not None or self.spec.trains_for_absence
+        predictor = self.predictor(sites or self.attendance.online(), tolerate_missing=tolerate)
+        grids = self.case_grids(list(cases), predictor.sites if tolerate else None)
         for case_id in cases:
-            self._check_stop()
+            if record:  # the job's own validation stops with the job; one asked for by a request does not
+                self._check_stop()
             regions = self.labels.regions(case_id)
             probs = predictor.predict_case(case_id, regions.shape[1:], step=step, brain_z=grids[case_id].brain_z)
             metrics.add_case(case_id, probs, regions, self.labels.spacing(case_id), logits=False)
-        result = metrics.aggregate()
-        self._refresh_site_defenses()
+        result = {**metrics.aggregate(), "sites_used": predictor.sites_used}
+        self._refresh_site_defenses(predictor.sites_used)
+        if not record:
+            return result
         history = [*self.status().validations, {"step": step, "dice": result["dice"]}]
         self._update(validation=result, validation_step=step, validations=history)
         self._timing("validation_s", self.status().timing.get("validation_s", 0.0) + time.perf_counter() - t0)
         logger.info("job %s step %d validation Dice %s", self.job_id, step, result["dice"])
         return result
 
-    def _refresh_site_defenses(self) -> None:
-        """Take the sites' defense statistics after an evaluation: its releases count in the sites' DP ledgers, and
-        the backward acks that otherwise carry the statistics come only with training steps."""
-        stats = {name: client.info().defense_stats for name, client in self.clients.items()}
+    def _refresh_site_defenses(self, sites: Sequence[str]) -> None:
+        """Take the defense statistics of the sites an evaluation used: its releases count in their DP ledgers, and
+        the backward acks that otherwise carry the statistics come only with training steps. A site left out (or
+        that did not answer) released nothing and keeps its last figures."""
+        stats = {name: self.clients[name].info().defense_stats for name in sites}
         if any(stats.values()):
             defenses = dict(self.status().defenses or {})
-            self._update(defenses={**defenses, "sites": {name: s or [] for name, s in stats.items()}})
+            known = dict(defenses.get("sites") or {})
+            self._update(defenses={**defenses, "sites": known | {name: s or [] for name, s in stats.items()}})
 
-    def predict_case(self, case_id: str) -> tuple[np.ndarray, CaseGrid]:
+    def predict_case(self, case_id: str, sites: Sequence[str] | None = None,
+                     used: list[str] | None = None) -> tuple[np.ndarray, CaseGrid]:
         """Region probabilities ``(3, X, Y, Z)`` of an aligned case, labelled or not, on the grid the sites report
-        for it (their headers must agree), and that grid."""
+        for it (their headers must agree), and that grid. Through ``sites`` (default all) less any that does not
+        answer in time (while one does); ``used``, if given, receives the names of the sites used."""
         if self.aggregator is None:
             raise ConfigurationError("the job has no trained model yet")
         if case_id not in self.train_cases and case_id not in self.val_cases and case_id not in self.unlabeled_cases:
@@ -549,9 +568,12 @@ class TrainingJob:
                 "(cases without labels) to segment it",
                 detail={"case_id": case_id},
             )
-        grid = self.case_grids([case_id])[case_id]
+        predictor = self.predictor(sites, tolerate_missing=True)
+        grid = self.case_grids([case_id], predictor.sites)[case_id]
         shape = grid.geometry().ras_shape
-        probs = self.predictor().predict_case(case_id, shape, step=self.status().step, brain_z=grid.brain_z)
+        probs = predictor.predict_case(case_id, shape, step=self.status().step, brain_z=grid.brain_z)
+        if used is not None:
+            used[:] = predictor.sites_used
         return probs.cpu().numpy(), grid
 
     # ------------------------------------------------------------------ checkpoints
@@ -575,12 +597,15 @@ class TrainingJob:
                  "train_cases": self.train_cases, "val_cases": self.val_cases,
                  "rng": self._rng.bit_generator.state},
             )
-        infos = list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), self.clients.values()))
-        self._complete.append(step)
-        list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), self.clients.values()))
+        clients = {n: self.clients[n] for n in self.attendance.online()}  # continue: not the sites that are down
+        infos = list(self.pool.map(lambda c: c.checkpoint(self.job_id, step), clients.values()))
+        self.attendance.checkpointed(list(clients), step)
+        complete = len(clients) == len(self.clients)  # a roll-back of every party needs every party's file
+        if complete:
+            self._complete.append(step)
         self.recorder.checkpoint(run_id=self.job_id, step=step)
         self._update(checkpoint_step=step)
-        if self.store is not None and self._persist:
+        if self.store is not None and self._persist and complete:
             digests = {"aggregator": digest} | {name: info.sha256 for name, info in zip(self.clients, infos)}
             self.store.record_checkpoint(self.job_id, step, digests, self.status())
 

@@ -91,7 +91,7 @@ class BackgroundBaselines:
         self.stop()
 
 
-class _DeviceFederation(InProcessFederation):
+class DeviceFederation(InProcessFederation):
     """An in-process federation whose model lives on ``device`` (batches and windows moved there and back)."""
 
     def __init__(self, config: SplitUNetConfig, device: torch.device, **kwargs: Any) -> None:
@@ -99,11 +99,12 @@ class _DeviceFederation(InProcessFederation):
         self.device = device
         self.model.to(device)  # before any optimiser step: Adam's state is still empty
 
-    def train_step(self, images: torch.Tensor, regions: torch.Tensor, step: int) -> float:
-        return super().train_step(images.to(self.device), regions.to(self.device), step)
+    def train_step(self, images: torch.Tensor, regions: torch.Tensor, step: int,
+                   sites: Sequence[str] | None = None) -> float:
+        return super().train_step(images.to(self.device), regions.to(self.device), step, sites)
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return super().predict(images.to(self.device)).cpu()
+    def predict(self, images: torch.Tensor, sites: Sequence[str] | None = None) -> torch.Tensor:
+        return super().predict(images.to(self.device), sites).cpu()
 
 
 def split_config(plan: dict[str, Any]) -> SplitUNetConfig:
@@ -188,10 +189,10 @@ def _train_baselines(
     unknown = sorted(set(names) - set(BASELINES))
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
-    models: dict[str, tuple[_DeviceFederation, list[int]]] = {}
+    models: dict[str, tuple[DeviceFederation, list[int]]] = {}
     for name in names:
         config = baseline_config(base, name)
-        models[name] = (_DeviceFederation(
+        models[name] = (DeviceFederation(
             config, torch.device(device), seed=int(plan.get("seed", 0)), lr_site=float(site_opt.get("lr", 1e-3)),
             lr_server=float(server_opt.get("lr", 1e-3)), weight_decay=float(site_opt.get("weight_decay", 1e-5)),
             loss=plan.get("loss", "dice_ce"), schedule=site_opt.get("schedule", "constant"), total_steps=steps,

@@ -108,6 +108,10 @@ class SplitUNetConfig(BaseModel):
         act, norm: MONAI layer specs, as in ``BasicUNet``, from the closed set of :mod:`splitunet.layer_specs`.
         dropout: dropout probability in every block.
         upsample: ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"`` (MONAI ``UpSample`` modes).
+        absent_embedding: concat fusion only: the decoder learns, per site and sent level, a ``C``-vector that
+            stands in (broadcast over space) for a site that is absent from a step or a prediction; without it an
+            absent site's slot is zeros (see :mod:`splitunet.networks.fusion`). The trainer turns it on for a job
+            trained for absence (site dropout or ``missing_site_policy: continue``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -123,6 +127,7 @@ class SplitUNetConfig(BaseModel):
     norm: tuple[str, dict[str, Any]] = ("instance", {"affine": True})
     dropout: float = 0.0
     upsample: str = "deconv"
+    absent_embedding: bool = False
 
     @field_validator("spatial_dims")
     @classmethod

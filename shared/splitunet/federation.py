@@ -67,6 +67,14 @@ class ModelSpec(BaseModel):
         return SplitUNetConfig.model_validate({**self.model_dump(), "sites": [s.model_dump() for s in sites]})
 
 
+class MissingSitePolicy(StrEnum):
+    """What a job does when a site stops answering: ``wait`` for it (every party rolls back to the latest common
+    checkpoint once it is back), or ``continue`` with the others (the site is re-admitted when it answers again)."""
+
+    WAIT = "wait"
+    CONTINUE = "continue"
+
+
 class FederationSpec(BaseModel):
     """Everything a training job needs.
 
@@ -102,6 +110,12 @@ class FederationSpec(BaseModel):
         step_schedule: ``sync`` (default, exact) or ``delayed``: the sites' forward of step ``t + 1`` overlaps
             step ``t``'s decoder step and gradients, so site updates use one-step-stale gradients (see
             :mod:`splitunet.delayed`); the pipeline drains before validation, checkpoints and the privacy gate.
+        site_dropout: training for absence: each site is left out of a step with this probability (never all of
+            them; every site takes part in a step that checkpoints); a site left out is not asked to forward and
+            gets no gradient (see :mod:`services.aggregator.attendance`).
+        missing_site_policy: ``wait`` (default): a site that stops answering pauses the job until it is back, then
+            every party rolls back to the latest common checkpoint; ``continue``: the job goes on with the other
+            sites and re-admits the site (restored to its latest checkpoint) when it answers again.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -132,6 +146,8 @@ class FederationSpec(BaseModel):
     gradient_defenses: list[GradientDefenseConfig] = Field(default_factory=list, max_length=16)
     secure_sum: SecureSumOptions | None = None
     step_schedule: StepSchedule = StepSchedule.SYNC
+    site_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    missing_site_policy: MissingSitePolicy = MissingSitePolicy.WAIT
 
     @field_validator("sites", mode="before")
     @classmethod
@@ -177,7 +193,30 @@ class FederationSpec(BaseModel):
                 raise ValueError("secure_sum needs wire.activations='fp32' (masked fixed-point values are exact there)")
             if len(self.sites) < 2:
                 raise ValueError("secure_sum needs at least 2 sites")
+        self._check_absence()
         return self
+
+    def _check_absence(self) -> None:
+        absence = self.site_dropout > 0 or self.missing_site_policy == MissingSitePolicy.CONTINUE
+        if not absence:
+            return
+        what = "site_dropout > 0" if self.site_dropout > 0 else "missing_site_policy='continue'"
+        if self.secure_sum is not None:
+            raise ValueError(
+                f"secure_sum cannot train with {what}: its pairwise masks cancel only over the full set of sites, "
+                "and re-agreeing them for a smaller set is not implemented; use missing_site_policy='wait' and "
+                "site_dropout=0 with secure_sum"
+            )
+        if self.step_schedule == StepSchedule.DELAYED:
+            raise ValueError(f"{what} needs step_schedule='sync' (the delayed schedule assumes every site in "
+                             "every step)")
+        if len(self.sites) < 2:
+            raise ValueError(f"{what} needs at least 2 sites (a step never leaves out every site)")
+
+    @property
+    def trains_for_absence(self) -> bool:
+        """Whether the model is trained with sites absent (site dropout, or continuing without a site)."""
+        return self.site_dropout > 0 or self.missing_site_policy == MissingSitePolicy.CONTINUE
 
 
 class JobState(StrEnum):
@@ -238,6 +277,16 @@ class JobStatus(BaseModel):
         description="what the defenses did: {'gradients': [aggregator's], 'sites': {site: [site's]}, 'secure_sum'}",
     )
     privacy_gate: dict[str, Any] | None = Field(default=None, description="the last privacy-gate decision")
+    model_card: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what the model was trained for: its sites, fusion and absence handling, the site dropout "
+        "rate and the site subsets it was trained on (with how many steps each)",
+    )
+    attendance: dict[str, Any] = Field(
+        default_factory=dict,
+        description="missing_site_policy 'continue': sites offline now, and per site the steps it missed "
+        "(ranges [first, last] its encoder reflects none of) and when it was re-admitted",
+    )
 
 
 class JobCreated(BaseModel):
@@ -262,3 +311,16 @@ class InferRequest(BaseModel):
 
     case_id: str = Field(min_length=1, max_length=256)
     job_id: str | None = None
+    sites: list[SiteName] | None = Field(
+        default=None, min_length=1, max_length=16,
+        description="the sites to segment with (default: every site of the job); a site that does not answer "
+        "within the job's timeout_s is left out too; the response's X-Sites-Used header names the sites used",
+    )
+
+
+class ValidateRequest(BaseModel):
+    """``POST /v1/jobs/{id}/validate``: validate a job's model on its validation cases with a subset of sites."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sites: list[SiteName] | None = Field(default=None, min_length=1, max_length=16)

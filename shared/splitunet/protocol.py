@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from splitunet.config import SplitUNetConfig, tensor_name
-from splitunet.errors import ProtocolError, WireFormatError
+from splitunet.errors import ConfigurationError, ProtocolError, WireFormatError
 from splitunet.filters import Direction, FilterChain, FilterContext, FilterTape
 from splitunet.networks.split_unet import ServerDecoder, SiteEncoder
 
@@ -231,11 +231,17 @@ class AggregatorStep:
         self.inbound = inbound
         self.lock = threading.Lock()
 
-    def _leaves(self, site_tensors: Mapping[str, Mapping[str, torch.Tensor]], grad: bool) -> dict[str, Bundle]:
-        if self.inbound is not None:
-            site_tensors = self.inbound(site_tensors)
+    def _leaves(self, site_tensors: Mapping[str, Mapping[str, torch.Tensor]], grad: bool,
+                sites: Sequence[str] | None = None) -> dict[str, Bundle]:
         config = self.decoder.config
-        names = [s.name for s in config.sites]
+        names = [s.name for s in config.sites] if sites is None else check_present(config, sites)
+        if self.inbound is not None:
+            if len(names) != config.num_sites:
+                raise ConfigurationError(
+                    f"secure sum needs every site (its masks cancel only over the full set); got {names}",
+                    detail={"sites": names},
+                )
+            site_tensors = self.inbound(site_tensors)
         if set(site_tensors) != set(names):
             raise WireFormatError(f"expected tensors from sites {names}, got {sorted(site_tensors)}")
         reference = next(iter(site_tensors.values()))
@@ -257,14 +263,17 @@ class AggregatorStep:
         step: int = 0,
         run_id: str = "local",
         groups: Sequence[str] | None = None,
+        sites: Sequence[str] | None = None,
     ) -> StepResult:
         """One training step on the received tensors and ``labels`` (``B, 3, *spatial``, float 0/1).
 
-        Received tensors are moved to the decoder's device; the gradients returned live there too. ``groups``
-        (the patient of each sample) goes to the gradient filters (label DP clips per patient).
+        ``sites``: the sites taking part (``None``: every site); the others are absent from the step (site
+        dropout, a site that stopped answering) and get no gradient. Received tensors are moved to the decoder's
+        device; the gradients returned live there too. ``groups`` (the patient of each sample) goes to the gradient
+        filters (label DP clips per patient).
         """
         with self.lock:
-            leaves = self._leaves(site_tensors, grad=True)
+            leaves = self._leaves(site_tensors, grad=True, sites=sites)
             self.decoder.train()
             logits = self.decoder(leaves)
             loss = self.loss_fn(logits, labels)
@@ -281,13 +290,26 @@ class AggregatorStep:
                 gradients[site] = self.filters(grads, context)
             return StepResult(loss=float(loss.detach()), gradients=gradients, logits=logits.detach())
 
-    def predict(self, site_tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
-        """Evaluation forward: logits ``B, 3, *spatial`` without a graph."""
+    def predict(self, site_tensors: Mapping[str, Mapping[str, torch.Tensor]],
+                sites: Sequence[str] | None = None) -> torch.Tensor:
+        """Evaluation forward: logits ``B, 3, *spatial`` without a graph, from ``sites`` (``None``: every site)."""
         with self.lock:
-            leaves = self._leaves(site_tensors, grad=False)
+            leaves = self._leaves(site_tensors, grad=False, sites=sites)
             self.decoder.eval()
             with torch.no_grad():
                 return self.decoder(leaves)
+
+
+def check_present(config: SplitUNetConfig, sites: Sequence[str]) -> list[str]:
+    """``sites`` in the model's fusion order, checked: a non-empty set of the model's sites, no repeats."""
+    names = [s.name for s in config.sites]
+    unknown = sorted(set(sites) - set(names))
+    if unknown or not sites or len(set(sites)) != len(sites):
+        raise ConfigurationError(
+            f"sites must be a non-empty subset of the model's sites {names}, without repeats; got {list(sites)}",
+            detail={"sites": list(sites), "model_sites": names},
+        )
+    return [n for n in names if n in set(sites)]
 
 
 def unmatched_backward(pending: _Pending | None, run_id: str, step: int, which: str, todo: str) -> ProtocolError:

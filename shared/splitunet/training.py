@@ -102,39 +102,47 @@ class InProcessFederation:
             gradient_filters,
         )
 
-    def train_step(self, images: torch.Tensor, regions: torch.Tensor, step: int) -> float:
-        """One split step on a batch; returns the loss."""
-        for site in self.sites.values():
-            set_lr(site.optimizer, self.site_options.lr_at(step))
+    def train_step(self, images: torch.Tensor, regions: torch.Tensor, step: int,
+                   sites: Sequence[str] | None = None) -> float:
+        """One split step on a batch; returns the loss. ``sites``: the sites taking part (default all); the others
+        are absent from the step (site dropout): not asked to forward, no gradient, no optimizer step."""
+        present = list(self.sites) if sites is None else [n for n in self.sites if n in set(sites)]
+        for name in present:
+            set_lr(self.sites[name].optimizer, self.site_options.lr_at(step))
         set_lr(self.aggregator.optimizer, self.server_options.lr_at(step))
         inputs = self.model.split_inputs(images)
-        sent = {name: site.forward(inputs[name], step=step) for name, site in self.sites.items()}
-        result = self.aggregator.step(sent, regions, step=step)
-        for name, site in self.sites.items():
-            site.backward(result.gradients[name], step=step)
+        sent = {name: self.sites[name].forward(inputs[name], step=step) for name in present}
+        result = self.aggregator.step(sent, regions, step=step, sites=None if sites is None else present)
+        for name in present:
+            self.sites[name].backward(result.gradients[name], step=step)
         return result.loss
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation logits ``B, 3, *roi`` computed through the protocol (sites' eval forward, then decoder)."""
+    def predict(self, images: torch.Tensor, sites: Sequence[str] | None = None) -> torch.Tensor:
+        """Evaluation logits ``B, 3, *roi`` computed through the protocol (sites' eval forward, then decoder), from
+        ``sites`` (default all; ``images`` still hold every modality, the absent ones are not read)."""
         inputs = self.model.split_inputs(images)
-        sent = {name: site.forward(inputs[name], step=-1, train=False) for name, site in self.sites.items()}
-        return self.aggregator.predict(sent)
+        present = list(self.sites) if sites is None else [n for n in self.sites if n in set(sites)]
+        sent = {name: self.sites[name].forward(inputs[name], step=-1, train=False) for name in present}
+        return self.aggregator.predict(sent, sites=None if sites is None else present)
 
     def predict_case(
-        self, images: torch.Tensor, roi: Sequence[int], *, batch_size: int = 4, overlap: float = DEFAULT_OVERLAP
+        self, images: torch.Tensor, roi: Sequence[int], *, batch_size: int = 4, overlap: float = DEFAULT_OVERLAP,
+        sites: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Logits ``(3, X, Y, Z)`` of a whole ``(C, X, Y, Z)`` volume by sliding windows of ``roi`` (2 or 3 sizes)."""
-        return predict_volume(self.predict, images, roi, batch_size=batch_size, overlap=overlap)
+        """Logits ``(3, X, Y, Z)`` of a whole ``(C, X, Y, Z)`` volume by sliding windows of ``roi`` (2 or 3 sizes),
+        from ``sites`` (default all)."""
+        predict = self.predict if sites is None else (lambda x: self.predict(x, sites))
+        return predict_volume(predict, images, roi, batch_size=batch_size, overlap=overlap)
 
     def evaluate(
         self, cases: Iterable[EvalCase], roi: Sequence[int], *, hd95: bool = False, batch_size: int = 4,
-        overlap: float = DEFAULT_OVERLAP,
+        overlap: float = DEFAULT_OVERLAP, sites: Sequence[str] | None = None,
     ) -> dict:
         """Dice (and HD95 in mm) per case over whole volumes, and their mean and median (see
-        :meth:`splitunet.metrics.RegionMetrics.aggregate`)."""
+        :meth:`splitunet.metrics.RegionMetrics.aggregate`), from ``sites`` (default all)."""
         metrics = RegionMetrics(hd95=hd95)
         for case in cases:
-            logits = self.predict_case(case.images, roi, batch_size=batch_size, overlap=overlap)
+            logits = self.predict_case(case.images, roi, batch_size=batch_size, overlap=overlap, sites=sites)
             metrics.add_case(case.case_id, logits, case.regions, case.spacing)
         return metrics.aggregate()
 

@@ -18,6 +18,7 @@ from splitunet.cli import phantom as _phantom
 from splitunet.cli import plan as _plan
 from splitunet.cli import probe as _probe
 from splitunet.cli import serve as _serve
+from splitunet.cli import subsets as _subsets
 
 app = typer.Typer(
     name="splitunet",
@@ -40,6 +41,7 @@ app.command("phantom")(_phantom.phantom_command)
 app.command("serve")(_serve.serve_command)
 app.command("probe")(_probe.probe_command)
 app.command("bench")(_bench.bench_command)
+app.command("subsets")(_subsets.subsets_command)
 app.add_typer(_audit.app, name="audit")
 app.add_typer(_jobs.app, name="jobs")
 app.add_typer(_audits.app, name="audits")

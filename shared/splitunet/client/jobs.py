@@ -98,9 +98,11 @@ class Job:
         return infer(self._client, case_id, out, job_id=self.job_id)
 
 
-def infer(client: ServiceClient, case_id: str, out: str | Path, *, job_id: str | None = None) -> Path:
-    """``POST /v1/infer`` with ``job_id`` (``None``: the latest job with a model); write the NIfTI to ``out``."""
-    body = InferRequest(case_id=case_id, job_id=job_id).model_dump(mode="json")
+def infer(client: ServiceClient, case_id: str, out: str | Path, *, job_id: str | None = None,
+          sites: list[str] | None = None) -> Path:
+    """``POST /v1/infer`` with ``job_id`` (``None``: the latest job with a model) through ``sites`` (``None``: all;
+    the aggregator leaves out any that does not answer); write the NIfTI to ``out``."""
+    body = InferRequest(case_id=case_id, job_id=job_id, sites=sites).model_dump(mode="json", exclude_none=True)
     # inference changes nothing at the aggregator: a timed-out call may be retried
     response = client.request("POST", "/v1/infer", json=body, idempotent=True, accept="application/gzip")
     out = Path(out)

@@ -25,6 +25,7 @@ from torch import nn
 
 from splitunet.config import Fusion, SiteSpec, SplitUNetConfig, tensor_name
 from splitunet.errors import ConfigurationError, WireFormatError
+from splitunet.networks.fusion import absent_embeddings, fuse_level
 
 #: Tensors from one site: tensor name -> ``B, C, *spatial``.
 SiteTensors = Mapping[str, torch.Tensor]
@@ -94,8 +95,9 @@ class SiteEncoder(nn.Module):
 class ServerDecoder(nn.Module):
     """Fusion, the remaining encoder levels ``cut_level+1 .. depth-1`` and the decoder, at the aggregator.
 
-    ``forward(site_tensors)`` takes ``{site name: {"level{i}": B, features[i], *spatial/2**i}}`` for every site and
-    returns logits ``B, out_channels, *spatial``.
+    ``forward(site_tensors)`` takes ``{site name: {"level{i}": B, features[i], *spatial/2**i}}`` for every site, or
+    for a non-empty subset of them (the others are absent: see :mod:`splitunet.networks.fusion`), and returns logits
+    ``B, out_channels, *spatial``.
     """
 
     def __init__(self, config: SplitUNetConfig) -> None:
@@ -129,6 +131,12 @@ class ServerDecoder(nn.Module):
             )
             current = feats[level - 1]
         self.final_conv = Conv["conv", config.spatial_dims](feats[0], config.out_channels, kernel_size=1)
+        #: concat only, with ``config.absent_embedding``: the learned stand-ins of absent sites (registered last, so
+        #: the other parameters keep their order and optimizer-state indices)
+        self.absent: nn.ParameterDict | None = None
+        if config.absent_embedding and config.fusion == Fusion.CONCAT:
+            self.absent = absent_embeddings([s.name for s in config.sites],
+                                            {level: feats[level] for level in config.sent_levels})
 
     def expected_names(self) -> tuple[str, ...]:
         return tuple(tensor_name(level) for level in self.config.sent_levels)
@@ -136,36 +144,34 @@ class ServerDecoder(nn.Module):
     def fuse(self, site_tensors: Mapping[str, SiteTensors]) -> dict[int, torch.Tensor]:
         """Fuse the sites' tensors per sent level: ``{level: B, fused_channels(level), *spatial/2**level}``.
 
+        ``site_tensors`` holds every site or a non-empty subset (absent sites: :mod:`splitunet.networks.fusion`).
         Sites are combined in ``config.sites`` order, so concatenation is deterministic.
         """
         names = [s.name for s in self.config.sites]
-        if set(site_tensors) != set(names):
+        unknown = sorted(set(site_tensors) - set(names))
+        if unknown or not site_tensors:
             raise WireFormatError(
-                f"expected tensors from sites {names}, got {sorted(site_tensors)}",
+                f"expected tensors from sites {names} (or a non-empty subset), got {sorted(site_tensors)}",
                 detail={"expected": names, "got": sorted(site_tensors)},
             )
+        present = [s for s in names if s in site_tensors]
         fused: dict[int, torch.Tensor] = {}
         for level in self.config.sent_levels:
             key = tensor_name(level)
-            parts = []
-            for site in names:
+            parts = {}
+            for site in present:
                 if key not in site_tensors[site]:
                     raise WireFormatError(
                         f"site {site!r} did not send {key!r}; expected {list(self.expected_names())}",
                         detail={"site": site, "missing": key},
                     )
-                parts.append(site_tensors[site][key])
-            shapes = {tuple(p.shape) for p in parts}
+                parts[site] = site_tensors[site][key]
+            shapes = {tuple(p.shape) for p in parts.values()}
             if len(shapes) != 1:
                 raise WireFormatError(
                     f"sites disagree on the shape of {key!r}: {sorted(shapes)}", detail={"tensor": key}
                 )
-            if self.config.fusion == Fusion.CONCAT:
-                fused[level] = torch.cat(parts, dim=1)
-            elif self.config.fusion == Fusion.SUM:
-                fused[level] = torch.stack(parts, dim=0).sum(dim=0)
-            else:
-                fused[level] = torch.stack(parts, dim=0).mean(dim=0)
+            fused[level] = fuse_level(parts, names, self.config.fusion, level=level, embeddings=self.absent)
         return fused
 
     def forward(self, site_tensors: Mapping[str, SiteTensors]) -> torch.Tensor:
@@ -216,8 +222,9 @@ class SplitUNet(nn.Module):
         return self.forward_sites(self.split_inputs(x))
 
     def forward_sites(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Forward from per-site inputs ``{site: B, C_site, *spatial}``."""
-        return self.decoder({name: enc(inputs[name]) for name, enc in self.encoders.items()})
+        """Forward from per-site inputs ``{site: B, C_site, *spatial}``: every site, or a non-empty subset (the
+        others are absent, as in a step that left them out; see :mod:`splitunet.networks.fusion`)."""
+        return self.decoder({name: enc(inputs[name]) for name, enc in self.encoders.items() if name in inputs})
 
 
 def _stage_name(level: int) -> str:
