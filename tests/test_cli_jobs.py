@@ -53,7 +53,9 @@ def test_operator_drives_a_live_federation_through_jobs_and_audits(cli, tmp_path
     site_dirs, labels_dir, case_ids = _cohort(tmp_path / "cohort", brats)
     with LocalFederation(tmp_path / "fed", torch_threads=1, tls=True) as federation:
         for name in SITES:
-            federation.start_site(name, [name], site_dirs[name], seed=3)
+            # each site keeps its own record of every step: a site audits what it sent (3 steps here)
+            federation.start_site(name, [name], site_dirs[name], seed=3,
+                                  env={"SITE_TRANSCRIPT__EVERY": "1", "SITE_TRANSCRIPT__FSYNC": "false"})
         aggregator = federation.start_aggregator(
             labels_dir, env={"AGG_TRANSCRIPT__EVERY": "1", "AGG_TRANSCRIPT__FSYNC": "false"})
         audit = federation.start_audit()

@@ -176,6 +176,7 @@ def reidentification_top1(recons: Sequence[np.ndarray], candidates: np.ndarray, 
         raise ValueError("need one true candidate index per reconstruction")
     hits = 0
     for recon, true_index in zip(recons, truth, strict=True):
-        scores = [brain_ssim(recon, cand) for cand in candidates]
+        # a candidate whose crop holds no brain (the same window in another case's anatomy) cannot be the match
+        scores = [brain_ssim(recon, cand) if np.any(cand != 0) else -np.inf for cand in candidates]
         hits += int(int(np.argmax(scores)) == int(true_index))
     return hits / len(recons)

@@ -85,6 +85,9 @@ def test_dice_auc_semantic_and_reidentification():
     assert semantic_leakage(segment, x, x) == 1.0
     cands = np.stack([brain(s) for s in range(4)])
     assert reidentification_top1([cands[2] + 0.05 * (cands[2] != 0), cands[1]], cands, [2, 1]) == 1.0
+    # a candidate whose crop holds no brain (another anatomy, the same window) is never the match, not an error
+    with_empty = np.concatenate([cands, np.zeros_like(cands[:1])])
+    assert reidentification_top1([cands[2] + 0.05 * (cands[2] != 0)], with_empty, [2]) == 1.0
     assert mask_from_scores(np.zeros((4, 4))).sum() == 0
 
 

@@ -41,7 +41,10 @@ SITE_ROUTES = {
 }
 #: What one finding may carry: names, a step, and figures (never an image, a tensor, a case id or a weight).
 FINDING_KEYS = {"site", "step", "attack", "ssim", "psnr", "nmse", "prior_ssim", "rdlv", "semantic",
-                "prior_semantic", "reid_top1", "dice", "auc", "baseline_empty_dice", "baseline_blob_dice", "seconds"}
+                "prior_semantic", "reid_top1", "dice", "auc", "baseline_empty_dice", "baseline_blob_dice", "seconds",
+                # ΔSSIM over the prior with its 95 % interval (issue 21); the label fields stay empty at a site
+                "delta_ssim", "delta_ssim_low", "delta_ssim_high", "n_samples", "label_method", "label_methods",
+                "label_steps", "delta_dice", "delta_dice_low", "delta_dice_high"}
 
 
 def _recorded(start_app, aggregator_settings, sites, tmp_path) -> None:

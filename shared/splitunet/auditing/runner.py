@@ -427,5 +427,7 @@ class AuditRunner:
         hits = []
         for i, s in enumerate(samples):
             cands = self.lab.images([s.model_copy(update={"case_id": c}) for c in ids], modalities)[:, 0]
+            if not np.any(cands[ids.index(s.case_id)] != 0):
+                continue  # the sample's own crop holds no brain: nothing to re-identify it by
             hits.append(reidentification_top1([recon[i, 0]], cands, [ids.index(s.case_id)]))
-        return float(np.mean(hits))
+        return float(np.mean(hits)) if hits else None
