@@ -7,7 +7,6 @@ without a service.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,14 +91,9 @@ def status_command(
     """Show an audit's state, progress, gate decision and findings; exit 1 when it failed or its gate failed."""
     with client_errors(), _federation(url, token_file, ca_file, client_cert, client_key, profile, timeout) as fed:
         status = fed.audits.get(audit_id).status()
-    if as_json:
-        typer.echo(json.dumps(status.model_dump(mode="json"), indent=2))
-    else:
-        from rich.console import Console
+    from splitunet.cli.views import audit_view, print_status
 
-        from splitunet.cli.views import audit_view
-
-        Console().print(audit_view(status))
+    print_status(status, as_json, audit_view)
     raise typer.Exit(int(_code(status)))
 
 

@@ -110,14 +110,9 @@ def status_command(
     """Show a job's status; exit 1 when it failed, stopped or is paused by the privacy gate."""
     with client_errors(), _federation(url, token_file, ca_file, client_cert, client_key, profile, timeout) as fed:
         status = fed.jobs.get(job_id).status()
-    if as_json:
-        typer.echo(json.dumps(status.model_dump(mode="json"), indent=2))
-    else:
-        from rich.console import Console
+    from splitunet.cli.views import job_view, print_status
 
-        from splitunet.cli.views import job_view
-
-        Console().print(job_view(status))
+    print_status(status, as_json, job_view)
     raise typer.Exit(int(_final_code(status)))
 
 

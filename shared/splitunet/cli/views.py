@@ -105,3 +105,15 @@ def audit_view(status: Any) -> Table:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def print_status(status: Any, as_json: bool, view: Any) -> None:
+    """Print a job's or an audit's status: the service's JSON (``--json``) or ``view(status)`` rendered by rich."""
+    if as_json:
+        import json
+
+        print(json.dumps(status.model_dump(mode="json"), indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(view(status))
